@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DATA ?= data_synthetic
+DEMO_RUN  ?= runs/demo
+
+.PHONY: venv test test-fast lint demo data-demo gpu-check clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+data-demo: $(STAMP)
+	$(PY) tools/make_synthetic.py --out $(DEMO_DATA)/raw --mode raw --seed 0 --overwrite
+	$(PY) tools/prepare_isprs.py --dataset potsdam --bands rgb --raw $(DEMO_DATA)/raw/potsdam --out $(DEMO_DATA)/potsdam_rgb --overwrite
+	$(PY) tools/prepare_isprs.py --dataset potsdam --bands irrg --raw $(DEMO_DATA)/raw/potsdam --out $(DEMO_DATA)/potsdam_irrg --overwrite
+	$(PY) tools/prepare_isprs.py --dataset vaihingen --bands irrg --raw $(DEMO_DATA)/raw/vaihingen --out $(DEMO_DATA)/vaihingen_irrg --overwrite
+
+demo: data-demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(DEMO_DATA) runs/demo
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

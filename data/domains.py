@@ -1,0 +1,75 @@
+"""Class list and the registry of ISPRS domains (prepared mmseg-layout folders under a data root)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import UserError
+
+# Training ids 0..5 in mmseg order; 255 marks ignored pixels (eroded class boundaries).
+CLASS_NAMES: tuple[str, ...] = ("impervious", "building", "low_vegetation", "tree", "car", "clutter")
+NUM_CLASSES = 6
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A registered domain: folder name, the bands held in the PNG's R,G,B slots, ground sampling distance."""
+
+    name: str
+    dataset: str
+    bands: tuple[str, str, str]
+    gsd_m: float
+    aliases: tuple[str, ...] = ()
+
+
+# The aliases are the folder names of the original NAPG code ("vailhingen6" is its spelling).
+DOMAINS: dict[str, Domain] = {
+    d.name: d
+    for d in (
+        Domain("potsdam_rgb", "potsdam", ("R", "G", "B"), 0.05, ("potsdamRGB6",)),
+        Domain("potsdam_irrg", "potsdam", ("NIR", "R", "G"), 0.05, ("potsdamIRRG6",)),
+        Domain("vaihingen_irrg", "vaihingen", ("NIR", "R", "G"), 0.09, ("vailhingen6",)),
+        # Potsdam resampled to Vaihingen's 9 cm before cropping (prepare tool, --target-gsd 0.09).
+        Domain("potsdam_rgb_9cm", "potsdam", ("R", "G", "B"), 0.09),
+        Domain("potsdam_irrg_9cm", "potsdam", ("NIR", "R", "G"), 0.09),
+    )
+}
+_ALIASES: dict[str, str] = {alias: d.name for d in DOMAINS.values() for alias in d.aliases}
+
+
+def get_domain(name: str) -> Domain | None:
+    """The registered domain for a canonical name or an alias, else None."""
+    return DOMAINS.get(_ALIASES.get(name, name))
+
+
+def resolve_domain(data_root: str | Path | None, name: str | Path) -> Path:
+    """Find a prepared domain folder (one that holds ``img_dir/``).
+
+    ``name`` is a registered name or alias (looked up as ``<data_root>/<canonical>``, then
+    ``<data_root>/<alias>``), an unregistered folder name under ``data_root``, or a path.
+    Raises UserError listing every place looked at.
+    """
+    root = Path(data_root).expanduser() if data_root is not None else None
+    text = str(name)
+    domain = get_domain(text)
+    candidates: list[Path] = []
+    if domain is not None and root is not None:
+        candidates += [root / n for n in (domain.name, *domain.aliases)]
+    elif domain is None:
+        path = Path(text).expanduser()
+        if root is not None and not path.is_absolute():
+            candidates.append(root / path)
+        candidates.append(path)
+    for cand in candidates:
+        if (cand / "img_dir").is_dir():
+            return cand
+    if not candidates:
+        raise UserError(f"domain {text!r} is a registered name but no data root was given; pass --data_root")
+    looked = ", ".join(f"{c} ({'exists but has no img_dir/' if c.is_dir() else 'missing'})" for c in candidates)
+    raise UserError(
+        f"domain {text!r} not found; looked for {looked}. A domain folder holds img_dir/{{train,val}} and "
+        f"ann_dir/{{train,val}}: prepare one with tools/prepare_isprs.py, or fix --data_root / the domain name "
+        f"(registered: {', '.join(DOMAINS)}; aliases: {', '.join(_ALIASES)})"
+    )

@@ -1,0 +1,39 @@
+"""The command line shared by the step scripts: flags -> resolved config -> ``run_stage``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from utils.config import add_config_arguments, config_from_args
+
+DESCRIPTIONS = {
+    "step0": "Source-only baseline: classifier CE + prototype NLL on the source, no adaptation.",
+    "step1": "Warm-up: single-prototype groups (K=1), GNCE on the source, entropy adversarial training.",
+    "step2": "UDA with multi-prototype groups (K_c per class) from source + confident target features.",
+    "step3": "Teacher-student: frozen step-2 teacher, weak/strong target views, masked feature distillation.",
+}
+
+
+def build_parser(stage: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=DESCRIPTIONS[stage],
+        epilog="Options resolve as: built-in defaults < stage defaults < --preset < --config YAML "
+               "(top level, then its '" + stage + ":' section) < flags.")
+    add_config_arguments(parser)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
+    args = build_parser(stage).parse_args(argv)
+    cfg = config_from_args(stage, args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
+    from engine.trainer import run_stage  # heavy imports only when training
+
+    run_stage(cfg)
+    return 0

@@ -1,0 +1,77 @@
+"""Evaluation of the classifier and the prototype branch over a whole split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from utils.metrics import ConfusionMatrix
+
+from models.prototypes import resize_labels
+
+PROTOCOLS = ("standard", "napg_legacy")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: torch.Tensor | None,
+             device: torch.device, num_classes: int = 6, protocol: str = "standard",
+             max_batches: int | None = None) -> dict[str, dict[str, Any]]:
+    """Global confusion matrices of the classifier (and, given prototypes, the prototype branch).
+
+    ``standard``: both branches' maps are bilinearly upsampled to the label resolution [H, W] and every
+    patch of the split counts. ``napg_legacy``: the original protocol, classifier argmax at H/4 and
+    prototype argmax at H/16 against nearest-downsampled labels, the last batch left out, IoU + 1.
+    Returns ``{"classifier": metrics, "prototype": metrics}`` (``prototype`` only with prototypes).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}")
+    was_training = model.training
+    model.eval()
+    cm_cls = ConfusionMatrix(num_classes)
+    cm_proto = ConfusionMatrix(num_classes) if prototypes is not None else None
+    batches = list_batches(loader, protocol, max_batches)
+    for batch in batches:
+        x = batch["img"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        out = model(x, prototypes)
+        if protocol == "standard":
+            full = y.shape[-2:]
+            cm_cls.update(_upsampled_argmax(out["logits_up"], full), y)
+            if cm_proto is not None:
+                cm_proto.update(_upsampled_argmax(out["proto_prob"], full), y)
+        else:
+            logits_up = out["logits_up"]
+            cm_cls.update(logits_up.argmax(1), resize_labels(y, logits_up.shape[-2:]))
+            if cm_proto is not None:
+                prob = out["proto_prob"]
+                cm_proto.update(prob.argmax(1), resize_labels(y, prob.shape[-2:]))
+    model.train(was_training)
+    for cm in (cm_cls, cm_proto):
+        if cm is not None:
+            cm.all_reduce()
+    results = {"classifier": cm_cls.compute(protocol=protocol)}
+    if cm_proto is not None:
+        results["prototype"] = cm_proto.compute(protocol=protocol)
+    return results
+
+
+def list_batches(loader: Iterable[dict[str, Any]], protocol: str, max_batches: int | None):
+    """The batches an evaluation sees: all of them, or (legacy) all but the last."""
+    limit = max_batches
+    if protocol == "napg_legacy":
+        n = len(loader) - 1  # the original evaluates len(loader) - 1 batches
+        limit = n if limit is None else min(limit, n)
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        yield batch
+
+
+def _upsampled_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """argmax over classes of ``scores`` [B, C, h, w] bilinearly resized to ``size``: [B, H, W]."""
+    if scores.shape[-2:] != size:
+        scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
+    return scores.argmax(1)

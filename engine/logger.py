@@ -1,0 +1,80 @@
+"""TensorBoard, ``metrics.jsonl`` and console output of a stage (main process only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# ISPRS legend of the train ids 0..5; ignore (255) is drawn black.
+PALETTE = np.array([[255, 255, 255], [0, 0, 255], [0, 255, 255], [0, 255, 0], [255, 255, 0], [255, 0, 0]],
+                   dtype=np.uint8)
+
+
+class RunLogger:
+    """Writes scalars and image panels to TensorBoard and one JSON line per record to metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "", **fields: Any) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            if value is not None and math.isfinite(float(value)):
+                self.writer.add_scalar(f"{prefix}{key}", float(value), step)
+        record = {"step": step, **fields, **{f"{prefix}{k}": v for k, v in values.items()}}
+        self.jsonl.write(json.dumps(record, default=_json_default) + "\n")
+
+    def image(self, tag: str, step: int, image_hwc: np.ndarray) -> None:
+        if self.enabled:
+            self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def colorize(labels: torch.Tensor) -> np.ndarray:
+    """Train-id map [H, W] -> RGB uint8 [H, W, 3] in the ISPRS legend."""
+    lab = labels.cpu().numpy()
+    out = np.zeros((*lab.shape, 3), dtype=np.uint8)
+    valid = lab < len(PALETTE)
+    out[valid] = PALETTE[lab[valid]]
+    return out
+
+
+def panel(img: torch.Tensor, label: torch.Tensor | None, pred: torch.Tensor, entropy: torch.Tensor) -> np.ndarray:
+    """One row: input, ground truth, prediction, entropy map; each [H, W, 3] uint8 side by side.
+
+    ``img`` [3, H, W] in [0, 1] (or normalised: rescaled per image), ``pred`` / ``label`` [H, W],
+    ``entropy`` [H, W] in [0, 1].
+    """
+    x = img.detach().float().cpu()
+    x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+    tiles = [(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)]
+    tiles.append(colorize(label) if label is not None else np.zeros_like(tiles[0]))
+    tiles.append(colorize(pred))
+    ent = (entropy.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+    tiles.append(np.repeat(ent[..., None], 3, axis=2))
+    return np.concatenate(tiles, axis=1)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return str(obj)

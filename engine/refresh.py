@@ -1,0 +1,123 @@
+"""The prototype refresh run before every epoch (CDR-MPG, method-model.md §2).
+
+Image-level class centroids of the features ``f`` are pooled per class from the source (ground truth)
+and, once target pseudo-labels are switched on, from confident target pixels; each pool is clustered
+into its class's K_c groups. ``P_ST`` (source + target) drives training; ``P_T`` (target only) is what
+steps 2 and 3 evaluate with.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.prototypes import CentroidPool, build_prototypes, class_centroids, pseudo_labels, resize_labels
+
+
+@dataclass
+class RefreshResult:
+    source_target: torch.Tensor  # P_ST [C*K, D]
+    target: torch.Tensor | None  # P_T [C*K, D], None while target pseudo-labels are off
+    counts_source_target: list[int] = field(default_factory=list)
+    counts_target: list[int] = field(default_factory=list)
+    kept_previous: list[int] = field(default_factory=list)
+
+
+@torch.no_grad()
+def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], target: Iterable[dict[str, Any]] | None,
+                       tau: float | None, clusters: Sequence[int], device: torch.device, *,
+                       previous: RefreshResult | None = None, mode: str = "clean",
+                       max_batches: int | None = None, cluster_kwargs: dict[str, Any] | None = None,
+                       feature_dim: int = 128) -> RefreshResult:
+    """Pool centroids over the refresh data and cluster them into prototypes.
+
+    ``mode="clean"``: one pass over every source-train and every target-train image.
+    ``mode="legacy"``: the released code's lock-step loop, ``len(source) - 1`` source batches with the
+    target loader stepped alongside (restarting from its first batch when it runs out, so a small target
+    set is counted several times); the target-only pool uses ``len(target) - 1`` batches.
+    """
+    was_training = model.training
+    model.eval()
+    num_classes = len(clusters)
+    pool_src = CentroidPool(num_classes)
+    pool_tgt = CentroidPool(num_classes)
+    pool_tgt_only = CentroidPool(num_classes)
+    use_target = target is not None and tau is not None
+
+    if mode == "clean":
+        for batch in _limit(source, max_batches):
+            pool_src.add(_source_centroids(model, batch, num_classes, device))
+        if use_target:
+            for batch in _limit(target, max_batches):
+                centroids = _target_centroids(model, batch, tau, num_classes, device)
+                pool_tgt.add(centroids)
+                pool_tgt_only.add(centroids)
+    elif mode == "legacy":
+        n_src = len(source) - 1
+        if max_batches is not None:
+            n_src = min(n_src, max_batches)
+        lockstep = itertools.cycle(target) if use_target else None
+        for batch in itertools.islice(source, n_src):
+            pool_src.add(_source_centroids(model, batch, num_classes, device))
+            if lockstep is not None:
+                pool_tgt.add(_target_centroids(model, next(lockstep), tau, num_classes, device))
+        if use_target:
+            n_tgt = len(target) - 1
+            if max_batches is not None:
+                n_tgt = min(n_tgt, max_batches)
+            for batch in itertools.islice(target, n_tgt):
+                pool_tgt_only.add(_target_centroids(model, batch, tau, num_classes, device))
+    else:
+        raise ValueError(f"unknown refresh mode {mode}")
+    model.train(was_training)
+
+    k_max = max(clusters)
+    # A class with no sample keeps its previous prototypes; before the first refresh that is zeros.
+    zeros = torch.zeros(num_classes * k_max, feature_dim, device=device)
+    prev_st = previous.source_target if previous is not None and previous.source_target.shape == zeros.shape else zeros
+    src, tgt, tgt_only = pool_src.gather(), pool_tgt.gather(), pool_tgt_only.gather()
+    pooled = [_cat(s, t) for s, t in zip(src, tgt)]
+    kwargs = cluster_kwargs or {}
+    p_st, report = build_prototypes(pooled, clusters, previous=prev_st, **kwargs)
+    result = RefreshResult(p_st, None, counts_source_target=[_n(p) for p in pooled],
+                           kept_previous=list(report.get("kept_previous", [])))
+    if use_target:
+        prev_t = previous.target if previous is not None and previous.target is not None else p_st
+        if prev_t.shape != p_st.shape:
+            prev_t = p_st
+        result.target, _ = build_prototypes(tgt_only, clusters, previous=prev_t, **kwargs)
+        result.counts_target = [_n(p) for p in tgt_only]
+    return result
+
+
+def _source_centroids(model: nn.Module, batch: dict[str, Any], num_classes: int, device: torch.device):
+    out = model(batch["img"].to(device, non_blocking=True))
+    feats = out["features"]
+    labels = resize_labels(batch["label"].to(device, non_blocking=True), feats.shape[-2:])
+    return class_centroids(feats.float(), labels, num_classes)
+
+
+def _target_centroids(model: nn.Module, batch: dict[str, Any], tau: float, num_classes: int,
+                      device: torch.device):
+    out = model(batch["img"].to(device, non_blocking=True))
+    feats = out["features"]
+    labels = pseudo_labels(out["logits_up"].float().softmax(1), tau)
+    return class_centroids(feats.float(), resize_labels(labels, feats.shape[-2:]), num_classes)
+
+
+def _limit(loader: Iterable[dict[str, Any]], n: int | None) -> Iterator[dict[str, Any]]:
+    return iter(loader) if n is None else itertools.islice(loader, n)
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    parts = [t for t in (a, b) if t is not None and len(t)]
+    return torch.cat(parts) if parts else None
+
+
+def _n(t: torch.Tensor | None) -> int:
+    return 0 if t is None else int(len(t))

@@ -1,0 +1,375 @@
+"""A training stage from resolved config to run folder: data, model, refresh, loop, evaluation, hand-off.
+
+A stage writes ``<work_dir>/<stage>/``::
+
+    config.yaml    resolved options          env.json       seeds, git hash, library versions
+    last.pt        full training state       model.pt       hand-off: weights, D1, D2, prototypes, meta
+    metrics.jsonl  one record per log/eval   tb/            TensorBoard events
+    eval.json      final target-val metrics  manifest.json  written last: the stage is complete
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data import CLASS_NAMES, SegmentationFolder, resolve_domain
+from data.loaders import BatchStream, eval_loader
+from data.transforms import build_transforms
+from engine.evaluate import evaluate
+from engine.logger import RunLogger, panel
+from engine.refresh import RefreshResult, refresh_prototypes
+from engine.uda import NAPG, _unwrap
+from losses import self_information
+from models import FCDiscriminatorHighMask, NAPGNet
+from utils import dist
+from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from utils.config import dump_config, tau_at
+from utils.errors import UserError
+from utils.metrics import format_table
+from utils.run import environment_info, read_json, resolve_device, rng_state, seed_everything, set_rng_state, write_json
+
+PREVIOUS_STAGE = {"step2": "step1", "step3": "step2"}
+# Options that must not change when a stage is resumed.
+RESUME_FIXED = ("source", "target", "num_classes", "backbone", "batch_size", "img_size", "resize", "clusters",
+                "seed", "preset")
+
+
+def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train one stage as configured and return its final target-val metrics."""
+    stage = cfg["stage"]
+    run_dir = Path(cfg["work_dir"]) / stage
+    device = resolve_device(cfg["device"])
+    _check_run_dir(run_dir, cfg)
+    init_state, init_source = _resolve_init(cfg)
+    seed_everything(cfg["seed"], cfg["deterministic"])
+
+    data = _build_data(cfg)
+    model = NAPGNet(num_classes=cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]),
+                    backbone=cfg["backbone"], pretrained=cfg["pretrained"] if init_state is None else None,
+                    shared_similarity=cfg["shared_similarity"], head_impl=cfg["head_impl"]).to(device)
+    d1 = d2 = None
+    if stage != "step0":
+        d1 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
+        d2 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state["model"])
+        for disc, key in ((d1, "d1"), (d2, "d2")):
+            if disc is not None and key in init_state:
+                disc.load_state_dict(init_state[key])
+    napg = NAPG(model, d1, d2, cfg)
+
+    epoch, iteration, global_step = 1, 0, 0
+    protos: RefreshResult | None = None
+    best: dict[str, Any] | None = None
+    if cfg["resume"]:
+        epoch, iteration, global_step, protos, best = _resume(run_dir, cfg, napg, data, device)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / "env.json", {"seed": cfg["seed"], "init": init_source, **environment_info()})
+
+    logger = RunLogger(run_dir, enabled=dist.is_main())
+    iters = _iters_per_epoch(cfg, data)
+    stop = False
+    invocation_iters = 0
+    start_time = time.time()
+    try:
+        while epoch <= cfg["epochs"]:
+            tau = tau_at(cfg, epoch)
+            if iteration == 0 or protos is None:
+                protos = _refresh(napg, data, cfg, tau, protos, device)
+                _log_refresh(logger, global_step, epoch, tau, protos)
+            done = iteration
+            bar = tqdm(range(iteration, iters), total=iters, initial=iteration, disable=not cfg["progress"],
+                       desc=f"{stage} epoch {epoch}/{cfg['epochs']}", dynamic_ncols=True)
+            for iteration in bar:
+                logs = _train_iteration(napg, data, protos, epoch, tau)
+                global_step += 1
+                invocation_iters += 1
+                done = iteration + 1
+                bar.set_postfix(loss=f"{logs['loss_total']:.3f}")
+                if global_step % cfg["log_every"] == 0 or done == iters:
+                    logs.update(lr=napg.opt_g.param_groups[0]["lr"], tau=tau if tau is not None else float("nan"))
+                    if napg.opt_d1 is not None:
+                        logs["lr_d"] = napg.opt_d1.param_groups[0]["lr"]
+                    logger.scalars(global_step, logs, prefix="train/", epoch=epoch, iteration=done, kind="train")
+                if cfg["eval_every"] and global_step % cfg["eval_every"] == 0 and done < iters:
+                    best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, run_dir, best)
+                if cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0 and done < iters:
+                    _save_last(run_dir, napg, protos, data, epoch, done, global_step, best, cfg)
+                stop = cfg["stop_after"] is not None and invocation_iters >= cfg["stop_after"]
+                if stop:
+                    break
+            bar.close()
+            if done < iters:  # stopped inside the epoch
+                _save_last(run_dir, napg, protos, data, epoch, done, global_step, best, cfg)
+                break
+            best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, run_dir, best)
+            epoch, iteration = epoch + 1, 0
+            _save_last(run_dir, napg, protos, data, epoch, 0, global_step, best, cfg)
+            if stop:
+                break
+    finally:
+        logger.close()
+    if epoch <= cfg["epochs"]:
+        print(f"{stage}: stopped after {invocation_iters} iterations; continue with --resume")
+        return {"stopped": True}
+    return _finish(run_dir, napg, protos, data, cfg, init_source, time.time() - start_time)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _build_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Datasets and loaders of every role; the target's labels are read only for evaluation."""
+    root = Path(cfg["data_root"])
+    src_dir = resolve_domain(root, cfg["source"])
+    common = {"label_format": cfg["label_format"], "normalize": cfg["normalize"]}
+    train_tf, eval_tf, strong_tf = build_transforms(cfg)
+    src_train = SegmentationFolder(src_dir, "train", transform=train_tf, **common)
+    src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
+    seed, bs, ebs = cfg["seed"], cfg["batch_size"], cfg["eval_batch_size"]
+    loader_kw = {"num_workers": cfg["num_workers"], "pin_memory": cfg["device"] != "cpu"}
+    data: dict[str, Any] = {
+        "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
+        "source_refresh": eval_loader(src_refresh, ebs, **loader_kw),
+        "target": None, "target_refresh": None, "target_val": None,
+    }
+    if cfg["stage"] != "step0" or cfg["target"]:
+        tgt_dir = resolve_domain(root, cfg["target"])
+        tgt_tf = strong_tf if cfg["stage"] == "step3" else train_tf
+        tgt_train = SegmentationFolder(tgt_dir, "train", transform=tgt_tf, with_labels=False, **common)
+        tgt_refresh = SegmentationFolder(tgt_dir, "train", transform=eval_tf, with_labels=False, **common)
+        tgt_val = SegmentationFolder(tgt_dir, cfg["target_eval_split"], transform=eval_tf, **common)
+        data["target"] = BatchStream(tgt_train, bs, seed=seed + 1, **loader_kw)
+        data["target_refresh"] = eval_loader(tgt_refresh, ebs, **loader_kw)
+        data["target_val"] = eval_loader(tgt_val, ebs, **loader_kw)
+    return data
+
+
+def _iters_per_epoch(cfg: dict[str, Any], data: dict[str, Any]) -> int:
+    role = "target" if cfg["stage"] == "step3" else "source"
+    n = data[role].batches_per_pass
+    return min(n, cfg["iters_per_epoch"]) if cfg["iters_per_epoch"] else n
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def _train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epoch: int,
+                     tau: float | None) -> dict[str, float]:
+    src = next(data["source"])
+    tgt = next(data["target"]) if data["target"] is not None and napg.uses_target else None
+    if napg.stage == "step3":
+        student_protos = protos.target if protos.target is not None else protos.source_target
+        return napg.distill_step(src, tgt, protos.source_target, student_protos)
+    return napg.train_step(src, tgt, protos.source_target, epoch, tau)
+
+
+def _refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | None,
+             previous: RefreshResult | None, device: torch.device) -> RefreshResult:
+    # Prototypes come from the network being trained (in step 3 the student, as in the original).
+    model = _unwrap(napg.model)
+    clusters = cfg["clusters"]
+    kwargs = {"backend": cfg["kmeans_backend"], "n_init": cfg["kmeans_n_init"], "seed": cfg["kmeans_seed"]}
+    return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,
+                              previous=previous, mode=cfg["refresh"], max_batches=cfg["refresh_max_batches"],
+                              cluster_kwargs=kwargs)
+
+
+def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
+    values = {f"count_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_source_target)}
+    values.update({f"count_target_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_target)})
+    values["tau"] = tau if tau is not None else float("nan")
+    logger.scalars(step, values, prefix="prototypes/", epoch=epoch, kind="refresh",
+                   kept_previous=[CLASS_NAMES[c] for c in protos.kept_previous])
+    if protos.kept_previous:
+        names = ", ".join(CLASS_NAMES[c] for c in protos.kept_previous)
+        tqdm.write(f"epoch {epoch}: no samples of {names}; kept their previous prototypes")
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _eval_prototypes(protos: RefreshResult) -> torch.Tensor:
+    return protos.target if protos.target is not None else protos.source_target
+
+
+def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: dict[str, Any],
+                      logger: RunLogger, step: int, epoch: int, run_dir: Path,
+                      best: dict[str, Any] | None) -> dict[str, Any] | None:
+    loader = data["target_val"]
+    if loader is None:
+        return best
+    device = protos.source_target.device
+    results = evaluate(_unwrap(napg.model), loader, _eval_prototypes(protos), device, cfg["num_classes"],
+                       max_batches=cfg["eval_max_batches"])
+    for branch, m in results.items():
+        values = {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")}
+        values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
+        logger.scalars(step, values, prefix=f"eval/{branch}/", epoch=epoch, kind="eval")
+    _log_panels(napg, data, protos, logger, step, device)
+    tqdm.write(f"{cfg['stage']} epoch {epoch}: target-{cfg['target_eval_split']} mIoU "
+               f"{100 * results['classifier']['miou']:.2f} (prototypes "
+               f"{100 * results.get('prototype', {}).get('miou', float('nan')):.2f})")
+    if cfg["select_on_target_val"] and dist.is_main():
+        miou = results["classifier"]["miou"]
+        if best is None or miou > best["miou"]:
+            best = {"miou": miou, "epoch": epoch, "step": step}
+            _save_handoff(run_dir / "best.pt", napg, protos, cfg, epoch,
+                          extra={"selected_on": "target-val mIoU (oracle selection)", "target_val": results})
+    return best
+
+
+@torch.no_grad()
+def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, step: int,
+                device: torch.device) -> None:
+    """Input, ground truth, prediction and entropy of the first source and target-val patches."""
+    model = _unwrap(napg.model)
+    was_training = model.training
+    model.eval()
+    for tag, dataset in (("source", data["source_refresh"].dataset),
+                         ("target", data["target_val"].dataset if data["target_val"] is not None else None)):
+        if dataset is None:
+            continue
+        sample = dataset[0]
+        out = model(sample["img"][None].to(device), _eval_prototypes(protos))
+        prob = torch.nn.functional.interpolate(out["logits_up"].float(), size=sample["img"].shape[-2:],
+                                               mode="bilinear", align_corners=False).softmax(1)
+        entropy = self_information(prob).sum(1)[0]
+        logger.image(f"panels/{tag}", step, panel(sample["img"], sample.get("label"), prob.argmax(1)[0], entropy))
+    model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+def _check_run_dir(run_dir: Path, cfg: dict[str, Any]) -> None:
+    finished = (run_dir / "manifest.json").exists()
+    started = (run_dir / "last.pt").exists() or (run_dir / "config.yaml").exists()
+    if cfg["resume"]:
+        if finished and not cfg["overwrite"]:
+            raise UserError(f"{run_dir} is already finished; nothing to resume (use --overwrite to train it again)")
+        if not (run_dir / "last.pt").exists():
+            raise UserError(f"--resume: no checkpoint {run_dir / 'last.pt'} to continue from")
+        return
+    if finished or started:
+        if not cfg["overwrite"]:
+            what = "a finished" if finished else "an unfinished"
+            hint = "" if finished else " continue it with --resume, or"
+            raise UserError(f"{run_dir} holds {what} {cfg['stage']} run;{hint} pass --overwrite to replace it, "
+                            f"or choose another --work-dir")
+        if dist.is_main():
+            shutil.rmtree(run_dir)
+    dist.barrier()
+
+
+def _resolve_init(cfg: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The previous stage's hand-off checkpoint, checked against this stage (or None)."""
+    stage, init = cfg["stage"], cfg["init"]
+    expected = PREVIOUS_STAGE.get(stage)
+    if init is None:
+        if expected is None:
+            return None, None
+        candidate = Path(cfg["work_dir"]) / expected
+        if not (candidate / "model.pt").exists():
+            raise UserError(f"{stage} starts from a finished {expected} run: pass --init <{expected} run folder or "
+                            f"checkpoint> (looked for {candidate / 'model.pt'})")
+        init = str(candidate)
+    path = Path(init)
+    if path.is_dir():
+        if not (path / "manifest.json").exists():
+            raise UserError(f"--init {path}: no manifest.json, so the run is unfinished or not a stage folder")
+        path = path / "model.pt"
+    state = load_checkpoint(path)
+    meta = state.get("meta")
+    if "model" not in state or not isinstance(meta, dict):
+        raise UserError(f"--init {path}: not a stage checkpoint of this project (no 'model'/'meta'); "
+                        f"original NAPG checkpoints are converted with tools/convert_original_checkpoint.py")
+    got = meta.get("stage")
+    allowed = {expected, "original"} if expected else {"original"}
+    if got not in allowed:
+        want = f"a {expected} run" if expected else "no --init (or a converted original checkpoint)"
+        raise UserError(f"--init {path} is a {got} checkpoint, but {stage} needs {want}")
+    for key in ("num_classes", "backbone"):
+        if key in meta and meta[key] != cfg[key]:
+            raise UserError(f"--init {path} was trained with {key}={meta[key]}, this run has {key}={cfg[key]}; "
+                            f"pass --{key.replace('_', '-')} {meta[key]} or another checkpoint")
+    return state, {"path": str(path), "sha256": sha256_file(path), "stage": got}
+
+
+def _save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], epoch: int, iteration: int,
+               global_step: int, best: dict[str, Any] | None, cfg: dict[str, Any]) -> None:
+    """Everything needed to continue exactly here: weights, optimisers, prototypes, RNG, data position."""
+    if not dist.is_main():
+        return
+    state = napg.state_dict()
+    state.update(epoch=epoch, iteration=iteration, global_step=global_step, best=best, rng=rng_state(),
+                 prototypes=_protos_state(protos), config=dict(cfg),
+                 streams={k: data[k].state_dict() for k in ("source", "target") if data[k] is not None})
+    save_checkpoint(state, run_dir / "last.pt")
+
+
+def _resume(run_dir: Path, cfg: dict[str, Any], napg: NAPG, data: dict[str, Any], device: torch.device):
+    state = load_checkpoint(run_dir / "last.pt", map_location=device)
+    saved = state.get("config", {})
+    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != cfg[k]]
+    if changed:
+        raise UserError(f"--resume with different {', '.join(changed)} than the interrupted run "
+                        f"({', '.join(f'{k}={saved[k]}' for k in changed)})")
+    napg.load_state_dict(state)
+    for key, stream_state in state["streams"].items():
+        data[key].load_state_dict(stream_state)
+    set_rng_state(state["rng"])
+    p = state["prototypes"]
+    protos = RefreshResult(p["source_target"].to(device), None if p["target"] is None else p["target"].to(device),
+                           p["counts_source_target"], p["counts_target"], p["kept_previous"])
+    return state["epoch"], state["iteration"], state["global_step"], protos, state["best"]
+
+
+def _protos_state(protos: RefreshResult) -> dict[str, Any]:
+    return {"source_target": protos.source_target, "target": protos.target,
+            "counts_source_target": protos.counts_source_target, "counts_target": protos.counts_target,
+            "kept_previous": protos.kept_previous}
+
+
+def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, Any], epoch: int,
+                  extra: dict[str, Any] | None = None) -> None:
+    state = {"model": _unwrap(napg.model).state_dict(), "prototypes": _protos_state(protos),
+             "meta": {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
+                      "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
+                      "clusters": cfg["clusters"], "prototypes_per_class": max(cfg["clusters"]),
+                      "shared_similarity": cfg["shared_similarity"],
+                      "epoch": epoch, **(extra or {})}}
+    if napg.d1 is not None:
+        state.update(d1=_unwrap(napg.d1).state_dict(), d2=_unwrap(napg.d2).state_dict())
+    save_checkpoint(state, path)
+
+
+def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: dict[str, Any],
+            init_source: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    """Final evaluation, hand-off checkpoint and the manifest that marks the stage complete."""
+    results: dict[str, Any] = {}
+    if data["target_val"] is not None:
+        results = evaluate(_unwrap(napg.model), data["target_val"], _eval_prototypes(protos),
+                           protos.source_target.device, cfg["num_classes"], max_batches=cfg["eval_max_batches"])
+    if dist.is_main():
+        _save_handoff(run_dir / "model.pt", napg, protos, cfg, cfg["epochs"])
+        write_json(run_dir / "eval.json", {"split": f"target-{cfg['target_eval_split']}", "selection": "last",
+                                           **results})
+        manifest = {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
+                    "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
+                    "prototypes_per_class": max(cfg["clusters"]), "clusters": cfg["clusters"],
+                    "preset": cfg["preset"], "epochs": cfg["epochs"], "git": environment_info()["git"],
+                    "checkpoint": "model.pt", "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
+                    "init": init_source, "train_seconds": round(seconds, 1),
+                    "target_val": {b: {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")}
+                                   for b, m in results.items()}}
+        write_json(run_dir / "manifest.json", manifest)
+        if results:
+            print(f"{cfg['stage']} target-{cfg['target_eval_split']} (classifier):")
+            print(format_table(results["classifier"], CLASS_NAMES))
+    dist.barrier()
+    return results
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / "manifest.json")

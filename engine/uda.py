@@ -1,0 +1,255 @@
+"""One NAPG training iteration, as a reader holds it in one head.
+
+``NAPG.train_step`` is steps 0-2: forward source, forward target, segmentation / prototype / GNCE /
+adversarial losses, discriminator losses, optimiser steps. ``NAPG.distill_step`` is step 3: a frozen
+(or EMA) teacher, weak/strong target views and masked feature distillation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from data.transforms import warp_to_strong
+from losses import (
+    classifier_ce,
+    discriminator_losses,
+    feature_kd_loss,
+    generator_adv_losses,
+    gnce_loss,
+    prototype_nll,
+    self_information,
+)
+from models.prototypes import resize_labels
+
+
+def set_requires_grad(module: nn.Module | None, flag: bool) -> None:
+    if module is not None:
+        for p in module.parameters():
+            p.requires_grad_(flag)
+
+
+class NAPG:
+    """The segmenter, its two discriminators, their optimisers and the step-3 teacher.
+
+    ``cfg`` is the resolved option dict (utils/config.py); ``stage`` one of step0..step3.
+    """
+
+    def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.stage = cfg["stage"]
+        self.model = model
+        self.d1, self.d2 = d1, d2
+        self.opt_g = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                      weight_decay=cfg["weight_decay"])
+        self.opt_d1 = self.opt_d2 = None
+        if d1 is not None:
+            self.opt_d1 = torch.optim.Adam(d1.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
+            self.opt_d2 = torch.optim.Adam(d2.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["amp"]]
+        # fp16 needs loss scaling; bf16 has float32's range and does not.
+        self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
+        self.teacher: nn.Module | None = None
+        if self.stage == "step3":
+            self.teacher = copy.deepcopy(_unwrap(model)).eval()
+            set_requires_grad(self.teacher, False)
+
+    @property
+    def uses_target(self) -> bool:
+        return self.d1 is not None
+
+    def forward(self, model: nn.Module, x: torch.Tensor, prototypes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The segmenter under the configured precision and memory format.
+
+        Only the network runs in reduced precision: losses, softmaxes, entropies and the discriminators
+        (whose BCE is unsafe under autocast) take float32 copies of its outputs.
+        """
+        if self.cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.amp_dtype is None:
+            return model(x, prototypes)
+        with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
+            return model(x, prototypes)
+
+    # ------------------------------------------------------------------ steps 0-2
+    def train_step(self, src: dict[str, Any], tgt: dict[str, Any] | None, prototypes: torch.Tensor,
+                   epoch: int, tau: float | None) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        device = prototypes.device
+        x_s = src["img"].to(device, non_blocking=True)
+        y_s = src["label"].to(device, non_blocking=True)
+        set_requires_grad(self.d1, False)
+        set_requires_grad(self.d2, False)
+
+        out_s = self.forward(model, x_s, prototypes)
+        y_up = resize_labels(y_s, out_s["logits_up"].shape[-2:])
+        y_feat = resize_labels(y_s, out_s["features"].shape[-2:])
+        logs: dict[str, float] = {}
+        loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
+        loss_proto = prototype_nll(out_s["proto_prob"].float(), y_feat,
+                                   ignore_index=255 if cfg["proto_ignore_index"] else None)
+        loss = cfg["w_ce"] * loss_ce + cfg["w_proto"] * loss_proto
+        logs.update(loss_ce=loss_ce.item(), loss_proto=loss_proto.item())
+
+        w_gnce = cfg["w_gnce"] if epoch >= cfg["gnce_start_epoch"] else 0.0
+        if w_gnce > 0:
+            loss_gnce = gnce_loss(out_s["proto_max"].float(), out_s["features"].float(), cfg["gnce_windows"])
+            logs["loss_gnce_src"] = loss_gnce.item()
+            loss = loss + w_gnce * loss_gnce
+
+        if self.uses_target and tgt is not None:
+            x_t = tgt["img"].to(device, non_blocking=True)
+            out_t = self.forward(model, x_t, prototypes)
+            if w_gnce > 0 and cfg["gnce_target_weight"] > 0:
+                mask = None
+                if cfg["gnce_target_mask"] and tau is not None:
+                    conf = out_t["logits"].detach().float().softmax(1).amax(1, keepdim=True)
+                    mask = (conf > tau).float()
+                loss_gnce_t = gnce_loss(out_t["proto_max"].float(), out_t["features"].float(),
+                                        cfg["gnce_windows"], mask=mask)
+                logs["loss_gnce_tgt"] = loss_gnce_t.item()
+                loss = loss + w_gnce * cfg["gnce_target_weight"] * loss_gnce_t
+            ent = self._entropies(out_s["logits_up"], out_s["proto_prob"], out_t["logits_up"], out_t["proto_prob"])
+            loss = loss + self._generator_adversarial(ent, logs)
+            self._backward_generator(loss, logs)
+            self._discriminator_step(ent, logs, legacy_step1=cfg["legacy_d2_step1"])
+        else:
+            self._backward_generator(loss, logs)
+        self._step_generator()
+        return logs
+
+    # ------------------------------------------------------------------ step 3
+    def distill_step(self, src: dict[str, Any], tgt: dict[str, Any], proto_teacher: torch.Tensor,
+                     proto_student: torch.Tensor) -> dict[str, float]:
+        """Frozen teacher on the source and the full target tile, student on the full and strong views."""
+        cfg, model, teacher = self.cfg, self.model, self.teacher
+        device = proto_student.device
+        x_s = src["img"].to(device, non_blocking=True)
+        x_t = tgt["img"].to(device, non_blocking=True)
+        x_strong = tgt["img_strong"].to(device, non_blocking=True)
+        set_requires_grad(self.d1, False)
+        set_requires_grad(self.d2, False)
+        logs: dict[str, float] = {}
+
+        with torch.no_grad():
+            t_src = self.forward(teacher, x_s, proto_teacher)
+            t_tgt = self.forward(teacher, x_t, proto_teacher)
+        out_t = self.forward(model, x_t, proto_student)
+        ent = self._entropies(t_src["logits_up"], t_src["proto_prob"], out_t["logits_up"], out_t["proto_prob"])
+        loss = self._generator_adversarial(ent, logs)
+
+        # Teacher features of the full tile, warped into the strong view's frame with their validity.
+        out_strong = self.forward(model, x_strong, proto_student)
+        f_student = out_strong["features"].float()
+        f_teacher, valid = warp_to_strong(t_tgt["features"].float(), tgt["weak_params"], tgt["strong_params"],
+                                          f_student.shape[-2:], source="full",
+                                          legacy_geometry_scale=1.0 if cfg["legacy_geometry"] else None)
+        loss_kd = feature_kd_loss(f_student, f_teacher, valid, T=cfg["kd_temperature"],
+                                  normalize=cfg["kd_normalize"])
+        loss = loss + cfg["w_kd"] * loss_kd
+        logs["loss_kd"] = loss_kd.item()
+        logs["kd_valid_fraction"] = valid.float().mean().item()
+        if cfg["w_ce_src"] > 0:
+            out_s = self.forward(model, x_s, proto_student)
+            y_up = resize_labels(src["label"].to(device), out_s["logits_up"].shape[-2:])
+            loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
+            loss = loss + cfg["w_ce_src"] * loss_ce
+            logs["loss_ce"] = loss_ce.item()
+        # Keeps every parameter in the graph (the legacy D2 term gives the similarity conv no gradient),
+        # which DistributedDataParallel requires; adds exactly zero.
+        loss = loss + 0.0 * out_strong["proto_logits"].float().sum()
+        self._backward_generator(loss, logs)
+        self._discriminator_step(ent, logs, legacy_step1=False)
+        self._step_generator()
+        if cfg["ema_momentum"] is not None:
+            self._update_teacher(cfg["ema_momentum"])
+        return logs
+
+    # ------------------------------------------------------------------ shared pieces
+    @staticmethod
+    def _entropies(logits_up_s, proto_prob_s, logits_up_t, proto_prob_t) -> dict[str, torch.Tensor]:
+        """Self-information maps I(p) of both branches and domains, in float32."""
+        return {
+            "s_cls": self_information(logits_up_s.float().softmax(1)),
+            "t_cls": self_information(logits_up_t.float().softmax(1)),
+            "s_proto": self_information(proto_prob_s.float()),
+            "t_proto": self_information(proto_prob_t.float()),
+        }
+
+    def _backward_generator(self, loss: torch.Tensor, logs: dict[str, float]) -> None:
+        logs["loss_total"] = loss.item()
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+
+    def _step_generator(self) -> None:
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+
+    def _generator_adversarial(self, ent: dict[str, torch.Tensor], logs: dict[str, float]) -> torch.Tensor:
+        cfg = self.cfg
+        # The frozen discriminators are called unwrapped: under DDP a wrapped call whose parameters get no
+        # gradient would leave its reducer waiting.
+        l_d1, l_d2 = generator_adv_losses(_unwrap(self.d1), _unwrap(self.d2), ent["t_cls"], ent["s_proto"],
+                                          ent["t_proto"], legacy_d2_gen=cfg["legacy_d2_gen"])
+        logs.update(loss_adv_d1=l_d1.item(), loss_adv_d2=l_d2.item())
+        return cfg["w_adv_d1"] * l_d1 + cfg["w_adv_d2"] * l_d2
+
+    def _discriminator_step(self, ent: dict[str, torch.Tensor], logs: dict[str, float], legacy_step1: bool) -> None:
+        set_requires_grad(self.d1, True)
+        set_requires_grad(self.d2, True)
+        detached = {k: v.detach() for k, v in ent.items()}
+        l_D1, l_D2 = discriminator_losses(self.d1, self.d2, detached["s_cls"], detached["t_cls"],
+                                          detached["s_proto"], detached["t_proto"],
+                                          legacy_d2_step1=legacy_step1)
+        self.opt_d1.zero_grad(set_to_none=True)
+        self.opt_d2.zero_grad(set_to_none=True)
+        (l_D1 + l_D2).backward()
+        self.opt_d1.step()
+        self.opt_d2.step()
+        logs.update(loss_d1=l_D1.item(), loss_d2=l_D2.item())
+        with torch.no_grad():  # mean "target" probability each discriminator assigns, for monitoring
+            d1, d2 = _unwrap(self.d1), _unwrap(self.d2)
+            logs.update(d1_source=d1(detached["s_cls"]).mean().item(), d1_target=d1(detached["t_cls"]).mean().item(),
+                        d2_source_proto=d2(detached["s_proto"]).mean().item(),
+                        d2_target_proto=d2(detached["t_proto"]).mean().item())
+
+    @torch.no_grad()
+    def _update_teacher(self, momentum: float) -> None:
+        student = _unwrap(self.model)
+        for p_t, p_s in zip(self.teacher.parameters(), student.parameters()):
+            p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
+        for b_t, b_s in zip(self.teacher.buffers(), student.buffers()):
+            b_t.copy_(b_s)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": _unwrap(self.model).state_dict(), "opt_g": self.opt_g.state_dict(),
+                 "scaler": self.scaler.state_dict()}
+        if self.d1 is not None:
+            state.update(d1=_unwrap(self.d1).state_dict(), d2=_unwrap(self.d2).state_dict(),
+                         opt_d1=self.opt_d1.state_dict(), opt_d2=self.opt_d2.state_dict())
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.d1 is not None:
+            _unwrap(self.d1).load_state_dict(state["d1"])
+            _unwrap(self.d2).load_state_dict(state["d2"])
+            self.opt_d1.load_state_dict(state["opt_d1"])
+            self.opt_d2.load_state_dict(state["opt_d2"])
+        if self.teacher is not None and "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The bare module under a DistributedDataParallel or torch.compile wrapper."""
+    module = getattr(module, "module", module)
+    return getattr(module, "_orig_mod", module)

@@ -1,0 +1,67 @@
+"""Entropy-map adversarial losses with the two discriminators D1, D2 (method-model.md §3.3-3.4).
+
+Discriminators are callables ``d(x [B, C, H, W]) -> [B, 1, H, W]`` sigmoid probabilities; label 0 is
+the source ("real"), 1 the target ("fake"). D1 sees classifier self-information maps; D2 separates the
+source classifier map (label 0) from the prototype-branch maps (label 1). The losses are unweighted
+(the trainer applies the 0.001 weights). The caller freezes the discriminators for the generator pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Discriminator = Callable[[torch.Tensor], torch.Tensor]
+SOURCE_LABEL = 0.0
+TARGET_LABEL = 1.0
+
+
+def self_information(prob: torch.Tensor) -> torch.Tensor:
+    """AdvEnt's per-channel self-information ``-p * log2(p + 1e-30) / log2(C)``: [B, C, H, W] -> same.
+
+    Divides by the Python float log2(C) (not a multiplication by its reciprocal) to match the original
+    bit for bit. At p = 0 the value is 0 but the derivative is finite and large (-log2(1e-30) / log2(C)).
+    """
+    return -torch.mul(prob, torch.log2(prob + 1e-30)) / math.log2(prob.shape[1])
+
+
+def bce(prob_map: torch.Tensor, target: float) -> torch.Tensor:
+    """Mean binary cross-entropy of a probability map against a constant label."""
+    return F.binary_cross_entropy(prob_map, torch.full_like(prob_map, target))
+
+
+def generator_adv_losses(d1: Discriminator, d2: Discriminator, ent_t_cls: torch.Tensor, ent_s_proto: torch.Tensor,
+                         ent_t_proto: torch.Tensor,
+                         legacy_d2_gen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generator side: (l_d1, l_d2) = (BCE(D1(I_t^cls), 0), ½[BCE(D2(I_s^proto), 0) + BCE(D2(I_t^proto), 0)]).
+
+    ``legacy_d2_gen`` is the released code, which uses the source map twice: ½[a + a] = a exactly, so
+    l_d2 = BCE(D2(I_s^proto), 0) and ``ent_t_proto`` is ignored.
+    """
+    l_d1 = bce(d1(ent_t_cls), SOURCE_LABEL)
+    l_src = bce(d2(ent_s_proto), SOURCE_LABEL)
+    if legacy_d2_gen:
+        return l_d1, l_src
+    return l_d1, 0.5 * (l_src + bce(d2(ent_t_proto), SOURCE_LABEL))
+
+
+def discriminator_losses(d1: Discriminator, d2: Discriminator, ent_s_cls: torch.Tensor, ent_t_cls: torch.Tensor,
+                         ent_s_proto: torch.Tensor, ent_t_proto: torch.Tensor,
+                         legacy_d2_step1: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Discriminator side on detached maps:
+
+    l_D1 = BCE(D1(I_s^cls), 0) + BCE(D1(I_t^cls), 1)
+    l_D2 = BCE(D2(I_s^cls), 0) + ½[BCE(D2(I_s^proto), 1) + BCE(D2(I_t^proto), 1)]
+
+    ``legacy_d2_step1`` is the released step 1, whose second half uses the source map twice
+    (= BCE(D2(I_s^proto), 1); ``ent_t_proto`` is ignored).
+    """
+    l_D1 = bce(d1(ent_s_cls.detach()), SOURCE_LABEL) + bce(d1(ent_t_cls.detach()), TARGET_LABEL)
+    l_proto = bce(d2(ent_s_proto.detach()), TARGET_LABEL)
+    if not legacy_d2_step1:
+        l_proto = 0.5 * (l_proto + bce(d2(ent_t_proto.detach()), TARGET_LABEL))
+    l_D2 = bce(d2(ent_s_cls.detach()), SOURCE_LABEL) + l_proto
+    return l_D1, l_D2

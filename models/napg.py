@@ -1,0 +1,206 @@
+"""The NAPG segmentation network (spec: method-model.md §1, §8).
+
+ResNet at output stride 32 -> ASPP (rates 6/12/18 + image pooling, no 1x1 branch) -> ConvTranspose x2
++ BN + ReLU giving the 128-channel features ``f`` at H/16 -> a 1x1 classifier (``logits`` at H/16,
+``logits_up`` at H/4) and the prototype-similarity head (``models.head``). Despite the original's
+class name (``DeepLabV3PlusSimGlobalLinearKL3neibor``) there is no low-level skip and no decoder.
+
+State-dict keys (stable; ``models.original`` maps them to the original names):
+
+* ``backbone.{conv1,bn1,layer1..layer4}.*`` -- torchvision ResNet names without ``fc``
+* ``aspp.convs.{0,1,2}.{0: conv, 1: bn}.*``, ``aspp.pool.{1: conv, 2: bn}.*``,
+  ``aspp.project.{0: conv, 1: bn}.*``
+* ``up.0.*`` ConvTranspose2d(256, 128), ``up.1.*`` BatchNorm2d(128)
+* ``classifier.*`` Conv2d(128, C, 1)
+* ``head.sim.{0 | 0..C-1}.*`` the similarity conv(s), see ``models.head``
+
+Inputs are expected in [0, 1] (x / 255) as in the original; normalisation is the data pipeline's job.
+The image-pooling branch has BatchNorm on a 1x1 map, so training mode needs a batch of at least 2
+(as in the original).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.models as tvm
+from torch import nn
+
+from models.head import PrototypeHead, group_max, group_prob
+from utils.errors import UserError
+
+# name -> (constructor, weights enum, output channels of layer4)
+BACKBONES = {
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights, 512),
+    "resnet34": (tvm.resnet34, tvm.ResNet34_Weights, 512),
+    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights, 2048),
+    "resnet101": (tvm.resnet101, tvm.ResNet101_Weights, 2048),
+}
+BACKBONE_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+FEATURE_CHANNELS = 128
+ASPP_CHANNELS = 256
+
+
+def build_backbone(name: str) -> nn.Sequential:
+    """Randomly initialised torchvision ResNet stem + layer1..4 (OS32, no dilation, no fc)."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+    resnet = BACKBONES[name][0](weights=None)
+    return nn.Sequential(OrderedDict((stage, getattr(resnet, stage)) for stage in BACKBONE_STAGES))
+
+
+def cached_imagenet_weights(name: str) -> Path | None:
+    """Path of torchvision's ImageNet weights for ``name`` in the torch hub cache, or None.
+
+    The DEFAULT weights (V2 for resnet50/101, as in the original) are preferred; any other
+    ImageNet release of the same architecture that is present is used otherwise.
+    """
+    weights_enum = BACKBONES[name][1]
+    candidates = [weights_enum.DEFAULT] + [w for w in weights_enum if w is not weights_enum.DEFAULT]
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    for weights in candidates:
+        path = cache / Path(weights.url).name
+        if path.is_file():
+            return path
+    return None
+
+
+def load_backbone_weights(backbone: nn.Sequential, path: str | Path, name: str) -> None:
+    """Load a torchvision-format ResNet state dict (``fc.*`` ignored) into ``backbone``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pretrained weights {path} do not exist; pass a torchvision {name} state dict "
+                        f"with --pretrained PATH")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file can fail in many ways; all are the user's to fix
+        raise UserError(f"cannot read pretrained weights {path} ({type(err).__name__}); pass a torchvision "
+                        f"{name} state dict with --pretrained PATH") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"pretrained weights {path} are not a state dict of tensors; pass a torchvision "
+                        f"{name} state dict with --pretrained PATH")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    problems = [f"{label} {len(keys)} keys (e.g. {keys[0]})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong))
+                if keys]
+    if problems:
+        raise UserError(f"pretrained weights {path} do not fit a {name} backbone: {', '.join(problems)}; "
+                        f"pass a torchvision {name} state dict with --pretrained PATH or change --backbone")
+    backbone.load_state_dict(state)
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPP(nn.Module):
+    """Three dilated 3x3 branches + an image-pooling branch, concatenated and projected.
+
+    [B, cin, h, w] -> [B, cout, h, w]. No 1x1 branch and no dropout (as in the original).
+    """
+
+    def __init__(self, cin: int, cout: int = ASPP_CHANNELS, rates: tuple[int, ...] = (6, 12, 18)):
+        super().__init__()
+        self.convs = nn.ModuleList(_conv_bn_relu(cin, cout, 3, rate) for rate in rates)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(cin, cout, 1))
+        self.project = _conv_bn_relu(cout * (len(rates) + 1), cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = [conv(x) for conv in self.convs]
+        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.project(torch.cat(branches + [pooled], dim=1))
+
+
+class NAPGNet(nn.Module):
+    """NAPG network: classifier logits plus prototype-group outputs.
+
+    Args:
+        num_classes: C.
+        prototypes_per_class: default K for callers that build prototypes; no parameter depends
+            on it, K is read from the prototypes passed to ``forward``.
+        backbone: resnet18 | resnet34 | resnet50 | resnet101.
+        pretrained: None (random init), ``"imagenet"`` (torchvision weights from the torch hub
+            cache, never downloaded) or a path to a torchvision-format ResNet state dict.
+        shared_similarity: one similarity conv for all classes (the original) or one per class.
+        head_impl: ``"fast"`` or ``"reference"`` (see ``models.head``).
+    """
+
+    def __init__(self, num_classes: int = 6, prototypes_per_class: int = 1, backbone: str = "resnet50",
+                 pretrained: str | Path | None = None, shared_similarity: bool = True,
+                 head_impl: str = "fast"):
+        super().__init__()
+        if prototypes_per_class < 1:
+            raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class}")
+        self.num_classes = num_classes
+        self.prototypes_per_class = prototypes_per_class
+        self.backbone_name = backbone
+        self.backbone = build_backbone(backbone)
+        self.pretrained_path = self._load_pretrained(pretrained)
+        self.aspp = ASPP(BACKBONES[backbone][2])
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(ASPP_CHANNELS, FEATURE_CHANNELS, 3, stride=2, padding=1, output_padding=1),
+            nn.BatchNorm2d(FEATURE_CHANNELS),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Conv2d(FEATURE_CHANNELS, num_classes, 1)
+        self.head = PrototypeHead(num_classes, FEATURE_CHANNELS, shared=shared_similarity, impl=head_impl)
+
+    def _load_pretrained(self, pretrained: str | Path | None) -> Path | None:
+        if pretrained is None:
+            return None
+        if str(pretrained) == "imagenet":
+            path = cached_imagenet_weights(self.backbone_name)
+            if path is None:
+                cache = Path(torch.hub.get_dir()) / "checkpoints"
+                raise UserError(f"no ImageNet weights for {self.backbone_name} in {cache} (nothing is "
+                                f"downloaded); pass a torchvision {self.backbone_name} state dict with "
+                                f"--pretrained PATH, or omit it for random init")
+        else:
+            path = Path(pretrained)
+        load_backbone_weights(self.backbone, path, self.backbone_name)
+        return path
+
+    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] (H, W multiples of 32) -> features f [B, 128, H/16, W/16] (>= 0)."""
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            raise ValueError(f"input height and width must be multiples of 32, got {tuple(x.shape[-2:])}")
+        return self.up(self.aspp(self.backbone(x)))
+
+    def decode(self, features: torch.Tensor, out_size: tuple[int, int],
+               prototypes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Heads on features [B, 128, h, w]; ``out_size`` is the size of ``logits_up`` (H/4, W/4).
+
+        Returns ``logits`` [B, C, h, w], ``logits_up`` [B, C, *out_size], ``features`` and, with
+        prototypes [C*K, 128] (class-major, shared by the batch), ``proto_logits`` [B, C*K, h, w],
+        ``proto_max`` [B, C, h, w] (max over K of the logits) and ``proto_prob`` [B, C, h, w]
+        (joint softmax over C*K, then max over K).
+        """
+        logits = self.classifier(features)
+        out = {
+            "logits": logits,
+            "logits_up": F.interpolate(logits, size=out_size, mode="bilinear", align_corners=True),
+            "features": features,
+        }
+        if prototypes is not None:
+            cat = self.head(features, prototypes)
+            out["proto_logits"] = cat
+            out["proto_max"] = group_max(cat, self.num_classes)
+            out["proto_prob"] = group_prob(cat, self.num_classes)
+        return out
+
+    def forward(self, x: torch.Tensor, prototypes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x [B, 3, H, W] in [0, 1], prototypes [C*K, 128] or None -> dict (see ``decode``)."""
+        features = self.extract_features(x)
+        return self.decode(features, (x.shape[-2] // 4, x.shape[-1] // 4), prototypes)

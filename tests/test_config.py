@@ -1,0 +1,76 @@
+"""Config resolution: defaults < stage defaults < preset < YAML < YAML stage section < flags."""
+
+import pytest
+
+from engine.cli import build_parser
+from utils.config import OPTIONS, PRESETS, STAGE_DEFAULTS, config_from_args, resolve_config, tau_at
+from utils.errors import UserError
+
+
+def test_precedence_of_every_layer():
+    yaml_data = {"lr": 3e-4, "epochs": 7, "step2": {"epochs": 9}}
+    cfg = resolve_config("step2", yaml_data, {"lr": "5e-4"})
+    assert cfg["lr"] == 5e-4  # flag beats YAML
+    assert cfg["epochs"] == 9  # stage section beats the top level
+    assert cfg["clusters"] == STAGE_DEFAULTS["step2"]["clusters"]
+    assert resolve_config("step1", yaml_data)["epochs"] == 7
+
+
+def test_unknown_keys_and_wrong_types_are_user_errors():
+    with pytest.raises(UserError, match="unknown key 'lrr'"):
+        resolve_config("step1", {"lrr": 1})
+    with pytest.raises(UserError, match="unknown key 'bogus'"):
+        resolve_config("step1", {"step1": {"bogus": 1}})
+    with pytest.raises(UserError, match="'epochs' must be int"):
+        resolve_config("step1", {"epochs": "many"})
+    with pytest.raises(UserError, match="must be one of"):
+        resolve_config("step1", {"backbone": "vgg16"})
+    with pytest.raises(UserError, match="unknown preset"):
+        resolve_config("step1", {"preset": "fast"})
+
+
+def test_cross_option_checks():
+    with pytest.raises(UserError, match="must divide"):
+        resolve_config("step2", {"clusters": [3, 2, 2, 2, 4, 4]})
+    with pytest.raises(UserError, match="one per class"):
+        resolve_config("step2", {"clusters": [2, 2]})
+    with pytest.raises(UserError, match="multiples of 32"):
+        resolve_config("step1", {"img_size": 100})
+
+
+def test_presets_only_set_flags_and_flags_still_win():
+    paper = resolve_config("step1", {})
+    legacy = resolve_config("step1", {}, preset="legacy")
+    assert not paper["legacy_d2_gen"] and legacy["legacy_d2_gen"]
+    assert legacy["legacy_d2_step1"] and not resolve_config("step2", {}, preset="legacy")["legacy_d2_step1"]
+    assert resolve_config("step2", {})["w_gnce"] == 0.1
+    assert resolve_config("step2", {}, preset="legacy")["w_gnce"] == 0.0
+    assert not resolve_config("step1", {}, {"legacy_d2_gen": "false"}, preset="legacy")["legacy_d2_gen"]
+    for values in PRESETS.values():
+        assert all(k.split("@")[0] in OPTIONS for k in values)
+
+
+def test_tau_schedules_match_the_original():
+    s1, s2, s3 = (resolve_config(s, {}) for s in ("step1", "step2", "step3"))
+    # step 1: target prototypes from epoch 20 with 1 - (e - 9)/100
+    assert tau_at(s1, 19) is None
+    assert [round(tau_at(s1, e), 6) for e in (20, 30)] == [round(1 - (e - 9) / 100, 6) for e in (20, 30)]
+    # step 2: original epochs 10..40 -> local 1..31, max(0.80, 1 - e/100)
+    for local in range(1, 32):
+        assert tau_at(s2, local) == pytest.approx(max(0.80, 1 - (local + 9) / 100))
+    # step 3: original epochs 20..35 -> local 1..16, 1 - e/100
+    for local in range(1, 17):
+        assert tau_at(s3, local) == pytest.approx(1 - (local + 19) / 100)
+    assert tau_at(resolve_config("step0", {}), 5) is None
+
+
+def test_every_option_is_a_flag(tmp_path):
+    cfg_file = tmp_path / "pair.yaml"
+    cfg_file.write_text("source: potsdam_rgb\nstep1:\n  epochs: 3\n")
+    args = build_parser("step1").parse_args(["--config", str(cfg_file), "--gnce-windows", "2", "2", "2", "2",
+                                             "1", "0", "--legacy-d2-gen", "--iters-per-epoch", "4"])
+    cfg = config_from_args("step1", args)
+    assert cfg["source"] == "potsdam_rgb" and cfg["epochs"] == 3 and cfg["iters_per_epoch"] == 4
+    assert cfg["gnce_windows"] == [2, 2, 2, 2, 1, 0] and cfg["legacy_d2_gen"] is True
+    flags = {a.dest for a in build_parser("step1")._actions}
+    assert set(OPTIONS) <= flags

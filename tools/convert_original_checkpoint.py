@@ -1,0 +1,83 @@
+"""Convert an original NAPG checkpoint (``network``/``GAN``/``GAN2``) to this project's format.
+
+Writes ``{"model": state_dict, "d1": state_dict, "d2": state_dict, "meta": {...}}`` atomically
+(``d1``/``d2`` only when the original has ``GAN``/``GAN2``); an existing output is kept unless
+``--overwrite`` is given.
+
+    python tools/convert_original_checkpoint.py --checkpoint ORIG.pth --out OURS.pt \
+        [--num-classes 6 --backbone resnet50 --per-class-sim --overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from models import FCDiscriminatorHighMask, NAPGNet, load_original_checkpoint
+from models.napg import BACKBONES
+from models.original import read_original_checkpoint
+from utils.errors import UserError, run_cli
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="original NAPG .pth file")
+    parser.add_argument("--out", required=True, type=Path, help="converted checkpoint to write")
+    parser.add_argument("--num-classes", type=int, default=6)
+    parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES))
+    parser.add_argument("--per-class-sim", action="store_true",
+                        help="one similarity conv per class (the original shares one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    return parser.parse_args(argv)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file next to ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it or choose another --out")
+    ckpt = read_original_checkpoint(args.checkpoint)
+    model = NAPGNet(num_classes=args.num_classes, backbone=args.backbone,
+                    shared_similarity=not args.per_class_sim)
+    # A bare network state dict has no discriminators; a full checkpoint may lack them too.
+    d1 = FCDiscriminatorHighMask(args.num_classes) if ckpt.get("GAN") is not None else None
+    d2 = FCDiscriminatorHighMask(args.num_classes) if ckpt.get("GAN2") is not None else None
+    report = load_original_checkpoint(ckpt, model, d1, d2)
+    loaded = report["loaded"]
+    discriminators = {name: d.state_dict() for name, d in (("d1", d1), ("d2", d2)) if d is not None}
+    save_atomic({
+        "model": model.state_dict(),
+        **discriminators,
+        "meta": {
+            "converted_from": str(args.checkpoint.resolve()),
+            "converted_by": "tools/convert_original_checkpoint.py",
+            "num_classes": args.num_classes,
+            "backbone": args.backbone,
+            "shared_similarity": not args.per_class_sim,
+            "loaded": loaded,
+            "ignored": report["ignored"],
+        },
+    }, args.out)
+    print(f"wrote {args.out} ({', '.join(loaded)}; ignored: {', '.join(report['ignored']) or 'nothing'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
