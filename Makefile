@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 data-demo: $(STAMP)
-	$(PY) tools/make_synthetic.py --out $(DEMO_DATA)/raw --mode raw --seed 0 --overwrite
+	$(PY) tools/make_synthetic.py --out $(DEMO_DATA)/raw --mode raw --size demo --seed 0 --overwrite
 	$(PY) tools/prepare_isprs.py --dataset potsdam --bands rgb --raw $(DEMO_DATA)/raw/potsdam --out $(DEMO_DATA)/potsdam_rgb --overwrite
 	$(PY) tools/prepare_isprs.py --dataset potsdam --bands irrg --raw $(DEMO_DATA)/raw/potsdam --out $(DEMO_DATA)/potsdam_irrg --overwrite
 	$(PY) tools/prepare_isprs.py --dataset vaihingen --bands irrg --raw $(DEMO_DATA)/raw/vaihingen --out $(DEMO_DATA)/vaihingen_irrg --overwrite

@@ -183,6 +183,8 @@ class SegmentationFolder(Dataset):
     "name": stem}`` plus whatever ``transform`` adds; ``with_labels=False`` drops ``label`` (and
     never touches ``ann_dir``). The transform sees images in [0, 1]; afterwards every ``img*`` tensor
     is normalised: ``unit`` leaves x/255, ``imagenet`` applies mmseg's mean/std in 0..255 units.
+    ``cache=True`` reads decoded patches from a memory-mapped uint8 cache (``data/cache.py``, built on
+    first use, in ``cache_dir`` when the folder is read-only) instead of the files; samples are identical.
     """
 
     def __init__(
@@ -193,6 +195,8 @@ class SegmentationFolder(Dataset):
         normalize: str = "unit",
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         with_labels: bool = True,
+        cache: bool = False,
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -214,6 +218,12 @@ class SegmentationFolder(Dataset):
             self.label_paths = [labels[s] for s in images]
         self.names = list(images)
         self.image_paths = list(images.values())
+        self.cache = None
+        if cache:
+            # Imported here: data.cache builds on this module's readers.
+            from data.cache import SplitCache, build_cache
+
+            self.cache = SplitCache(build_cache(self.root, split, self.label_format, cache_dir=cache_dir))
         if normalize == "imagenet":
             self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / 255.0
             self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1) / 255.0
@@ -222,19 +232,26 @@ class SegmentationFolder(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rgb = read_image(self.image_paths[index])
+        if self.cache is not None:
+            rgb = self.cache.image(index)
+            ids = self.cache.label(index) if self.label_paths is not None else None
+        else:
+            rgb = read_image(self.image_paths[index])
+            ids = None
+            if self.label_paths is not None:
+                path = self.label_paths[index]
+                raw = read_label(path)
+                if raw.shape != rgb.shape[:2]:
+                    raise UserError(
+                        f"{path} is {raw.shape[1]}x{raw.shape[0]} but its image is {rgb.shape[1]}x{rgb.shape[0]}"
+                    )
+                ids = to_train_ids(raw, self.label_format, path)
         sample: dict[str, Any] = {
             "img": torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0),
             "name": self.names[index],
         }
-        if self.label_paths is not None:
-            path = self.label_paths[index]
-            raw = read_label(path)
-            if raw.shape != rgb.shape[:2]:
-                raise UserError(
-                    f"{path} is {raw.shape[1]}x{raw.shape[0]} but its image is {rgb.shape[1]}x{rgb.shape[0]}"
-                )
-            sample["label"] = torch.from_numpy(to_train_ids(raw, self.label_format, path))
+        if ids is not None:
+            sample["label"] = torch.from_numpy(ids)
         if self.transform is not None:
             sample = self.transform(sample)
         if self.normalize == "imagenet":

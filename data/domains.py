@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.isprs import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from utils.errors import UserError
 
-# Training ids 0..5 in mmseg order; 255 marks ignored pixels (eroded class boundaries).
-CLASS_NAMES: tuple[str, ...] = ("impervious", "building", "low_vegetation", "tree", "car", "clutter")
-NUM_CLASSES = 6
-IGNORE_INDEX = 255
+__all__ = ["CLASS_NAMES", "DOMAINS", "IGNORE_INDEX", "NUM_CLASSES", "Domain", "get_domain", "resolve_domain"]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,10 @@ def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return 0
     from engine.trainer import run_stage  # heavy imports only when training
+    from utils import dist
 
-    run_stage(cfg)
+    try:
+        run_stage(cfg)
+    finally:
+        dist.shutdown()
     return 0

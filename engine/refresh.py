@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.prototypes import CentroidPool, build_prototypes, class_centroids, pseudo_labels, resize_labels
+from utils import dist
 
 
 @dataclass
@@ -92,6 +93,12 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
             prev_t = p_st
         result.target, _ = build_prototypes(tgt_only, clusters, previous=prev_t, **kwargs)
         result.counts_target = [_n(p) for p in tgt_only]
+    # Every rank clustered the same gathered pools; broadcasting rank 0's result rules out any
+    # last-bit difference between ranks.
+    if dist.is_dist():
+        for tensor in (result.source_target, result.target):
+            if tensor is not None:
+                torch.distributed.broadcast(tensor, src=0)
     return result
 
 

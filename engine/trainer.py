@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import CLASS_NAMES, SegmentationFolder, resolve_domain
+from data.dataset import SegmentationFolder
+from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import BatchStream, eval_loader
 from data.transforms import build_transforms
 from engine.evaluate import evaluate
@@ -32,7 +34,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from utils.config import dump_config, tau_at
 from utils.errors import UserError
 from utils.metrics import format_table
-from utils.run import environment_info, read_json, resolve_device, rng_state, seed_everything, set_rng_state, write_json
+from utils.run import environment_info, resolve_device, rng_state, seed_everything, set_rng_state, write_json
 
 PREVIOUS_STAGE = {"step2": "step1", "step3": "step2"}
 # Options that must not change when a stage is resumed.
@@ -44,7 +46,9 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one stage as configured and return its final target-val metrics."""
     stage = cfg["stage"]
     run_dir = Path(cfg["work_dir"]) / stage
-    device = resolve_device(cfg["device"])
+    device = dist.init_from_env(resolve_device(cfg["device"]))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg["deterministic"]
     _check_run_dir(run_dir, cfg)
     init_state, init_source = _resolve_init(cfg)
     seed_everything(cfg["seed"], cfg["deterministic"])
@@ -62,6 +66,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
         for disc, key in ((d1, "d1"), (d2, "d2")):
             if disc is not None and key in init_state:
                 disc.load_state_dict(init_state[key])
+    model, d1, d2 = _prepare_modules(model, d1, d2, cfg, device)
     napg = NAPG(model, d1, d2, cfg)
 
     epoch, iteration, global_step = 1, 0, 0
@@ -69,10 +74,11 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     best: dict[str, Any] | None = None
     if cfg["resume"]:
         epoch, iteration, global_step, protos, best = _resume(run_dir, cfg, napg, data, device)
-    else:
+    elif dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "env.json", {"seed": cfg["seed"], "init": init_source, **environment_info()})
+        write_json(run_dir / "env.json", {"seed": cfg["seed"], "init": init_source, "world_size": dist.world_size(),
+                                          **environment_info()})
 
     logger = RunLogger(run_dir, enabled=dist.is_main())
     iters = _iters_per_epoch(cfg, data)
@@ -128,7 +134,7 @@ def _build_data(cfg: dict[str, Any]) -> dict[str, Any]:
     """Datasets and loaders of every role; the target's labels are read only for evaluation."""
     root = Path(cfg["data_root"])
     src_dir = resolve_domain(root, cfg["source"])
-    common = {"label_format": cfg["label_format"], "normalize": cfg["normalize"]}
+    common = {"label_format": cfg["label_format"], "normalize": cfg["normalize"], "cache": cfg["cache"]}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
     src_train = SegmentationFolder(src_dir, "train", transform=train_tf, **common)
     src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
@@ -157,15 +163,39 @@ def _iters_per_epoch(cfg: dict[str, Any], data: dict[str, Any]) -> int:
     return min(n, cfg["iters_per_epoch"]) if cfg["iters_per_epoch"] else n
 
 
+def _prepare_modules(model, d1, d2, cfg: dict[str, Any], device: torch.device):
+    """Memory format, SyncBatchNorm, DistributedDataParallel and torch.compile, as configured."""
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.is_dist():
+        if cfg["sync_bn"]:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
+        if d1 is not None:
+            d1 = DistributedDataParallel(d1, device_ids=ids)
+            d2 = DistributedDataParallel(d2, device_ids=ids)
+    if cfg["compile"]:
+        model = torch.compile(model)
+    return model, d1, d2
+
+
 # ---------------------------------------------------------------------------------------------- steps
 def _train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epoch: int,
                      tau: float | None) -> dict[str, float]:
+    """One iteration; also logs how much of it was spent waiting for data."""
+    start = time.perf_counter()
     src = next(data["source"])
     tgt = next(data["target"]) if data["target"] is not None and napg.uses_target else None
+    data_time = time.perf_counter() - start
     if napg.stage == "step3":
         student_protos = protos.target if protos.target is not None else protos.source_target
-        return napg.distill_step(src, tgt, protos.source_target, student_protos)
-    return napg.train_step(src, tgt, protos.source_target, epoch, tau)
+        logs = napg.distill_step(src, tgt, protos.source_target, student_protos)
+    else:
+        logs = napg.train_step(src, tgt, protos.source_target, epoch, tau)
+    iter_time = time.perf_counter() - start
+    logs.update(iter_time=iter_time, data_time_fraction=data_time / max(iter_time, 1e-9))
+    return logs
 
 
 def _refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | None,
@@ -208,7 +238,8 @@ def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, c
         values = {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")}
         values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
         logger.scalars(step, values, prefix=f"eval/{branch}/", epoch=epoch, kind="eval")
-    _log_panels(napg, data, protos, logger, step, device)
+    if dist.is_main():
+        _log_panels(napg, data, protos, logger, step, device)
     tqdm.write(f"{cfg['stage']} epoch {epoch}: target-{cfg['target_eval_split']} mIoU "
                f"{100 * results['classifier']['miou']:.2f} (prototypes "
                f"{100 * results.get('prototype', {}).get('miou', float('nan')):.2f})")
@@ -351,6 +382,7 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
     if data["target_val"] is not None:
         results = evaluate(_unwrap(napg.model), data["target_val"], _eval_prototypes(protos),
                            protos.source_target.device, cfg["num_classes"], max_batches=cfg["eval_max_batches"])
+    ranks = _rank_consistency(napg, protos)
     if dist.is_main():
         _save_handoff(run_dir / "model.pt", napg, protos, cfg, cfg["epochs"])
         write_json(run_dir / "eval.json", {"split": f"target-{cfg['target_eval_split']}", "selection": "last",
@@ -360,7 +392,7 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
                     "prototypes_per_class": max(cfg["clusters"]), "clusters": cfg["clusters"],
                     "preset": cfg["preset"], "epochs": cfg["epochs"], "git": environment_info()["git"],
                     "checkpoint": "model.pt", "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
-                    "init": init_source, "train_seconds": round(seconds, 1),
+                    "init": init_source, "train_seconds": round(seconds, 1), "ranks": ranks,
                     "target_val": {b: {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")}
                                    for b, m in results.items()}}
         write_json(run_dir / "manifest.json", manifest)
@@ -371,5 +403,23 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
     return results
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    return read_json(Path(run_dir) / "manifest.json")
+def _rank_consistency(napg: NAPG, protos: RefreshResult) -> dict[str, Any]:
+    """Whether every rank ends with bit-identical parameters and prototypes (checksums compared)."""
+    if not dist.is_dist():
+        return {"world_size": 1}
+
+    def checksum(tensors: list[torch.Tensor]) -> torch.Tensor:
+        sums = [torch.stack([t.double().sum(), (t.double() ** 2).sum(),
+                             (t.double().flatten() * torch.arange(t.numel(), device=t.device)).sum()])
+                for t in tensors]
+        return torch.cat(sums)
+
+    nets = [m for m in (napg.model, napg.d1, napg.d2) if m is not None]
+    params = checksum([p.detach() for m in nets for p in _unwrap(m).parameters()])
+    prototypes = checksum([t for t in (protos.source_target, protos.target) if t is not None])
+    result = {"world_size": dist.world_size()}
+    for name, local in (("identical_parameters", params), ("identical_prototypes", prototypes)):
+        gathered = [torch.empty_like(local) for _ in range(dist.world_size())]
+        torch.distributed.all_gather(gathered, local)
+        result[name] = all(torch.equal(g, gathered[0]) for g in gathered)
+    return result

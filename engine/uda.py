@@ -250,6 +250,9 @@ class NAPG:
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    """The bare module under a DistributedDataParallel or torch.compile wrapper."""
-    module = getattr(module, "module", module)
-    return getattr(module, "_orig_mod", module)
+    """The bare module under DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner

@@ -44,7 +44,7 @@ def raw_labels(n: int = 3, size: int = 8) -> dict[str, np.ndarray]:
 
 
 def test_class_constants():
-    assert CLASS_NAMES == ("impervious", "building", "low_vegetation", "tree", "car", "clutter")
+    assert CLASS_NAMES == ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
     assert NUM_CLASSES == len(CLASS_NAMES) == 6 and IGNORE_INDEX == 255
 
 

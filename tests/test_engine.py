@@ -83,3 +83,25 @@ def test_legacy_and_paper_differ_only_where_the_flags_say():
     differing = {k for k in paper if paper[k] != legacy[k]}
     assert differing == {"preset", "legacy_d2_gen", "legacy_d2_step1", "proto_ignore_index", "refresh",
                          "legacy_geometry", "kd_normalize"}
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    """A few step-2 iterations on CPU: bf16 autocast losses track the float32 ones (tolerance 5 %)."""
+    losses = {}
+    for amp in ("off", "bf16"):
+        torch.manual_seed(0)
+        cfg = resolve_config("step2", {"backbone": "resnet18", "amp": amp})
+        model = NAPGNet(num_classes=6, prototypes_per_class=4, backbone="resnet18")
+        napg = NAPG(model, FCDiscriminatorHighMask(6), FCDiscriminatorHighMask(6), cfg)
+        gen = torch.Generator().manual_seed(1)
+        P = torch.randn(24, 128, generator=gen).abs()
+        per_step = []
+        for _ in range(3):
+            src = {"img": torch.rand(2, 3, 128, 128, generator=gen), "label": torch.randint(0, 6, (2, 128, 128),
+                                                                                            generator=gen)}
+            tgt = {"img": torch.rand(2, 3, 128, 128, generator=gen)}
+            logs = napg.train_step(src, tgt, P, epoch=1, tau=0.9)
+            per_step.append([logs[k] for k in ("loss_ce", "loss_proto", "loss_gnce_src", "loss_d1", "loss_d2")])
+        losses[amp] = torch.tensor(per_step)
+    assert torch.isfinite(losses["bf16"]).all()
+    torch.testing.assert_close(losses["bf16"], losses["off"], rtol=0.05, atol=0.01)

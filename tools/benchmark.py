@@ -1,33 +1,65 @@
-"""Speed of the NAPG building blocks (forward + backward), fast vs reference implementations.
+"""Speed of NAPG: building blocks (fast vs reference), whole training stages, and the data loader.
 
     python tools/benchmark.py --device cpu --k 4 --size 256 --batch 2 [--what head network] [--json out.json]
+    python tools/benchmark.py --what stage --device cpu --size 256 --batch 2 --backbone resnet18 --stages step1 step2
+    python tools/benchmark.py --what loader --workers 2
 
-Each benchmark in ``BENCHMARKS`` returns rows ``{"what", "impl", "median_ms", "times_ms"}``; the
-table shows the median over ``--repeats`` timed iterations after ``--warmup`` untimed ones (the
-implementations take turns) and the speed-up of each over the reference one. Timings are for this
-machine only.
+``head`` / ``network``: forward + backward of the prototype head or the whole network; the table shows the
+median over ``--repeats`` timed iterations after ``--warmup`` untimed ones (the implementations take turns)
+and the speed-up of each over the reference one.
+
+``stage``: the real engine pieces of each stage in ``--stages`` (config from ``utils.config``, data and
+loaders as the trainer builds them, ``NAPG`` steps, ``refresh_prototypes``, ``evaluate``) on prepared
+domain folders under ``--data-root`` (default: the small synthetic set, generated into a temporary
+folder) or, with ``--synthetic-random``, on random batches held in memory (no data loading: compute
+only). Per stage: images/s (source + target images of training per second), s/iteration, the fraction of
+each iteration spent waiting for the next batch, the time of one refresh pass and one evaluation pass
+over the data, and peak memory (CUDA max allocated, or the process's max RSS on CPU, which covers the
+whole run so far and not the loader workers). Iterations run at the first epoch in which every term of
+the stage is on (``--epoch`` overrides), after ``--warmup`` untimed ones.
+
+``loader``: samples/s of one split read from the PNG files and from the uint8 cache, with 0 and
+``--workers`` loader processes, over ``--repeats`` passes after ``--warmup`` untimed ones.
+
+Timings are for this machine only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import resource
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from torch.utils.data import default_collate
 
-from models import NAPGNet, PrototypeHead
+from data.dataset import SegmentationFolder
+from data.domains import resolve_domain
+from data.loaders import build_loader
+from data.transforms import build_transforms
+from engine.evaluate import evaluate
+from engine.refresh import RefreshResult, refresh_prototypes
+from engine.trainer import _build_data
+from engine.uda import NAPG
+from models import FCDiscriminatorHighMask, NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
+from utils.config import STAGES, resolve_config, tau_at
 from utils.errors import UserError, run_cli
+from utils.run import seed_everything
 
 IMPLS = ("reference", "fast")
+DATA_ROLES = ("source", "target", "source_refresh", "target_refresh", "target_val")
 
 
 def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int,
@@ -98,14 +130,184 @@ def bench_network(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return _rows("network", time_steps(steps, device, args.repeats, args.warmup))
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(peak MiB, what it measures) since the last ``torch.cuda.reset_peak_memory_stats`` on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux; the process's peak since it started.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+
+
+def steady_epoch(cfg: dict[str, Any]) -> int:
+    """The first epoch in which every loss term and the target pseudo-labels of the stage are on."""
+    epoch = max(1, cfg["tgt_proto_start"])
+    if cfg["w_gnce"] > 0:
+        epoch = max(epoch, cfg["gnce_start_epoch"])
+    return epoch
+
+
+def stage_config(stage: str, args: argparse.Namespace, data_root: Path | None) -> dict[str, Any]:
+    """The resolved config of ``stage`` with the benchmark's flags."""
+    overrides = {"img_size": args.size, "resize": args.resize, "batch_size": args.batch,
+                 "eval_batch_size": args.batch, "num_workers": args.workers, "backbone": args.backbone,
+                 "head_impl": args.head_impl, "amp": args.amp, "cache": args.cache, "device": args.device,
+                 "source": args.source, "target": args.target, "progress": False,
+                 "data_root": None if data_root is None else str(data_root)}
+    return resolve_config(stage, overrides=overrides)
+
+
+def random_data(cfg: dict[str, Any], batches: int) -> dict[str, Any]:
+    """In-memory stand-ins of ``engine.trainer._build_data``'s loaders: random patches of side
+    ``resize or img_size`` through the stage's transforms, one training batch per role (reused every
+    iteration) and ``batches`` batches per refresh/evaluation role."""
+    train_tf, eval_tf, strong_tf = build_transforms(cfg)
+    side, bs = cfg["resize"] or cfg["img_size"], cfg["batch_size"]
+
+    def batch(transform: Callable | None, labels: bool) -> dict[str, Any]:
+        samples = []
+        for i in range(bs):
+            sample = {"img": torch.rand(3, side, side), "name": f"random{i}"}
+            if labels:
+                sample["label"] = torch.randint(0, cfg["num_classes"], (side, side))
+            samples.append(transform(sample) if transform is not None else sample)
+        return default_collate(samples)
+
+    src, tgt = batch(train_tf, True), batch(strong_tf if cfg["stage"] == "step3" else train_tf, False)
+    return {"source": iter(lambda: src, None), "target": iter(lambda: tgt, None),
+            "source_refresh": [batch(eval_tf, True) for _ in range(batches)],
+            "target_refresh": [batch(eval_tf, False) for _ in range(batches)],
+            "target_val": [batch(eval_tf, True) for _ in range(batches)]}
+
+
+def _refresh(model: NAPGNet, data: dict[str, Any], cfg: dict[str, Any], tau: float | None, device: torch.device,
+             previous: RefreshResult | None = None, max_batches: int | None = None) -> RefreshResult:
+    kwargs = {"backend": cfg["kmeans_backend"], "n_init": cfg["kmeans_n_init"], "seed": cfg["kmeans_seed"]}
+    return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, cfg["clusters"], device,
+                              previous=previous, mode=cfg["refresh"], max_batches=max_batches,
+                              cluster_kwargs=kwargs)
+
+
+def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, data_root: Path | None) -> dict:
+    """Train iterations, one refresh pass and one evaluation pass of ``stage``; one result row."""
+    cfg = stage_config(stage, args, data_root)
+    seed_everything(cfg["seed"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    data = random_data(cfg, args.random_batches) if data_root is None else _build_data(cfg)
+    # As engine.trainer.run_stage builds them (random initialisation: no weights are downloaded).
+    model = NAPGNet(num_classes=cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]),
+                    backbone=cfg["backbone"], shared_similarity=cfg["shared_similarity"],
+                    head_impl=cfg["head_impl"]).to(device)
+    d1 = d2 = None
+    if stage != "step0":
+        d1 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
+        d2 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
+    napg = NAPG(model, d1, d2, cfg)
+    epoch = args.epoch or steady_epoch(cfg)
+    tau = tau_at(cfg, epoch)
+    uses_target = napg.uses_target and data["target"] is not None
+
+    # A one-batch refresh gives the starting prototypes and warms up the refresh path.
+    protos = _refresh(model, data, cfg, tau, device, max_batches=1)
+
+    def iteration() -> tuple[float, float]:
+        _sync(device)
+        start = time.perf_counter()
+        src = next(data["source"])
+        tgt = next(data["target"]) if uses_target else None
+        fetched = time.perf_counter()
+        if stage == "step3":
+            student = protos.target if protos.target is not None else protos.source_target
+            napg.distill_step(src, tgt, protos.source_target, student)
+        else:
+            napg.train_step(src, tgt, protos.source_target, epoch, tau)
+        _sync(device)
+        return fetched - start, time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        iteration()
+    data_times, iter_times = zip(*(iteration() for _ in range(args.repeats)))
+
+    _sync(device)
+    start = time.perf_counter()
+    protos = _refresh(model, data, cfg, tau, device, previous=protos)
+    _sync(device)
+    refresh_s = time.perf_counter() - start
+    eval_s = float("nan")
+    if data["target_val"] is not None:
+        prototypes = protos.target if protos.target is not None else protos.source_target
+        start = time.perf_counter()
+        evaluate(model, data["target_val"], prototypes, device, cfg["num_classes"])
+        _sync(device)
+        eval_s = time.perf_counter() - start
+    peak, peak_kind = _peak_memory_mb(device)
+    images = cfg["batch_size"] * (2 if uses_target else 1)
+    total = sum(iter_times)
+    # Whether the loaders really read the uint8 cache (it is wired through the trainer's data builder).
+    cache_active = data_root is not None and all(data[k].dataset.cache is not None for k in DATA_ROLES
+                                                 if data[k] is not None)
+    if cfg["cache"] and data_root is not None and not cache_active:
+        print(f"note: {stage} read PNG files although --cache was given (the trainer's data builder does not "
+              "pass the cache option on)", file=sys.stderr)
+    return {"what": "stage", "stage": stage, "impl": cfg["head_impl"], "amp": cfg["amp"], "epoch": epoch,
+            "images_per_iter": images, "images_per_s": images * len(iter_times) / total,
+            "s_per_iter": total / len(iter_times), "s_per_iter_median": statistics.median(iter_times),
+            "data_fraction": sum(data_times) / total, "refresh_s": refresh_s, "eval_s": eval_s,
+            "peak_mem_mb": peak, "peak_mem_kind": peak_kind, "iter_times_s": list(iter_times),
+            "data": "synthetic-random" if data_root is None else str(data_root), "cache_active": cache_active}
+
+
+def bench_stage(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Each stage of ``--stages`` in turn (see the module docstring)."""
+    data_root = None if args.synthetic_random else args.data_dir
+    return [bench_one_stage(stage, args, device, data_root) for stage in args.stages]
+
+
+def bench_loader(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Samples/s of one split through a DataLoader: PNG decoding vs the uint8 cache, 0 and N workers."""
+    root = resolve_domain(args.data_dir, args.source or resolve_config("step0")["source"])
+    start = time.perf_counter()
+    cached = SegmentationFolder(root, args.split, cache=True)
+    build_s = time.perf_counter() - start
+    datasets = {"png": SegmentationFolder(root, args.split), "cache": cached}
+    rows = []
+    for workers in sorted({0, args.workers}):
+        for impl, dataset in datasets.items():
+            loader = build_loader(dataset, args.batch, shuffle=False, drop_last=False, num_workers=workers,
+                                  persistent_workers=True)
+            for _ in range(args.warmup):
+                for _ in loader:
+                    pass
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                for _ in loader:
+                    pass
+                times.append(time.perf_counter() - start)
+            rows.append({"what": "loader", "impl": impl, "workers": workers, "split": args.split,
+                         "domain": str(root), "samples": len(dataset), "pass_times_s": times,
+                         "samples_per_s": len(dataset) * len(times) / sum(times),
+                         "cache_build_s": build_s if impl == "cache" else None})
+            del loader  # ends its persistent workers before the next configuration starts
+    return rows
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, torch.device], list[dict]]] = {
     "head": bench_head,
     "network": bench_network,
+    "stage": bench_stage,
+    "loader": bench_loader,
 }
+NEEDS_DATA = ("stage", "loader")
 
 
 def format_table(rows: list[dict]) -> str:
-    """Rows -> a text table with the speed-up over the reference row of the same benchmark."""
+    """head/network rows -> a text table with the speed-up over the reference row of the same benchmark."""
     reference = {r["what"]: r["median_ms"] for r in rows if r["impl"] == "reference"}
     lines = [f"{'what':<10} {'impl':<10} {'median ms':>10} {'speed-up':>9}"]
     for r in rows:
@@ -115,19 +317,92 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_stage_table(rows: list[dict]) -> str:
+    """stage rows -> a text table."""
+    lines = [f"{'stage':<6} {'head':<9} {'amp':<4} {'img/s':>7} {'s/iter':>7} {'data %':>6} {'refresh s':>9} "
+             f"{'eval s':>7} {'peak MiB':>9}  memory"]
+    for r in rows:
+        lines.append(f"{r['stage']:<6} {r['impl']:<9} {r['amp']:<4} {r['images_per_s']:>7.2f} {r['s_per_iter']:>7.3f} "
+                     f"{100 * r['data_fraction']:>6.1f} {r['refresh_s']:>9.2f} {r['eval_s']:>7.2f} "
+                     f"{r['peak_mem_mb']:>9.0f}  {r['peak_mem_kind']}")
+    return "\n".join(lines)
+
+
+def format_loader_table(rows: list[dict]) -> str:
+    """loader rows -> a text table with the cache's speed-up over PNG decoding at the same worker count."""
+    png = {r["workers"]: r["samples_per_s"] for r in rows if r["impl"] == "png"}
+    lines = [f"{'loader':<7} {'workers':>7} {'samples/s':>10} {'speed-up':>9}"]
+    for r in rows:
+        ref = png.get(r["workers"])
+        speedup = f"{r['samples_per_s'] / ref:.1f}x" if ref else "-"
+        lines.append(f"{r['impl']:<7} {r['workers']:>7} {r['samples_per_s']:>10.1f} {speedup:>9}")
+    build = [r["cache_build_s"] for r in rows if r["cache_build_s"] is not None]
+    if build:
+        lines.append(f"(cache build or check: {build[0]:.2f} s, once per split; {rows[0]['samples']} samples)")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[list[dict]], str]] = {
+    "head": format_table,
+    "network": format_table,
+    "stage": format_stage_table,
+    "loader": format_loader_table,
+}
+
+
+@contextlib.contextmanager
+def data_folder(args: argparse.Namespace) -> Iterator[Path | None]:
+    """``--data-root``, or the small synthetic set generated into a temporary folder, when any chosen
+    benchmark reads data; None otherwise."""
+    needs = "loader" in args.what or ("stage" in args.what and not args.synthetic_random)
+    if not needs:
+        yield None
+    elif args.data_root is not None:
+        if not args.data_root.is_dir():
+            raise UserError(f"--data-root {args.data_root} is not a folder; prepare data with tools/prepare_isprs.py "
+                            "or leave the flag out to use the synthetic set")
+        yield args.data_root
+    else:
+        from data.synthetic import make_synthetic
+
+        with tempfile.TemporaryDirectory(prefix="napg-benchmark-") as tmp:
+            print(f"generating the small synthetic data set in {tmp} ...", file=sys.stderr, flush=True)
+            make_synthetic(Path(tmp), mode="prepared", size="small")
+            yield Path(tmp)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Time forward+backward of NAPG parts (fast vs reference).")
-    parser.add_argument("--what", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser = argparse.ArgumentParser(description="Time NAPG parts (fast vs reference), training stages and loaders.")
+    parser.add_argument("--what", nargs="+", default=["head", "network"], choices=list(BENCHMARKS))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=256, help="input side in pixels (multiple of 32)")
-    parser.add_argument("--k", type=int, default=4, help="prototypes per class")
+    parser.add_argument("--batch", type=int, default=2, help="images per batch (per domain in a stage)")
+    parser.add_argument("--size", type=int, default=256, help="input side in pixels (multiple of 32; a stage's "
+                        "training crop)")
+    parser.add_argument("--k", type=int, default=4, help="prototypes per class (head/network)")
     parser.add_argument("--num-classes", type=int, default=6)
     parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES))
     parser.add_argument("--per-class-sim", action="store_true", help="one similarity conv per class")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="timed iterations (loader: timed passes)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations (loader: passes) first")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    stage = parser.add_argument_group("stage and loader benchmarks")
+    stage.add_argument("--stages", nargs="+", default=["step1", "step2"], choices=STAGES)
+    stage.add_argument("--head-impl", default="fast", choices=IMPLS)
+    stage.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    stage.add_argument("--cache", action="store_true", help="read patches from the uint8 cache")
+    stage.add_argument("--workers", type=int, default=0, help="data-loader processes (loader: also runs 0)")
+    stage.add_argument("--resize", type=int, help="resize every patch to this side first (as the config option)")
+    stage.add_argument("--epoch", type=int, help="epoch whose schedule the iterations follow (default: the "
+                       "first with every term of the stage on)")
+    stage.add_argument("--data-root", type=Path, help="folder of prepared domain folders (default: the small "
+                       "synthetic set, generated into a temporary folder)")
+    stage.add_argument("--source", help="source domain (default: the config's); the loader benchmark reads it")
+    stage.add_argument("--target", help="target domain (default: the config's)")
+    stage.add_argument("--split", default="train", help="split read by the loader benchmark")
+    stage.add_argument("--synthetic-random", action="store_true", help="stage: random batches held in memory, "
+                       "no data loading (isolates compute)")
+    stage.add_argument("--random-batches", type=int, default=2, help="refresh/evaluation batches per role with "
+                       "--synthetic-random")
     return parser.parse_args(argv)
 
 
@@ -135,24 +410,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.size % 32 or args.size <= 0:
         raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
-    for name in ("batch", "k", "num_classes", "repeats"):
+    for name in ("batch", "k", "num_classes", "repeats", "random_batches"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers < 0 or args.warmup < 0:
+        raise UserError("--workers and --warmup must be >= 0")
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise UserError(f"--device {args.device!r} is not a torch device; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    rows = [row for what in args.what for row in BENCHMARKS[what](args, device)]
-    print(format_table(rows))
+    rows = []
+    with data_folder(args) as args.data_dir:
+        for what in args.what:
+            new = BENCHMARKS[what](args, device)
+            print(TABLES[what](new), flush=True)
+            rows += new
+        data_dir = None if args.data_dir is None else str(args.data_dir)
     if args.json is not None:
         env = {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "data_dir": data_dir,
         }
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "data_dir"}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": config, "env": env, "results": rows}, indent=2) + "\n")
     return 0

@@ -14,15 +14,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
+from data.dataset import SegmentationFolder
+from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import build_loader
 from data.transforms import Resize
-from utils.metrics import format_table
-
-from data import CLASS_NAMES, SegmentationFolder, resolve_domain
 from engine.evaluate import PROTOCOLS, evaluate
 from models import NAPGNet
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError, run_cli
+from utils.metrics import format_table
 from utils.run import resolve_device, write_json
 
 

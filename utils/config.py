@@ -261,8 +261,11 @@ def validate(cfg: dict[str, Any]) -> None:
     side = cfg["resize"] or cfg["img_size"]
     if cfg["img_size"] % 32 or side % 32:
         raise UserError(f"image sides must be multiples of 32, got img_size={cfg['img_size']}, resize={cfg['resize']}")
-    if cfg["batch_size"] < 1 or cfg["epochs"] < 1:
-        raise UserError("'batch_size' and 'epochs' must be >= 1")
+    if cfg["batch_size"] < 2:
+        raise UserError("'batch_size' must be >= 2 per process: the ASPP image-pooling branch's BatchNorm "
+                        "needs two samples in training mode")
+    if cfg["epochs"] < 1:
+        raise UserError("'epochs' must be >= 1")
 
 
 def tau_at(cfg: dict[str, Any], epoch: int) -> float | None:

@@ -1,0 +1,106 @@
+"""End-to-end runs of the step scripts on the small synthetic data set (CPU, tiny images)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {"step0": "step0-source-only.py", "step1": "step1-warm-up.py", "step2": "step2-UDA-training.py",
+           "step3": "step3-teacher-student.py"}
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_args(data_root: Path, work_dir: Path, *extra: str) -> list[str]:
+    return ["--data-root", str(data_root), "--source", "potsdam_irrg", "--target", "vaihingen_irrg",
+            "--work-dir", str(work_dir), "--backbone", "resnet18", "--resize", "64", "--img-size", "64",
+            "--batch-size", "2", "--eval-batch-size", "4", "--epochs", "2", "--iters-per-epoch", "2",
+            "--refresh-max-batches", "2", "--eval-max-batches", "2", "--num-workers", "0", "--device", "cpu",
+            "--log-every", "1", "--tgt-proto-start", "1", *extra]
+
+
+def run(stage: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPTS[stage], *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def chain(synthetic_root, tmp_path_factory):
+    """step0 -> step1 -> step2 -> step3 once; returns the pipeline folder and each stage's process."""
+    work = tmp_path_factory.mktemp("chain")
+    procs = {}
+    for stage in SCRIPTS:
+        procs[stage] = run(stage, tiny_args(synthetic_root, work))
+        assert procs[stage].returncode == 0, procs[stage].stderr[-3000:]
+    return work, procs
+
+
+def test_every_stage_writes_its_run_folder(chain):
+    work, _ = chain
+    for stage in SCRIPTS:
+        folder = work / stage
+        for name in ("config.yaml", "env.json", "last.pt", "model.pt", "metrics.jsonl", "eval.json",
+                     "manifest.json"):
+            assert (folder / name).is_file(), f"{stage}/{name} missing"
+        manifest = (folder / "manifest.json").read_text()
+        assert f'"stage": "{stage}"' in manifest and "checkpoint_sha256" in manifest
+    state = torch.load(work / "step2" / "model.pt", weights_only=True)
+    assert state["prototypes"]["source_target"].shape == (6 * 4, 128)  # clusters 2,2,2,2,4,4 -> K = 4
+    assert state["meta"]["stage"] == "step2"
+
+
+def test_progress_bar_and_tensorboard_contents(chain):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work, procs = chain
+    assert "it/s" in procs["step2"].stderr or "s/it" in procs["step2"].stderr
+    assert "<" in procs["step2"].stderr  # tqdm's elapsed<remaining (ETA)
+    events = EventAccumulator(str(work / "step2" / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/loss_ce", "train/loss_proto", "train/loss_adv_d1", "train/loss_adv_d2", "train/loss_d1",
+                "train/loss_d2", "train/loss_gnce_src", "train/loss_gnce_tgt", "train/lr", "train/lr_d",
+                "train/tau", "train/d1_target", "prototypes/count_car", "eval/classifier/miou",
+                "eval/prototype/miou", "eval/classifier/iou_clutter", "eval/classifier/miou5"):
+        assert tag in scalars, tag
+    assert {"panels/source", "panels/target"} <= set(events.Tags()["images"])
+
+
+def test_chaining_refuses_a_wrong_stage_or_class_count(chain, synthetic_root, tmp_path):
+    work, _ = chain
+    wrong_stage = run("step2", tiny_args(synthetic_root, tmp_path / "a", "--init", str(work / "step0")))
+    assert wrong_stage.returncode == 2
+    assert wrong_stage.stderr.strip().count("\n") == 0 and "step1" in wrong_stage.stderr
+    wrong_classes = run("step3", tiny_args(synthetic_root, tmp_path / "b", "--init", str(work / "step2"),
+                                           "--num-classes", "5", "--clusters", "1", "1", "1", "2", "2",
+                                           "--gnce-windows", "1", "1", "1", "1", "1"))
+    assert wrong_classes.returncode == 2 and "num_classes" in wrong_classes.stderr
+    assert wrong_classes.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "b" / "step3").exists()  # nothing written
+
+
+def test_finished_stage_is_not_overwritten(chain, synthetic_root):
+    work, _ = chain
+    before = (work / "step0" / "model.pt").stat().st_mtime_ns
+    again = run("step0", tiny_args(synthetic_root, work))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert (work / "step0" / "model.pt").stat().st_mtime_ns == before
+
+
+def test_resume_gives_the_uninterrupted_weights(synthetic_root, tmp_path):
+    args = ["--deterministic", "--epochs", "2", "--iters-per-epoch", "3", "--checkpoint-every", "1"]
+    straight = run("step1", tiny_args(synthetic_root, tmp_path / "straight", *args))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run("step1", tiny_args(synthetic_root, tmp_path / "split", *args, "--stop-after", "2"))
+    assert first.returncode == 0 and "--resume" in first.stdout
+    assert not (tmp_path / "split" / "step1" / "manifest.json").exists()
+    second = run("step1", tiny_args(synthetic_root, tmp_path / "split", *args, "--resume"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    a = torch.load(tmp_path / "straight" / "step1" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "step1" / "model.pt", weights_only=True)
+    for key in ("model", "d1", "d2"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert torch.equal(a["prototypes"]["source_target"], b["prototypes"]["source_target"])
