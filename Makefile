@@ -32,6 +32,10 @@ data-demo: $(STAMP)
 	$(PY) tools/prepare_isprs.py --dataset vaihingen --bands irrg --raw $(DEMO_DATA)/raw/vaihingen --out $(DEMO_DATA)/vaihingen_irrg --overwrite
 
 demo: data-demo
+	$(PY) tools/run_pipeline.py --config configs/demo.yaml --work-dir $(DEMO_RUN)
+
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(DEMO_DATA) runs/demo

@@ -33,10 +33,10 @@ Vec4 = tuple[float, float, float, float]  # reflectance or gain per band, order 
 DOMAIN_GAP = 1.0
 EROSION_RADIUS_PX = 3  # the noBoundary labels black out pixels this close to a class border
 MODES = ("raw", "prepared")
-SIZES = {"small": {"train": 2, "val": 1}, "demo": {"train": 6, "val": 2}}
+SIZES = {"small": {"train": 2, "val": 1}, "demo": {"train": 6, "val": 4}}
 TILE_IDS = {
-    "potsdam": {"train": POTSDAM.splits["train"][:6], "val": ("2_13", "2_14")},
-    "vaihingen": {"train": VAIHINGEN.splits["train"][:6], "val": ("area2", "area4")},
+    "potsdam": {"train": POTSDAM.splits["train"][:6], "val": ("2_13", "2_14", "3_13", "3_14")},
+    "vaihingen": {"train": VAIHINGEN.splits["train"][:6], "val": ("area2", "area4", "area6", "area8")},
 }
 PREPARED_DOMAINS = (("potsdam", "rgb"), ("potsdam", "irrg"), ("vaihingen", "irrg"))
 # Bands (B, G, R, NIR) in cv2's BGR array order for files whose slots are (R, G, B) or (NIR, R, G).

@@ -53,21 +53,8 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     init_state, init_source = _resolve_init(cfg)
     seed_everything(cfg["seed"], cfg["deterministic"])
 
-    data = _build_data(cfg)
-    model = NAPGNet(num_classes=cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]),
-                    backbone=cfg["backbone"], pretrained=cfg["pretrained"] if init_state is None else None,
-                    shared_similarity=cfg["shared_similarity"], head_impl=cfg["head_impl"]).to(device)
-    d1 = d2 = None
-    if stage != "step0":
-        d1 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
-        d2 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
-    if init_state is not None:
-        model.load_state_dict(init_state["model"])
-        for disc, key in ((d1, "d1"), (d2, "d2")):
-            if disc is not None and key in init_state:
-                disc.load_state_dict(init_state[key])
-    model, d1, d2 = _prepare_modules(model, d1, d2, cfg, device)
-    napg = NAPG(model, d1, d2, cfg)
+    data = build_data(cfg, device)
+    napg = build_napg(cfg, device, init_state)
 
     epoch, iteration, global_step = 1, 0, 0
     protos: RefreshResult | None = None
@@ -89,13 +76,13 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
         while epoch <= cfg["epochs"]:
             tau = tau_at(cfg, epoch)
             if iteration == 0 or protos is None:
-                protos = _refresh(napg, data, cfg, tau, protos, device)
+                protos = refresh(napg, data, cfg, tau, protos, device)
                 _log_refresh(logger, global_step, epoch, tau, protos)
             done = iteration
             bar = tqdm(range(iteration, iters), total=iters, initial=iteration, disable=not cfg["progress"],
                        desc=f"{stage} epoch {epoch}/{cfg['epochs']}", dynamic_ncols=True)
             for iteration in bar:
-                logs = _train_iteration(napg, data, protos, epoch, tau)
+                logs = train_iteration(napg, data, protos, epoch, tau)
                 global_step += 1
                 invocation_iters += 1
                 done = iteration + 1
@@ -130,7 +117,25 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _build_data(cfg: dict[str, Any]) -> dict[str, Any]:
+def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, Any] | None = None) -> NAPG:
+    """Network, discriminators (not in step 0) and optimisers of a stage, ready on ``device``."""
+    model = NAPGNet(num_classes=cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]),
+                    backbone=cfg["backbone"], pretrained=cfg["pretrained"] if init_state is None else None,
+                    shared_similarity=cfg["shared_similarity"], head_impl=cfg["head_impl"]).to(device)
+    d1 = d2 = None
+    if cfg["stage"] != "step0":
+        d1 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
+        d2 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state["model"])
+        for disc, key in ((d1, "d1"), (d2, "d2")):
+            if disc is not None and key in init_state:
+                disc.load_state_dict(init_state[key])
+    model, d1, d2 = _prepare_modules(model, d1, d2, cfg, device)
+    return NAPG(model, d1, d2, cfg)
+
+
+def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Datasets and loaders of every role; the target's labels are read only for evaluation."""
     root = Path(cfg["data_root"])
     src_dir = resolve_domain(root, cfg["source"])
@@ -139,7 +144,7 @@ def _build_data(cfg: dict[str, Any]) -> dict[str, Any]:
     src_train = SegmentationFolder(src_dir, "train", transform=train_tf, **common)
     src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
     seed, bs, ebs = cfg["seed"], cfg["batch_size"], cfg["eval_batch_size"]
-    loader_kw = {"num_workers": cfg["num_workers"], "pin_memory": cfg["device"] != "cpu"}
+    loader_kw = {"num_workers": cfg["num_workers"], "pin_memory": device.type == "cuda"}
     data: dict[str, Any] = {
         "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
         "source_refresh": eval_loader(src_refresh, ebs, **loader_kw),
@@ -181,7 +186,7 @@ def _prepare_modules(model, d1, d2, cfg: dict[str, Any], device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def _train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epoch: int,
+def train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epoch: int,
                      tau: float | None) -> dict[str, float]:
     """One iteration; also logs how much of it was spent waiting for data."""
     start = time.perf_counter()
@@ -198,14 +203,17 @@ def _train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, ep
     return logs
 
 
-def _refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | None,
-             previous: RefreshResult | None, device: torch.device) -> RefreshResult:
+def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | None,
+            previous: RefreshResult | None, device: torch.device,
+            max_batches: int | None = None) -> RefreshResult:
+    """The prototype refresh before an epoch (``max_batches`` overrides the config's cap)."""
     # Prototypes come from the network being trained (in step 3 the student, as in the original).
     model = _unwrap(napg.model)
     clusters = cfg["clusters"]
     kwargs = {"backend": cfg["kmeans_backend"], "n_init": cfg["kmeans_n_init"], "seed": cfg["kmeans_seed"]}
     return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,
-                              previous=previous, mode=cfg["refresh"], max_batches=cfg["refresh_max_batches"],
+                              previous=previous, mode=cfg["refresh"],
+                              max_batches=max_batches if max_batches is not None else cfg["refresh_max_batches"],
                               cluster_kwargs=kwargs)
 
 

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models import FCDiscriminatorHighMask
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"parity fixtures not found at {FIXTURES}")
-
-
-def assert_close(actual: torch.Tensor, ref: torch.Tensor, name: str, rel: float = 1e-5) -> None:
-    """rtol=rel and atol=rel * max|ref| (fixtures/README.md, "Tolerances")."""
-    atol = rel * ref.abs().max().item()
-    torch.testing.assert_close(actual, ref, rtol=rel, atol=atol, msg=lambda m: f"{name}: {m}")
+from tests.helpers import FIXTURES, assert_close, needs_fixtures
 
 
 @pytest.fixture(scope="module")

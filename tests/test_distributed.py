@@ -1,21 +1,17 @@
 """torchrun with two CPU processes (gloo): synchronised prototypes and parameters, single-process resume."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import REPO, SCRIPTS, run, tiny_args
+from tests.helpers import run_step, tiny_args
 
 pytestmark = pytest.mark.slow
 
 
-def torchrun(stage: str, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           SCRIPTS[stage], *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+def torchrun(stage: str, args: list[str]):
+    return run_step(stage, args, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
 
 
 def test_two_ranks_stay_identical_and_resume_in_one_process(synthetic_root, tmp_path):
@@ -28,7 +24,7 @@ def test_two_ranks_stay_identical_and_resume_in_one_process(synthetic_root, tmp_
     step2 = torchrun("step2", tiny_args(synthetic_root, work, "--stop-after", "3"))
     assert step2.returncode == 0, step2.stderr[-3000:]
     assert (work / "step2" / "last.pt").exists() and not (work / "step2" / "manifest.json").exists()
-    resumed = run("step2", tiny_args(synthetic_root, work, "--resume"))
+    resumed = run_step("step2", tiny_args(synthetic_root, work, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((work / "step2" / "manifest.json").read_text())["ranks"] == {"world_size": 1}
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import gnce_loss, gnce_loss_reference
-from tests.test_losses import assert_close, load_fixture
+from tests.helpers import assert_close, load_fixture
 
 IMPLS = [gnce_loss_reference, gnce_loss]
 CASES = [("w111111", [1, 1, 1, 1, 1, 1], False), ("w222210", [2, 2, 2, 2, 1, 0], False),

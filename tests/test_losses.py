@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,21 +16,7 @@ from losses import (
     prototype_nll,
     self_information,
 )
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
-
-def load_fixture(name: str) -> dict:
-    """A parity fixture computed by the original code; skips the test when shared/ is absent."""
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} not found (the shared/ folder next to the repository is absent)")
-    return torch.load(path, weights_only=True)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    """Fixture comparison recommended by shared/fixtures/README.md: atol scaled to the reference."""
-    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * float(expected.abs().max()))
+from tests.helpers import assert_close, load_fixture
 
 
 def group_prob(cat: torch.Tensor, k: int) -> torch.Tensor:

@@ -2,29 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"step0": "step0-source-only.py", "step1": "step1-warm-up.py", "step2": "step2-UDA-training.py",
-           "step3": "step3-teacher-student.py"}
+from tests.helpers import REPO, SCRIPTS, run_step, tiny_args
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_args(data_root: Path, work_dir: Path, *extra: str) -> list[str]:
-    return ["--data-root", str(data_root), "--source", "potsdam_irrg", "--target", "vaihingen_irrg",
-            "--work-dir", str(work_dir), "--backbone", "resnet18", "--resize", "64", "--img-size", "64",
-            "--batch-size", "2", "--eval-batch-size", "4", "--epochs", "2", "--iters-per-epoch", "2",
-            "--refresh-max-batches", "2", "--eval-max-batches", "2", "--num-workers", "0", "--device", "cpu",
-            "--log-every", "1", "--tgt-proto-start", "1", *extra]
-
-
-def run(stage: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPTS[stage], *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +17,7 @@ def chain(synthetic_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("chain")
     procs = {}
     for stage in SCRIPTS:
-        procs[stage] = run(stage, tiny_args(synthetic_root, work))
+        procs[stage] = run_step(stage, tiny_args(synthetic_root, work))
         assert procs[stage].returncode == 0, procs[stage].stderr[-3000:]
     return work, procs
 
@@ -70,10 +54,10 @@ def test_progress_bar_and_tensorboard_contents(chain):
 
 def test_chaining_refuses_a_wrong_stage_or_class_count(chain, synthetic_root, tmp_path):
     work, _ = chain
-    wrong_stage = run("step2", tiny_args(synthetic_root, tmp_path / "a", "--init", str(work / "step0")))
+    wrong_stage = run_step("step2", tiny_args(synthetic_root, tmp_path / "a", "--init", str(work / "step0")))
     assert wrong_stage.returncode == 2
     assert wrong_stage.stderr.strip().count("\n") == 0 and "step1" in wrong_stage.stderr
-    wrong_classes = run("step3", tiny_args(synthetic_root, tmp_path / "b", "--init", str(work / "step2"),
+    wrong_classes = run_step("step3", tiny_args(synthetic_root, tmp_path / "b", "--init", str(work / "step2"),
                                            "--num-classes", "5", "--clusters", "1", "1", "1", "2", "2",
                                            "--gnce-windows", "1", "1", "1", "1", "1"))
     assert wrong_classes.returncode == 2 and "num_classes" in wrong_classes.stderr
@@ -84,19 +68,19 @@ def test_chaining_refuses_a_wrong_stage_or_class_count(chain, synthetic_root, tm
 def test_finished_stage_is_not_overwritten(chain, synthetic_root):
     work, _ = chain
     before = (work / "step0" / "model.pt").stat().st_mtime_ns
-    again = run("step0", tiny_args(synthetic_root, work))
+    again = run_step("step0", tiny_args(synthetic_root, work))
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert (work / "step0" / "model.pt").stat().st_mtime_ns == before
 
 
 def test_resume_gives_the_uninterrupted_weights(synthetic_root, tmp_path):
     args = ["--deterministic", "--epochs", "2", "--iters-per-epoch", "3", "--checkpoint-every", "1"]
-    straight = run("step1", tiny_args(synthetic_root, tmp_path / "straight", *args))
+    straight = run_step("step1", tiny_args(synthetic_root, tmp_path / "straight", *args))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    first = run("step1", tiny_args(synthetic_root, tmp_path / "split", *args, "--stop-after", "2"))
+    first = run_step("step1", tiny_args(synthetic_root, tmp_path / "split", *args, "--stop-after", "2"))
     assert first.returncode == 0 and "--resume" in first.stdout
     assert not (tmp_path / "split" / "step1" / "manifest.json").exists()
-    second = run("step1", tiny_args(synthetic_root, tmp_path / "split", *args, "--resume"))
+    second = run_step("step1", tiny_args(synthetic_root, tmp_path / "split", *args, "--resume"))
     assert second.returncode == 0, second.stderr[-2000:]
     a = torch.load(tmp_path / "straight" / "step1" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "step1" / "model.pt", weights_only=True)
@@ -104,3 +88,28 @@ def test_resume_gives_the_uninterrupted_weights(synthetic_root, tmp_path):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
     assert torch.equal(a["prototypes"]["source_target"], b["prototypes"]["source_target"])
+
+
+def test_evaluate_tool_and_results_table(chain, synthetic_root, tmp_path):
+    import json
+
+    from tools.run_pipeline import collect_results, results_table
+
+    work, _ = chain
+    out = tmp_path / "eval.json"
+    for protocol in ("standard", "napg_legacy"):
+        proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(work / "step2"), "--data-root",
+                               str(synthetic_root), "--domain", "vailhingen6", "--split", "val", "--resize", "64",
+                               "--num-workers", "0", "--device", "cpu", "--protocol", protocol, "--json", str(out)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads(out.read_text())
+        assert result["protocol"] == protocol
+        for branch in ("classifier", "prototype"):
+            assert set(result[branch]) >= {"oa", "miou", "mf1", "miou5", "mf1_5", "iou", "f1", "precision", "recall"}
+            assert 0 <= result[branch]["miou"] <= 1
+    results = collect_results(work)
+    assert list(results) == list(SCRIPTS)
+    assert all(set(r) >= {"miou", "mf1", "oa", "miou5", "mf1_5", "iou"} for r in results.values())
+    table = results_table(results)
+    assert "step3 teacher-student" in table and "target-val" in table

@@ -20,7 +20,7 @@ from models.prototypes import (
     pseudo_labels,
     resize_labels,
 )
-from tests.test_losses import load_fixture
+from tests.helpers import load_fixture
 
 LISTS = {"k111111": [1, 1, 1, 1, 1, 1], "k222244": [2, 2, 2, 2, 4, 4], "k111222": [1, 1, 1, 2, 2, 2]}
 

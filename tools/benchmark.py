@@ -49,10 +49,8 @@ from data.domains import resolve_domain
 from data.loaders import build_loader
 from data.transforms import build_transforms
 from engine.evaluate import evaluate
-from engine.refresh import RefreshResult, refresh_prototypes
-from engine.trainer import _build_data
-from engine.uda import NAPG
-from models import FCDiscriminatorHighMask, NAPGNet, PrototypeHead
+from engine.trainer import build_data, build_napg, refresh, train_iteration
+from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
 from utils.config import STAGES, resolve_config, tau_at
 from utils.errors import UserError, run_cli
@@ -162,7 +160,7 @@ def stage_config(stage: str, args: argparse.Namespace, data_root: Path | None) -
 
 
 def random_data(cfg: dict[str, Any], batches: int) -> dict[str, Any]:
-    """In-memory stand-ins of ``engine.trainer._build_data``'s loaders: random patches of side
+    """In-memory stand-ins of ``engine.trainer.build_data``'s loaders: random patches of side
     ``resize or img_size`` through the stage's transforms, one training batch per role (reused every
     iteration) and ``batches`` batches per refresh/evaluation role."""
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
@@ -184,50 +182,27 @@ def random_data(cfg: dict[str, Any], batches: int) -> dict[str, Any]:
             "target_val": [batch(eval_tf, True) for _ in range(batches)]}
 
 
-def _refresh(model: NAPGNet, data: dict[str, Any], cfg: dict[str, Any], tau: float | None, device: torch.device,
-             previous: RefreshResult | None = None, max_batches: int | None = None) -> RefreshResult:
-    kwargs = {"backend": cfg["kmeans_backend"], "n_init": cfg["kmeans_n_init"], "seed": cfg["kmeans_seed"]}
-    return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, cfg["clusters"], device,
-                              previous=previous, mode=cfg["refresh"], max_batches=max_batches,
-                              cluster_kwargs=kwargs)
-
-
 def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, data_root: Path | None) -> dict:
     """Train iterations, one refresh pass and one evaluation pass of ``stage``; one result row."""
     cfg = stage_config(stage, args, data_root)
     seed_everything(cfg["seed"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    data = random_data(cfg, args.random_batches) if data_root is None else _build_data(cfg)
-    # As engine.trainer.run_stage builds them (random initialisation: no weights are downloaded).
-    model = NAPGNet(num_classes=cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]),
-                    backbone=cfg["backbone"], shared_similarity=cfg["shared_similarity"],
-                    head_impl=cfg["head_impl"]).to(device)
-    d1 = d2 = None
-    if stage != "step0":
-        d1 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
-        d2 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
-    napg = NAPG(model, d1, d2, cfg)
+    data = random_data(cfg, args.random_batches) if data_root is None else build_data(cfg, device)
+    napg = build_napg(cfg, device)  # random initialisation: no weights are downloaded
+    model = napg.model
     epoch = args.epoch or steady_epoch(cfg)
     tau = tau_at(cfg, epoch)
     uses_target = napg.uses_target and data["target"] is not None
 
     # A one-batch refresh gives the starting prototypes and warms up the refresh path.
-    protos = _refresh(model, data, cfg, tau, device, max_batches=1)
+    protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
 
     def iteration() -> tuple[float, float]:
         _sync(device)
-        start = time.perf_counter()
-        src = next(data["source"])
-        tgt = next(data["target"]) if uses_target else None
-        fetched = time.perf_counter()
-        if stage == "step3":
-            student = protos.target if protos.target is not None else protos.source_target
-            napg.distill_step(src, tgt, protos.source_target, student)
-        else:
-            napg.train_step(src, tgt, protos.source_target, epoch, tau)
+        logs = train_iteration(napg, data, protos, epoch, tau)
         _sync(device)
-        return fetched - start, time.perf_counter() - start
+        return logs["data_time_fraction"] * logs["iter_time"], logs["iter_time"]
 
     for _ in range(args.warmup):
         iteration()
@@ -235,7 +210,7 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
 
     _sync(device)
     start = time.perf_counter()
-    protos = _refresh(model, data, cfg, tau, device, previous=protos)
+    protos = refresh(napg, data, cfg, tau, protos, device)
     _sync(device)
     refresh_s = time.perf_counter() - start
     eval_s = float("nan")
@@ -248,12 +223,8 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     peak, peak_kind = _peak_memory_mb(device)
     images = cfg["batch_size"] * (2 if uses_target else 1)
     total = sum(iter_times)
-    # Whether the loaders really read the uint8 cache (it is wired through the trainer's data builder).
     cache_active = data_root is not None and all(data[k].dataset.cache is not None for k in DATA_ROLES
                                                  if data[k] is not None)
-    if cfg["cache"] and data_root is not None and not cache_active:
-        print(f"note: {stage} read PNG files although --cache was given (the trainer's data builder does not "
-              "pass the cache option on)", file=sys.stderr)
     return {"what": "stage", "stage": stage, "impl": cfg["head_impl"], "amp": cfg["amp"], "epoch": epoch,
             "images_per_iter": images, "images_per_s": images * len(iter_times) / total,
             "s_per_iter": total / len(iter_times), "s_per_iter_median": statistics.median(iter_times),
