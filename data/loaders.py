@@ -101,6 +101,8 @@ class BatchStream:
                             f"({self.world_size} processes); lower the batch size or add data")
         self.pass_index = 0
         self.batch_index = 0
+        self._sampler = _ListSampler([])
+        self._loader: DataLoader | None = None
         self._iterator: Iterator | None = None
 
     def indices(self, pass_index: int) -> list[int]:
@@ -114,11 +116,13 @@ class BatchStream:
         return order[self.rank :: self.world_size][: self.batches_per_pass * self.batch_size]
 
     def _start(self) -> None:
-        remaining = self.indices(self.pass_index)[self.batch_index * self.batch_size :]
-        loader = build_loader(self.dataset, self.batch_size, shuffle=False, drop_last=True,
-                              seed=self.seed * 1_000_003 + self.pass_index, sampler=_ListSampler(remaining),
-                              **self.loader_kw)
-        self._iterator = iter(loader)
+        # One DataLoader for the whole stream: each pass only swaps the sampler's indices, so persistent
+        # workers survive from pass to pass.
+        self._sampler.indices = self.indices(self.pass_index)[self.batch_index * self.batch_size :]
+        if self._loader is None:
+            self._loader = build_loader(self.dataset, self.batch_size, shuffle=False, drop_last=True,
+                                        seed=self.seed, sampler=self._sampler, **self.loader_kw)
+        self._iterator = iter(self._loader)
 
     def __iter__(self) -> BatchStream:
         return self
@@ -160,9 +164,10 @@ def _distributed() -> tuple[int, int] | None:
     return None
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                persistent_workers: bool = False) -> DataLoader:
     """In order, every sample exactly once; under torch.distributed each rank gets its own shard."""
     world = _distributed()
     sampler = ShardSampler(dataset, *world) if world is not None else None
     return build_loader(dataset, batch_size, shuffle=False, drop_last=False, sampler=sampler,
-                        num_workers=num_workers, pin_memory=pin_memory)
+                        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers)

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils.metrics import ConfusionMatrix
 
+from engine.uda import amp_dtype, autocast
 from models.prototypes import resize_labels
+from utils.metrics import ConfusionMatrix
 
 PROTOCOLS = ("standard", "napg_legacy")
 
@@ -18,7 +19,7 @@ PROTOCOLS = ("standard", "napg_legacy")
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: torch.Tensor | None,
              device: torch.device, num_classes: int = 6, protocol: str = "standard",
-             max_batches: int | None = None) -> dict[str, dict[str, Any]]:
+             max_batches: int | None = None, amp: str = "off") -> dict[str, dict[str, Any]]:
     """Global confusion matrices of the classifier (and, given prototypes, the prototype branch).
 
     ``standard``: both branches' maps are bilinearly upsampled to the label resolution [H, W] and every
@@ -36,17 +37,18 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
     for batch in batches:
         x = batch["img"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
-        out = model(x, prototypes)
+        with autocast(device, amp_dtype(amp)):
+            out = model(x, prototypes)
         if protocol == "standard":
             full = y.shape[-2:]
             cm_cls.update(_upsampled_argmax(out["logits_up"], full), y)
             if cm_proto is not None:
                 cm_proto.update(_upsampled_argmax(out["proto_prob"], full), y)
         else:
-            logits_up = out["logits_up"]
+            logits_up = out["logits_up"].float()
             cm_cls.update(logits_up.argmax(1), resize_labels(y, logits_up.shape[-2:]))
             if cm_proto is not None:
-                prob = out["proto_prob"]
+                prob = out["proto_prob"].float()
                 cm_proto.update(prob.argmax(1), resize_labels(y, prob.shape[-2:]))
     model.train(was_training)
     for cm in (cm_cls, cm_proto):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.uda import amp_dtype, autocast
 from models.prototypes import CentroidPool, build_prototypes, class_centroids, pseudo_labels, resize_labels
 from utils import dist
 
@@ -34,16 +35,18 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
                        tau: float | None, clusters: Sequence[int], device: torch.device, *,
                        previous: RefreshResult | None = None, mode: str = "clean",
                        max_batches: int | None = None, cluster_kwargs: dict[str, Any] | None = None,
-                       feature_dim: int = 128) -> RefreshResult:
+                       feature_dim: int = 128, amp: str = "off") -> RefreshResult:
     """Pool centroids over the refresh data and cluster them into prototypes.
 
     ``mode="clean"``: one pass over every source-train and every target-train image.
     ``mode="legacy"``: the released code's lock-step loop, ``len(source) - 1`` source batches with the
     target loader stepped alongside (restarting from its first batch when it runs out, so a small target
     set is counted several times); the target-only pool uses ``len(target) - 1`` batches.
+    ``amp`` runs the network in reduced precision; centroids and clustering stay float32.
     """
     was_training = model.training
     model.eval()
+    forward = _Forward(model, device, amp)
     num_classes = len(clusters)
     pool_src = CentroidPool(num_classes)
     pool_tgt = CentroidPool(num_classes)
@@ -52,10 +55,10 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
 
     if mode == "clean":
         for batch in _limit(source, max_batches):
-            pool_src.add(_source_centroids(model, batch, num_classes, device))
+            pool_src.add(_source_centroids(forward, batch, num_classes, device))
         if use_target:
             for batch in _limit(target, max_batches):
-                centroids = _target_centroids(model, batch, tau, num_classes, device)
+                centroids = _target_centroids(forward, batch, tau, num_classes, device)
                 pool_tgt.add(centroids)
                 pool_tgt_only.add(centroids)
     elif mode == "legacy":
@@ -64,15 +67,15 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
             n_src = min(n_src, max_batches)
         lockstep = itertools.cycle(target) if use_target else None
         for batch in itertools.islice(source, n_src):
-            pool_src.add(_source_centroids(model, batch, num_classes, device))
+            pool_src.add(_source_centroids(forward, batch, num_classes, device))
             if lockstep is not None:
-                pool_tgt.add(_target_centroids(model, next(lockstep), tau, num_classes, device))
+                pool_tgt.add(_target_centroids(forward, next(lockstep), tau, num_classes, device))
         if use_target:
             n_tgt = len(target) - 1
             if max_batches is not None:
                 n_tgt = min(n_tgt, max_batches)
             for batch in itertools.islice(target, n_tgt):
-                pool_tgt_only.add(_target_centroids(model, batch, tau, num_classes, device))
+                pool_tgt_only.add(_target_centroids(forward, batch, tau, num_classes, device))
     else:
         raise ValueError(f"unknown refresh mode {mode}")
     model.train(was_training)
@@ -102,16 +105,27 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
     return result
 
 
-def _source_centroids(model: nn.Module, batch: dict[str, Any], num_classes: int, device: torch.device):
-    out = model(batch["img"].to(device, non_blocking=True))
+class _Forward:
+    """The network without prototypes, under the configured precision."""
+
+    def __init__(self, model: nn.Module, device: torch.device, amp: str):
+        self.model, self.device, self.dtype = model, device, amp_dtype(amp)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(self.device, self.dtype):
+            return self.model(x.to(self.device, non_blocking=True))
+
+
+def _source_centroids(forward: _Forward, batch: dict[str, Any], num_classes: int, device: torch.device):
+    out = forward(batch["img"])
     feats = out["features"]
     labels = resize_labels(batch["label"].to(device, non_blocking=True), feats.shape[-2:])
     return class_centroids(feats.float(), labels, num_classes)
 
 
-def _target_centroids(model: nn.Module, batch: dict[str, Any], tau: float, num_classes: int,
+def _target_centroids(forward: _Forward, batch: dict[str, Any], tau: float, num_classes: int,
                       device: torch.device):
-    out = model(batch["img"].to(device, non_blocking=True))
+    out = forward(batch["img"])
     feats = out["features"]
     labels = pseudo_labels(out["logits_up"].float().softmax(1), tau)
     return class_centroids(feats.float(), resize_labels(labels, feats.shape[-2:]), num_classes)

@@ -144,7 +144,9 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     src_train = SegmentationFolder(src_dir, "train", transform=train_tf, **common)
     src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
     seed, bs, ebs = cfg["seed"], cfg["batch_size"], cfg["eval_batch_size"]
-    loader_kw = {"num_workers": cfg["num_workers"], "pin_memory": device.type == "cuda"}
+    # Workers stay alive between passes (the refresh and evaluation loaders are read every epoch).
+    loader_kw = {"num_workers": cfg["num_workers"], "pin_memory": device.type == "cuda",
+                 "persistent_workers": cfg["num_workers"] > 0}
     data: dict[str, Any] = {
         "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
         "source_refresh": eval_loader(src_refresh, ebs, **loader_kw),
@@ -214,7 +216,7 @@ def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | 
     return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,
                               previous=previous, mode=cfg["refresh"],
                               max_batches=max_batches if max_batches is not None else cfg["refresh_max_batches"],
-                              cluster_kwargs=kwargs)
+                              cluster_kwargs=kwargs, amp=cfg["amp"])
 
 
 def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
@@ -241,7 +243,7 @@ def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, c
         return best
     device = protos.source_target.device
     results = evaluate(_unwrap(napg.model), loader, _eval_prototypes(protos), device, cfg["num_classes"],
-                       max_batches=cfg["eval_max_batches"])
+                       max_batches=cfg["eval_max_batches"], amp=cfg["amp"])
     for branch, m in results.items():
         values = {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")}
         values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
@@ -389,7 +391,8 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
     results: dict[str, Any] = {}
     if data["target_val"] is not None:
         results = evaluate(_unwrap(napg.model), data["target_val"], _eval_prototypes(protos),
-                           protos.source_target.device, cfg["num_classes"], max_batches=cfg["eval_max_batches"])
+                           protos.source_target.device, cfg["num_classes"], max_batches=cfg["eval_max_batches"],
+                           amp=cfg["amp"])
     ranks = _rank_consistency(napg, protos)
     if dist.is_main():
         _save_handoff(run_dir / "model.pt", napg, protos, cfg, cfg["epochs"])

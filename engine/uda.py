@@ -27,6 +27,16 @@ from models.prototypes import resize_labels
 from utils.errors import UserError
 
 
+def amp_dtype(name: str) -> torch.dtype | None:
+    """``--amp`` value -> autocast dtype (None = float32)."""
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for the segmenter's forward passes; a no-op for float32."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def set_requires_grad(module: nn.Module | None, flag: bool) -> None:
     if module is not None:
         for p in module.parameters():
@@ -50,7 +60,7 @@ class NAPG:
         if d1 is not None:
             self.opt_d1 = torch.optim.Adam(d1.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
             self.opt_d2 = torch.optim.Adam(d2.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["amp"]]
+        self.amp_dtype = amp_dtype(cfg["amp"])
         # fp16 needs loss scaling; bf16 has float32's range and does not.
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
         self.teacher: nn.Module | None = None
@@ -70,9 +80,7 @@ class NAPG:
         """
         if self.cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.amp_dtype is None:
-            return model(x, prototypes)
-        with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
+        with autocast(x.device, self.amp_dtype):
             return model(x, prototypes)
 
     # ------------------------------------------------------------------ steps 0-2
