@@ -11,6 +11,8 @@ from torch import nn
 
 from engine.uda import amp_dtype, autocast
 from models.prototypes import resize_labels
+from utils import dist
+from utils.errors import UserError
 from utils.metrics import ConfusionMatrix
 
 PROTOCOLS = ("standard", "napg_legacy")
@@ -51,6 +53,9 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
                 prob = out["proto_prob"].float()
                 cm_proto.update(prob.argmax(1), resize_labels(y, prob.shape[-2:]))
     model.train(was_training)
+    if not cm_cls.matrix.sum() and not dist.is_dist():
+        hint = " (napg_legacy leaves out the last batch: lower the batch size)" if protocol == "napg_legacy" else ""
+        raise UserError(f"no labelled pixels were evaluated{hint}")
     for cm in (cm_cls, cm_proto):
         if cm is not None:
             cm.all_reduce()

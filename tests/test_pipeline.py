@@ -100,7 +100,8 @@ def test_evaluate_tool_and_results_table(chain, synthetic_root, tmp_path):
     for protocol in ("standard", "napg_legacy"):
         proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(work / "step2"), "--data-root",
                                str(synthetic_root), "--domain", "vailhingen6", "--split", "val", "--resize", "64",
-                               "--num-workers", "0", "--device", "cpu", "--protocol", protocol, "--json", str(out)],
+                               "--num-workers", "0", "--device", "cpu", "--protocol", protocol, "--json", str(out),
+                               "--batch-size", "2"],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         result = json.loads(out.read_text())
