@@ -72,5 +72,8 @@ def test_every_option_is_a_flag(tmp_path):
     cfg = config_from_args("step1", args)
     assert cfg["source"] == "potsdam_rgb" and cfg["epochs"] == 3 and cfg["iters_per_epoch"] == 4
     assert cfg["gnce_windows"] == [2, 2, 2, 2, 1, 0] and cfg["legacy_d2_gen"] is True
+    unset = config_from_args("step1", build_parser("step1").parse_args(["--config", str(cfg_file), "--pretrained",
+                                                                         "null", "--iters-per-epoch", "none"]))
+    assert unset["pretrained"] is None and unset["iters_per_epoch"] is None
     flags = {a.dest for a in build_parser("step1")._actions}
     assert set(OPTIONS) <= flags

@@ -154,6 +154,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _coerce(key: str, value: Any, where: str) -> Any:
     opt = OPTIONS[key]
+    if opt.nullable and isinstance(value, str) and value.lower() in ("null", "none"):
+        value = None  # how a flag says "unset", e.g. --pretrained null
     if value is None:
         if opt.nullable:
             return None
