@@ -49,12 +49,15 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     device = dist.init_from_env(resolve_device(cfg["device"]))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg["deterministic"]
-    _check_run_dir(run_dir, cfg)
+    replace_old_run = _check_run_dir(run_dir, cfg)
     init_state, init_source = _resolve_init(cfg)
     seed_everything(cfg["seed"], cfg["deterministic"])
 
     data = build_data(cfg, device)
     napg = build_napg(cfg, device, init_state)
+    if replace_old_run and dist.is_main():  # only now that every input has been checked
+        shutil.rmtree(run_dir)
+    dist.barrier()
 
     epoch, iteration, global_step = 1, 0, 0
     protos: RefreshResult | None = None
@@ -116,7 +119,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     return _finish(run_dir, napg, protos, data, cfg, init_source, time.time() - start_time)
 
 
-# ---------------------------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------------------------- building blocks
 def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, Any] | None = None) -> NAPG:
     """Network, discriminators (not in step 0) and optimisers of a stage, ready on ``device``."""
     model = NAPGNet(num_classes=cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]),
@@ -283,24 +286,25 @@ def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger:
 
 
 # ---------------------------------------------------------------------------------------------- run folder
-def _check_run_dir(run_dir: Path, cfg: dict[str, Any]) -> None:
+def _check_run_dir(run_dir: Path, cfg: dict[str, Any]) -> bool:
+    """Refuse to touch an existing run folder unless asked; True when ``--overwrite`` replaces one."""
     finished = (run_dir / "manifest.json").exists()
     started = (run_dir / "last.pt").exists() or (run_dir / "config.yaml").exists()
     if cfg["resume"]:
-        if finished and not cfg["overwrite"]:
-            raise UserError(f"{run_dir} is already finished; nothing to resume (use --overwrite to train it again)")
+        if finished:
+            raise UserError(f"{run_dir} is already finished; nothing to resume (to train it again, drop --resume "
+                            f"and pass --overwrite)")
         if not (run_dir / "last.pt").exists():
             raise UserError(f"--resume: no checkpoint {run_dir / 'last.pt'} to continue from")
-        return
+        return False
     if finished or started:
         if not cfg["overwrite"]:
             what = "a finished" if finished else "an unfinished"
             hint = "" if finished else " continue it with --resume, or"
             raise UserError(f"{run_dir} holds {what} {cfg['stage']} run;{hint} pass --overwrite to replace it, "
                             f"or choose another --work-dir")
-        if dist.is_main():
-            shutil.rmtree(run_dir)
-    dist.barrier()
+        return True
+    return False
 
 
 def _resolve_init(cfg: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

@@ -70,6 +70,9 @@ def test_finished_stage_is_not_overwritten(chain, synthetic_root):
     before = (work / "step0" / "model.pt").stat().st_mtime_ns
     again = run_step("step0", tiny_args(synthetic_root, work))
     assert again.returncode == 2 and "--overwrite" in again.stderr
+    # --overwrite with a mistake elsewhere still keeps the old run: inputs are checked before it goes.
+    bad = run_step("step0", tiny_args(synthetic_root, work, "--overwrite", "--source", "nowhere"))
+    assert bad.returncode == 2 and "nowhere" in bad.stderr and bad.stderr.strip().count("\n") == 0
     assert (work / "step0" / "model.pt").stat().st_mtime_ns == before
 
 
