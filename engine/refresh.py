@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from engine.uda import amp_dtype, autocast
-from models.prototypes import CentroidPool, build_prototypes, class_centroids, pseudo_labels, resize_labels
+from models.prototypes import (
+    CentroidPool,
+    auto_clusters,
+    build_prototypes,
+    class_centroids,
+    pseudo_labels,
+    resize_labels,
+)
 from utils import dist
 
 
@@ -28,6 +35,7 @@ class RefreshResult:
     counts_source_target: list[int] = field(default_factory=list)
     counts_target: list[int] = field(default_factory=list)
     kept_previous: list[int] = field(default_factory=list)
+    clusters: list[int] = field(default_factory=list)  # K_c per class used for this refresh
 
 
 @torch.no_grad()
@@ -35,7 +43,8 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
                        tau: float | None, clusters: Sequence[int], device: torch.device, *,
                        previous: RefreshResult | None = None, mode: str = "clean",
                        max_batches: int | None = None, cluster_kwargs: dict[str, Any] | None = None,
-                       feature_dim: int = 128, amp: str = "off") -> RefreshResult:
+                       feature_dim: int = 128, amp: str = "off",
+                       auto_k: tuple[int, float] | None = None) -> RefreshResult:
     """Pool centroids over the refresh data and cluster them into prototypes.
 
     ``mode="clean"``: one pass over every source-train and every target-train image.
@@ -43,6 +52,8 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
     target loader stepped alongside (restarting from its first batch when it runs out, so a small target
     set is counted several times); the target-only pool uses ``len(target) - 1`` batches.
     ``amp`` runs the network in reduced precision; centroids and clustering stay float32.
+    ``auto_k=(k_max, threshold)`` replaces ``clusters`` by the variance rule of ``auto_clusters`` on the
+    pooled (source + target) centroids.
     """
     was_training = model.training
     model.eval()
@@ -80,16 +91,19 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
         raise ValueError(f"unknown refresh mode {mode}")
     model.train(was_training)
 
-    k_max = max(clusters)
-    # A class with no sample keeps its previous prototypes; before the first refresh that is zeros.
-    zeros = torch.zeros(num_classes * k_max, feature_dim, device=device)
-    prev_st = previous.source_target if previous is not None and previous.source_target.shape == zeros.shape else zeros
     src, tgt, tgt_only = pool_src.gather(), pool_tgt.gather(), pool_tgt_only.gather()
     pooled = [_cat(s, t) for s, t in zip(src, tgt)]
+    if auto_k is not None:
+        clusters = auto_clusters(pooled, k_min=1, k_max=auto_k[0], threshold=auto_k[1])
+    k_max = max(clusters)
+    # A class with no sample keeps its previous prototypes; before the first refresh (or after K
+    # changed) that is zeros.
+    zeros = torch.zeros(num_classes * k_max, feature_dim, device=device)
+    prev_st = previous.source_target if previous is not None and previous.source_target.shape == zeros.shape else zeros
     kwargs = cluster_kwargs or {}
     p_st, report = build_prototypes(pooled, clusters, previous=prev_st, **kwargs)
     result = RefreshResult(p_st, None, counts_source_target=[_n(p) for p in pooled],
-                           kept_previous=list(report.get("kept_previous", [])))
+                           kept_previous=list(report.get("kept_previous", [])), clusters=list(clusters))
     if use_target:
         prev_t = previous.target if previous is not None and previous.target is not None else p_st
         if prev_t.shape != p_st.shape:

@@ -219,12 +219,14 @@ def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | 
     return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,
                               previous=previous, mode=cfg["refresh"],
                               max_batches=max_batches if max_batches is not None else cfg["refresh_max_batches"],
-                              cluster_kwargs=kwargs, amp=cfg["amp"])
+                              cluster_kwargs=kwargs, amp=cfg["amp"],
+                              auto_k=(cfg["auto_k_max"], cfg["auto_k_threshold"]) if cfg["auto_k"] else None)
 
 
 def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
     values = {f"count_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_source_target)}
     values.update({f"count_target_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_target)})
+    values.update({f"k_{name}": k for name, k in zip(CLASS_NAMES, protos.clusters)})
     values["tau"] = tau if tau is not None else float("nan")
     logger.scalars(step, values, prefix="prototypes/", epoch=epoch, kind="refresh",
                    kept_previous=[CLASS_NAMES[c] for c in protos.kept_previous])
@@ -366,14 +368,14 @@ def _resume(run_dir: Path, cfg: dict[str, Any], napg: NAPG, data: dict[str, Any]
     set_rng_state(state["rng"])
     p = state["prototypes"]
     protos = RefreshResult(p["source_target"].to(device), None if p["target"] is None else p["target"].to(device),
-                           p["counts_source_target"], p["counts_target"], p["kept_previous"])
+                           p["counts_source_target"], p["counts_target"], p["kept_previous"], p["clusters"])
     return state["epoch"], state["iteration"], state["global_step"], protos, state["best"]
 
 
 def _protos_state(protos: RefreshResult) -> dict[str, Any]:
     return {"source_target": protos.source_target, "target": protos.target,
             "counts_source_target": protos.counts_source_target, "counts_target": protos.counts_target,
-            "kept_previous": protos.kept_previous}
+            "kept_previous": protos.kept_previous, "clusters": protos.clusters}
 
 
 def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, Any], epoch: int,
@@ -381,7 +383,7 @@ def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, 
     state = {"model": _unwrap(napg.model).state_dict(), "prototypes": _protos_state(protos),
              "meta": {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
                       "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
-                      "clusters": cfg["clusters"], "prototypes_per_class": max(cfg["clusters"]),
+                      "clusters": protos.clusters, "prototypes_per_class": max(protos.clusters),
                       "shared_similarity": cfg["shared_similarity"],
                       "epoch": epoch, **(extra or {})}}
     if napg.d1 is not None:
@@ -404,7 +406,7 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
                                            **results})
         manifest = {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
                     "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
-                    "prototypes_per_class": max(cfg["clusters"]), "clusters": cfg["clusters"],
+                    "prototypes_per_class": max(protos.clusters), "clusters": protos.clusters,
                     "preset": cfg["preset"], "epochs": cfg["epochs"], "git": environment_info()["git"],
                     "checkpoint": "model.pt", "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
                     "init": init_source, "train_seconds": round(seconds, 1), "ranks": ranks,

@@ -105,3 +105,22 @@ def test_bf16_autocast_stays_close_to_float32():
         losses[amp] = torch.tensor(per_step)
     assert torch.isfinite(losses["bf16"]).all()
     torch.testing.assert_close(losses["bf16"], losses["off"], rtol=0.05, atol=0.01)
+
+
+def test_refresh_with_auto_k_follows_the_variance_rule():
+    from engine.refresh import refresh_prototypes
+    from models.prototypes import auto_clusters, class_centroids, resize_labels
+
+    torch.manual_seed(0)
+    model = NAPGNet(backbone="resnet18").eval()
+    batches = [{"img": torch.rand(2, 3, 64, 64), "label": torch.randint(0, 6, (2, 64, 64))} for _ in range(3)]
+    result = refresh_prototypes(model, batches, None, None, [1] * 6, torch.device("cpu"), auto_k=(2, 0.5))
+    pools = [[] for _ in range(6)]
+    with torch.no_grad():
+        for batch in batches:
+            feats = model(batch["img"])["features"]
+            for c, rows in enumerate(class_centroids(feats, resize_labels(batch["label"], feats.shape[-2:]), 6)):
+                pools[c].append(rows)
+    expected = auto_clusters([torch.cat(p) for p in pools], k_min=1, k_max=2, threshold=0.5)
+    assert result.clusters == expected and 2 in expected
+    assert result.source_target.shape == (6 * 2, 128)
