@@ -130,7 +130,6 @@ OPTIONS: dict[str, Option] = {
                      "continues", nullable=True),
     "checkpoint_every": _o(0, int, "also write last.pt every N iterations (0 = end of epoch only)"),
     "log_every": _o(10, int, "scalar logging period in iterations"),
-    "image_every": _o(0, int, "image panels every N iterations (0 = with each evaluation)"),
     "progress": _o(True, bool, "tqdm progress bars"),
 }
 
