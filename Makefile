@@ -32,7 +32,7 @@ data-demo: $(STAMP)
 	$(PY) tools/prepare_isprs.py --dataset vaihingen --bands irrg --raw $(DEMO_DATA)/raw/vaihingen --out $(DEMO_DATA)/vaihingen_irrg --overwrite
 
 demo: data-demo
-	$(PY) tools/run_pipeline.py --config configs/demo.yaml --work-dir $(DEMO_RUN)
+	$(PY) tools/run_pipeline.py --config configs/demo.yaml --work-dir $(DEMO_RUN) --overwrite
 
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py
