@@ -7,6 +7,9 @@ from collections.abc import Sequence
 
 from utils.config import add_config_arguments, config_from_args
 
+# The step script of each stage (at the repository root).
+STAGE_SCRIPTS = {"step0": "step0-source-only.py", "step1": "step1-warm-up.py", "step2": "step2-UDA-training.py",
+                 "step3": "step3-teacher-student.py"}
 DESCRIPTIONS = {
     "step0": "Source-only baseline: classifier CE + prototype NLL on the source, no adaptation.",
     "step1": "Warm-up: single-prototype groups (K=1), GNCE on the source, entropy adversarial training.",

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.cli import STAGE_SCRIPTS
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"parity fixtures not found at {FIXTURES}")
-SCRIPTS = {"step0": "step0-source-only.py", "step1": "step1-warm-up.py", "step2": "step2-UDA-training.py",
-           "step3": "step3-teacher-student.py"}
 
 
 def load_fixture(name: str) -> dict:
@@ -41,5 +41,5 @@ def tiny_args(data_root: Path, work_dir: Path, *extra: str) -> list[str]:
 
 def run_step(stage: str, args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run a step script (optionally under a launcher such as torchrun) from the repository root."""
-    cmd = [sys.executable, *launcher, SCRIPTS[stage], *args]
+    cmd = [sys.executable, *launcher, STAGE_SCRIPTS[stage], *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

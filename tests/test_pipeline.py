@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, SCRIPTS, run_step, tiny_args
+from tests.helpers import REPO, STAGE_SCRIPTS, run_step, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ def chain(synthetic_root, tmp_path_factory):
     """step0 -> step1 -> step2 -> step3 once; returns the pipeline folder and each stage's process."""
     work = tmp_path_factory.mktemp("chain")
     procs = {}
-    for stage in SCRIPTS:
+    for stage in STAGE_SCRIPTS:
         procs[stage] = run_step(stage, tiny_args(synthetic_root, work))
         assert procs[stage].returncode == 0, procs[stage].stderr[-3000:]
     return work, procs
@@ -24,7 +24,7 @@ def chain(synthetic_root, tmp_path_factory):
 
 def test_every_stage_writes_its_run_folder(chain):
     work, _ = chain
-    for stage in SCRIPTS:
+    for stage in STAGE_SCRIPTS:
         folder = work / stage
         for name in ("config.yaml", "env.json", "last.pt", "model.pt", "metrics.jsonl", "eval.json",
                      "manifest.json"):
@@ -113,7 +113,7 @@ def test_evaluate_tool_and_results_table(chain, synthetic_root, tmp_path):
             assert set(result[branch]) >= {"oa", "miou", "mf1", "miou5", "mf1_5", "iou", "f1", "precision", "recall"}
             assert 0 <= result[branch]["miou"] <= 1
     results = collect_results(work)
-    assert list(results) == list(SCRIPTS)
+    assert list(results) == list(STAGE_SCRIPTS)
     assert all(set(r) >= {"miou", "mf1", "oa", "miou5", "mf1_5", "iou"} for r in results.values())
     table = results_table(results)
     assert "step3 teacher-student" in table and "target-val" in table

@@ -21,11 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from data.synthetic import make_synthetic
+from engine.cli import STAGE_SCRIPTS
 from utils.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"step0": "step0-source-only.py", "step1": "step1-warm-up.py", "step2": "step2-UDA-training.py",
-           "step3": "step3-teacher-student.py"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,9 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run_chain(launcher: list[str], work: Path, common: list[str], stages: Sequence[str] = tuple(SCRIPTS)) -> None:
+def _run_chain(launcher: list[str], work: Path, common: list[str],
+               stages: Sequence[str] = tuple(STAGE_SCRIPTS)) -> None:
     for stage in stages:
-        proc = subprocess.run([*launcher, SCRIPTS[stage], *common, "--work-dir", str(work), "--overwrite"],
+        proc = subprocess.run([*launcher, STAGE_SCRIPTS[stage], *common, "--work-dir", str(work), "--overwrite"],
                               cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise UserError(f"{stage} failed ({' '.join(launcher[-1:])}): {proc.stderr.strip().splitlines()[-1:]}")
