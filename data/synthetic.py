@@ -7,6 +7,12 @@ through a per-domain sensor model (white balance, gamma, contrast, blur, noise).
 as RGB and IRRG, the target as IRRG, with ISPRS colour labels and eroded noBoundary labels, in zips
 that carry the official names. The knobs of the domain gap are the two ``Look`` constants below and
 ``DOMAIN_GAP``, which blends the target's look from the source's (0) to its own (1).
+
+Calibration (targets and their sources in data/calibration.py): the layouts give each domain the class
+shares of the real data set (Potsdam: dense perimeter blocks with green courtyards; Vaihingen: detached
+houses on lots, more trees), and the reflectances were fitted once so that each class's mean colour
+matches the real labelled patches. The gap is therefore in GSD, sensor response (white balance, gamma,
+contrast, blur, noise), roof mix and layout, not in what colour a class has.
 """
 
 from __future__ import annotations
@@ -45,16 +51,17 @@ BGR_ORDER = {"rgb": [0, 1, 2], "irrg": [1, 2, 3]}
 # Raw ids (mmseg_raw) of the classes drawn.
 IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR, CLUTTER = 1, 2, 3, 4, 5, 6
 
-# Materials: class, texture and height of each kind of surface.
+# Materials: class, texture and height of each kind of surface. Cars are the same in both domains;
+# their colours are scaled so that the car class's mean colour matches both real patches.
 GROUND, ROAD, MARKING, GRASS, ROOF, TREE_CANOPY, CAR_BODY, CAR_GLASS, CLUTTER_BLOB = range(9)
 MATERIAL_CLASS = np.array([IMPERVIOUS, IMPERVIOUS, IMPERVIOUS, LOW_VEG, BUILDING, TREE, CAR, CAR, CLUTTER])
 CAR_COLOURS: tuple[Vec4, ...] = (
-    (0.62, 0.62, 0.62, 0.55),  # white
-    (0.04, 0.04, 0.045, 0.05),  # black
-    (0.34, 0.34, 0.33, 0.32),  # silver
-    (0.07, 0.07, 0.42, 0.38),  # red
-    (0.33, 0.12, 0.06, 0.14),  # blue
-    (0.12, 0.12, 0.12, 0.12),  # dark grey
+    (0.372, 0.372, 0.372, 0.33),  # white
+    (0.024, 0.024, 0.027, 0.03),  # black
+    (0.204, 0.204, 0.198, 0.192),  # silver
+    (0.042, 0.042, 0.252, 0.228),  # red
+    (0.198, 0.072, 0.036, 0.084),  # blue
+    (0.072, 0.072, 0.072, 0.072),  # dark grey
 )
 GLASS: Vec4 = (0.05, 0.05, 0.05, 0.05)
 
@@ -84,6 +91,7 @@ class Layout:
     moving_cars: float  # probability that a lane slot holds a car
     driveway_cars: float  # village only: probability of a car beside a house
     clutter: float
+    clutter_radius: tuple[float, float]
     lane_markings: bool
 
 
@@ -130,23 +138,26 @@ class DomainSpec:
 
 
 SOURCE_LAYOUT = Layout(
-    kind="blocks", road_spacing=(38.0, 55.0), road_width=(7.0, 10.0), road_keep=0.95, sidewalk=2.5,
-    grid_rotation=0.35, building_size=(8.0, 25.0), building_depth=(10.0, 14.0), building_height=(10.0, 20.0),
-    lot_size=(0.0, 0.0), lot_fill=0.0, grass_cover=0.5, tree_clusters=0.5, trees_per_cluster=(1, 4),
-    tree_radius=(2.0, 4.5), tree_height=(6.0, 14.0), street_trees=0.45, parked_cars=0.5, moving_cars=0.08,
-    driveway_cars=0.0, clutter=3.0, lane_markings=True,
+    kind="blocks", road_spacing=(55.0, 80.0), road_width=(6.0, 9.0), road_keep=0.95, sidewalk=2.0,
+    grid_rotation=0.35, building_size=(8.0, 25.0), building_depth=(8.0, 11.0), building_height=(10.0, 20.0),
+    lot_size=(0.0, 0.0), lot_fill=0.0, grass_cover=0.95, tree_clusters=2.2, trees_per_cluster=(2, 5),
+    tree_radius=(2.5, 5.0), tree_height=(6.0, 14.0), street_trees=0.35, parked_cars=0.25, moving_cars=0.08,
+    driveway_cars=0.0, clutter=7.0, clutter_radius=(1.0, 4.0), lane_markings=True,
 )
 TARGET_LAYOUT = Layout(
-    kind="village", road_spacing=(45.0, 75.0), road_width=(5.0, 7.0), road_keep=0.7, sidewalk=1.0,
-    grid_rotation=0.7, building_size=(8.0, 15.0), building_depth=(0.0, 0.0), building_height=(5.0, 9.0),
-    lot_size=(17.0, 24.0), lot_fill=0.75, grass_cover=0.7, tree_clusters=1.0, trees_per_cluster=(2, 6),
-    tree_radius=(2.0, 5.0), tree_height=(5.0, 12.0), street_trees=0.1, parked_cars=0.12, moving_cars=0.03,
-    driveway_cars=0.3, clutter=2.0, lane_markings=False,
+    kind="village", road_spacing=(45.0, 75.0), road_width=(4.5, 6.5), road_keep=0.5, sidewalk=1.0,
+    grid_rotation=0.7, building_size=(10.0, 17.0), building_depth=(0.0, 0.0), building_height=(5.0, 9.0),
+    lot_size=(16.0, 22.0), lot_fill=0.9, grass_cover=0.65, tree_clusters=5.0, trees_per_cluster=(3, 8),
+    tree_radius=(2.5, 5.5), tree_height=(5.0, 12.0), street_trees=0.1, parked_cars=0.12, moving_cars=0.03,
+    driveway_cars=0.3, clutter=5.0, clutter_radius=(0.8, 2.5), lane_markings=False,
 )
+# Reflectances fitted so that the rendered class means match data/calibration.py (Potsdam RGB; NIR as
+# Vaihingen's, the same materials). The target's were fitted to Vaihingen IRRG through its own sensor;
+# its blue band is never written and keeps the source's values.
 SOURCE_LOOK = Look(
-    ground=(0.25, 0.26, 0.265, 0.29), road=(0.14, 0.145, 0.15, 0.17), marking=(0.6, 0.6, 0.6, 0.6),
-    low_veg=(0.09, 0.17, 0.16, 0.45), tree=(0.03, 0.06, 0.04, 0.30),
-    roofs=((0.11, 0.16, 0.36, 0.40), (0.09, 0.09, 0.11, 0.14), (0.30, 0.30, 0.29, 0.32)),
+    ground=(0.153, 0.182, 0.134, 0.111), road=(0.085, 0.102, 0.075, 0.066), marking=(0.368, 0.42, 0.301, 0.231),
+    low_veg=(0.029, 0.039, 0.034, 0.098), tree=(0.078, 0.109, 0.093, 0.143),
+    roofs=((0.069, 0.116, 0.236, 0.143), (0.057, 0.065, 0.072, 0.05), (0.19, 0.217, 0.19, 0.114)),
     roof_mix=(0.8, 0.05, 0.15), clutter=(0.36, 0.22, 0.12, 0.24), jitter=0.12,
     white_balance=(1.0, 1.0, 1.0, 1.0), gamma=2.2, contrast=1.0, brightness=0.0,
     sun_azimuth=math.radians(215.0), shadow_length=0.45, shadow_gain=(0.40, 0.33, 0.30, 0.26),
@@ -154,14 +165,14 @@ SOURCE_LOOK = Look(
     road_texture=0.05, blur_px=0.0, noise=0.004,
 )
 TARGET_LOOK = Look(
-    ground=(0.23, 0.25, 0.27, 0.31), road=(0.17, 0.18, 0.19, 0.21), marking=(0.5, 0.5, 0.5, 0.5),
-    low_veg=(0.05, 0.11, 0.07, 0.46), tree=(0.035, 0.08, 0.05, 0.50),
-    roofs=((0.10, 0.14, 0.30, 0.34), (0.12, 0.13, 0.16, 0.22), (0.26, 0.27, 0.28, 0.30)),
-    roof_mix=(0.55, 0.35, 0.10), clutter=(0.30, 0.22, 0.14, 0.28), jitter=0.15,
-    white_balance=(1.0, 1.15, 0.92, 1.25), gamma=1.8, contrast=1.2, brightness=-0.1,
+    ground=(0.153, 0.094, 0.109, 0.083), road=(0.085, 0.068, 0.075, 0.056), marking=(0.368, 0.187, 0.2, 0.135),
+    low_veg=(0.029, 0.059, 0.064, 0.135), tree=(0.078, 0.059, 0.065, 0.127),
+    roofs=((0.069, 0.116, 0.19, 0.191), (0.057, 0.108, 0.101, 0.123), (0.19, 0.225, 0.177, 0.168)),
+    roof_mix=(0.55, 0.35, 0.10), clutter=(0.30, 0.26, 0.20, 0.28), jitter=0.15,
+    white_balance=(1.0, 1.06, 0.94, 1.12), gamma=2.0, contrast=1.05, brightness=0.0,
     sun_azimuth=math.radians(60.0), shadow_length=0.5, shadow_gain=(0.50, 0.45, 0.42, 0.40),
     roof_stripes=0.03, roof_stripe_period=0.3, gable=0.25, canopy_speckle=0.4, grass_texture=0.14,
-    road_texture=0.04, blur_px=0.9, noise=0.015,
+    road_texture=0.04, blur_px=0.7, noise=0.012,
 )
 SOURCE = DomainSpec(POTSDAM, 0.05, (1200, 1200), 0, SOURCE_LAYOUT, SOURCE_LOOK)
 TARGET = DomainSpec(VAIHINGEN, 0.09, (700, 900), 40, TARGET_LAYOUT, TARGET_LOOK)
@@ -304,7 +315,7 @@ def build_scene(spec: DomainSpec, height: int, width: int, rng: np.random.Genera
         x, y = rng.uniform(0, w_m), rng.uniform(0, h_m)
         if scene.material_at(x, y) in (GROUND, GRASS):
             blob = scene.add(CLUTTER_BLOB, rng, height=1.0)
-            scene.fill(_blob(rng, x, y, rng.uniform(0.8, 2.5), 9, 0.4), blob, cast_height=1.0)
+            scene.fill(_blob(rng, x, y, rng.uniform(*lay.clutter_radius), 9, 0.4), blob, cast_height=1.0)
     _place_trees(scene, frame, rng, lay, u_roads, v_roads, extent, w_m, h_m, area_k)
     return scene
 
@@ -431,7 +442,9 @@ def _place_trees(scene, frame, rng, lay: Layout, u_roads, v_roads, extent, w_m, 
         cx, cy = rng.uniform(-5, w_m + 5), rng.uniform(-5, h_m + 5)
         for _ in range(rng.integers(lay.trees_per_cluster[0], lay.trees_per_cluster[1] + 1)):
             x, y = cx + rng.normal(0, 4.0), cy + rng.normal(0, 4.0)
-            if scene.material_at(x, y) in (GROUND, GRASS, CLUTTER_BLOB, None):
+            # Not on paved ground: in these towns trees stand in gardens and courtyards, and street trees
+            # are planted separately (below), so parked cars stay mostly visible.
+            if scene.material_at(x, y) in (GRASS, CLUTTER_BLOB, None):
                 _tree(scene, rng, lay, x, y)
     for roads, others, along_u in ((u_roads, v_roads, False), (v_roads, u_roads, True)):
         for p, w in roads:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.calibration import CLASS_SHARES, DOMAIN_BANDS, target_colour_means
 from data.isprs import PALETTE, POTSDAM, SYNTHETIC_MARKER, VAIHINGEN
 from data.synthetic import (
     EROSION_RADIUS_PX,
@@ -169,6 +170,60 @@ def test_prepared_mode_layout_and_meta(synthetic_root):
             assert label.shape == (512, 512) and label.dtype == np.uint8 and label.max() <= 6
 
 
+def class_shares(domain_dir):
+    """Percent of the labelled pixels (train and val) per class, raw ids 1..6."""
+    counts = np.zeros(7)
+    for path in (domain_dir / "ann_dir").rglob("*.png"):
+        counts += np.bincount(np.array(Image.open(path)).ravel(), minlength=7)
+    return 100.0 * counts[1:] / counts[1:].sum()
+
+
+def test_class_shares_match_the_real_data_sets(synthetic_root):
+    # Three tiles per domain: one tile's share of a large class varies by 4-7 points (std), so the
+    # three-tile mean by up to 4; 10 points is 2.5 of those, with room for the approximate published shares.
+    # Cars and clutter are small classes: within 3 points, and present.
+    for domain, dataset in (("potsdam_rgb", "potsdam"), ("vaihingen_irrg", "vaihingen")):
+        shares, target = class_shares(synthetic_root / domain), np.array(CLASS_SHARES[dataset])
+        tolerance = np.array([10.0, 10.0, 10.0, 10.0, 3.0, 3.0])
+        assert np.all(np.abs(shares - target) <= tolerance), (domain, shares.round(1), target)
+        assert shares[4] > 0.3 and shares[5] > 0.3, (domain, shares.round(1))
+
+
+def class_colours(domain_dir, split="train"):
+    """Per-class mean and std ``[6, 3]`` of the PNG slots (NaN for an absent class)."""
+    colours, labels = load_pixels(domain_dir, split)
+    means = np.full((6, 3), np.nan)
+    stds = np.full((6, 3), np.nan)
+    for c in range(6):
+        if np.any(labels == c):
+            means[c], stds[c] = colours[labels == c].mean(axis=0), colours[labels == c].std(axis=0)
+    return means, stds
+
+
+def test_class_colours_match_the_real_patches(synthetic_root):
+    # 25 grey levels: the real patches' class stds are 10-60, and a 512 px crop's class mean is itself
+    # only known to about that (it shows one street); the fit itself is within a few levels.
+    for domain in DOMAIN_BANDS:
+        means, _ = class_colours(synthetic_root / domain)
+        for c, target in enumerate(target_colour_means(domain)):
+            if target is not None:
+                assert np.all(np.abs(means[c] - target) <= 25), (domain, c, means[c].round(1), target)
+
+
+def test_each_class_keeps_its_colour_across_domains(synthetic_root):
+    source, source_std = class_colours(synthetic_root / "potsdam_irrg")
+    target, _ = class_colours(synthetic_root / "vaihingen_irrg")
+    # The target's mean colour of every class is one the source shows for that class: inside the source's
+    # spread for it (RMS over the bands of the shift in source standard deviations). Buildings shift most,
+    # about one std, as between the real patches (red tiles in Potsdam, greyer roofs in Vaihingen).
+    z = np.sqrt(np.mean(((target - source) / source_std) ** 2, axis=1))
+    assert np.all(z < 1.5), z.round(2)
+    # The same class across domains is much closer than two classes within the target.
+    across = np.linalg.norm(target - source, axis=1).mean()
+    between = np.mean([np.linalg.norm(target[i] - target[j]) for i in range(6) for j in range(i + 1, 6)])
+    assert across < 0.75 * between, (across, between)
+
+
 def miou(pred, truth, num_classes=6):
     """Mean IoU over the classes present in the prediction or the ground truth."""
     ious = []
@@ -192,7 +247,9 @@ def test_nearest_class_mean_classifier_drops_on_the_target(synthetic_root, sourc
                       load_pixels(synthetic_root / source, "val")[1])
     target_colours, target_labels = load_pixels(synthetic_root / "vaihingen_irrg", "val")
     target_val = miou(predict(target_colours), target_labels)
-    assert source_val >= target_val + 20, (source_val, target_val)
+    # A gap (sensor response, GSD, layout), but not one that changes what colour a class has: a colour-only
+    # classifier keeps a good part of its source score on the target.
+    assert target_val + 5 <= source_val and target_val >= 0.25 * source_val, (source_val, target_val)
 
 
 def test_domain_gap_knob_blends_the_target_look():
