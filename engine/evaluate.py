@@ -21,12 +21,13 @@ PROTOCOLS = ("standard", "napg_legacy")
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: torch.Tensor | None,
              device: torch.device, num_classes: int = 6, protocol: str = "standard",
-             max_batches: int | None = None, amp: str = "off") -> dict[str, dict[str, Any]]:
+             max_batches: int | None = None, amp: str = "off", domain: str = "target") -> dict[str, dict[str, Any]]:
     """Global confusion matrices of the classifier (and, given prototypes, the prototype branch).
 
     ``standard``: both branches' maps are bilinearly upsampled to the label resolution [H, W] and every
     patch of the split counts. ``napg_legacy``: the original protocol, classifier argmax at H/4 and
     prototype argmax at H/16 against nearest-downsampled labels, the last batch left out, IoU + 1.
+    ``domain`` ("source" or "target") picks the BatchNorm statistics of a ``--bn-stats domain`` network.
     Returns ``{"classifier": metrics, "prototype": metrics}`` (``prototype`` only with prototypes).
     """
     if protocol not in PROTOCOLS:
@@ -39,7 +40,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
     for batch in batches:
         x = batch["img"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
-        with autocast(device, amp_dtype(amp)):
+        with model.domain(domain), autocast(device, amp_dtype(amp)):
             out = model(x, prototypes)
         if protocol == "standard":
             full = y.shape[-2:]
@@ -82,3 +83,38 @@ def _upsampled_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     if scores.shape[-2:] != size:
         scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
     return scores.argmax(1)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, domain: str = "target",
+                   amp: str = "off") -> int:
+    """Re-estimate ``domain``'s BatchNorm running statistics on ``loader``'s images (AdaBN, Li et al. 2017).
+
+    The statistics are reset and replaced by their cumulative average over every batch (labels are not
+    read); weights do not change. Batches of one image are skipped (BatchNorm on the ASPP's 1x1
+    pooled map needs two). Returns the number of images used.
+    """
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in batchnorms]
+    was_training = model.training
+    used = 0
+    with model.domain(domain):
+        for bn in batchnorms:
+            bn.reset_running_stats()
+            bn.momentum = None  # None = cumulative moving average: every batch weighs the same
+        model.train()
+        try:
+            for batch in loader:
+                x = batch["img"]
+                if len(x) < 2:
+                    continue
+                with autocast(device, amp_dtype(amp)):
+                    model(x.to(device, non_blocking=True))
+                used += len(x)
+        finally:
+            for bn, momentum in zip(batchnorms, momenta):
+                bn.momentum = momentum
+            model.train(was_training)
+    if used == 0:
+        raise UserError("BatchNorm re-estimation needs batches of at least 2 images; raise the batch size")
+    return used

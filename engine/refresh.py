@@ -3,7 +3,8 @@
 Image-level class centroids of the features ``f`` are pooled per class from the source (ground truth)
 and, once target pseudo-labels are switched on, from confident target pixels; each pool is clustered
 into its class's K_c groups. ``P_ST`` (source + target) drives training; ``P_T`` (target only) is what
-steps 2 and 3 evaluate with.
+steps 2 and 3 evaluate with. Each domain's features are extracted with its own BatchNorm statistics
+(``--bn-stats domain``), and ``balance=True`` gives both domains equal weight in each class's pool.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class RefreshResult:
     counts_target: list[int] = field(default_factory=list)
     kept_previous: list[int] = field(default_factory=list)
     clusters: list[int] = field(default_factory=list)  # K_c per class used for this refresh
+    # centroids per class from each domain before balancing: {"source": [N_c], "target": [N_c]}
+    pool_sizes: dict[str, list[int]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -44,7 +47,8 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
                        previous: RefreshResult | None = None, mode: str = "clean",
                        max_batches: int | None = None, cluster_kwargs: dict[str, Any] | None = None,
                        feature_dim: int = 128, amp: str = "off",
-                       auto_k: tuple[int, float] | None = None) -> RefreshResult:
+                       auto_k: tuple[int, float] | None = None, balance: bool = False,
+                       seed: int = 0) -> RefreshResult:
     """Pool centroids over the refresh data and cluster them into prototypes.
 
     ``mode="clean"``: one pass over every source-train and every target-train image.
@@ -52,12 +56,16 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
     target loader stepped alongside (restarting from its first batch when it runs out, so a small target
     set is counted several times); the target-only pool uses ``len(target) - 1`` batches.
     ``amp`` runs the network in reduced precision; centroids and clustering stay float32.
+    ``balance=True`` clusters each class's source + target pool with both domains weighted equally
+    (:func:`balanced_pool`, seeded by ``seed``); otherwise every centroid counts once, so the domain
+    with more images dominates.
     ``auto_k=(k_max, threshold)`` replaces ``clusters`` by the variance rule of ``auto_clusters`` on the
     pooled (source + target) centroids.
     """
     was_training = model.training
     model.eval()
-    forward = _Forward(model, device, amp)
+    forward_src = _Forward(model, device, amp, "source")
+    forward_tgt = _Forward(model, device, amp, "target")
     num_classes = len(clusters)
     pool_src = CentroidPool(num_classes)
     pool_tgt = CentroidPool(num_classes)
@@ -66,10 +74,10 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
 
     if mode == "clean":
         for batch in _limit(source, max_batches):
-            pool_src.add(_source_centroids(forward, batch, num_classes, device))
+            pool_src.add(_source_centroids(forward_src, batch, num_classes, device))
         if use_target:
             for batch in _limit(target, max_batches):
-                centroids = _target_centroids(forward, batch, tau, num_classes, device)
+                centroids = _target_centroids(forward_tgt, batch, tau, num_classes, device)
                 pool_tgt.add(centroids)
                 pool_tgt_only.add(centroids)
     elif mode == "legacy":
@@ -78,21 +86,22 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
             n_src = min(n_src, max_batches)
         lockstep = itertools.cycle(target) if use_target else None
         for batch in itertools.islice(source, n_src):
-            pool_src.add(_source_centroids(forward, batch, num_classes, device))
+            pool_src.add(_source_centroids(forward_src, batch, num_classes, device))
             if lockstep is not None:
-                pool_tgt.add(_target_centroids(forward, next(lockstep), tau, num_classes, device))
+                pool_tgt.add(_target_centroids(forward_tgt, next(lockstep), tau, num_classes, device))
         if use_target:
             n_tgt = len(target) - 1
             if max_batches is not None:
                 n_tgt = min(n_tgt, max_batches)
             for batch in itertools.islice(target, n_tgt):
-                pool_tgt_only.add(_target_centroids(forward, batch, tau, num_classes, device))
+                pool_tgt_only.add(_target_centroids(forward_tgt, batch, tau, num_classes, device))
     else:
         raise ValueError(f"unknown refresh mode {mode}")
     model.train(was_training)
 
     src, tgt, tgt_only = pool_src.gather(), pool_tgt.gather(), pool_tgt_only.gather()
-    pooled = [_cat(s, t) for s, t in zip(src, tgt)]
+    gen = torch.Generator().manual_seed(seed)
+    pooled = [balanced_pool(s, t, gen) if balance else _cat(s, t) for s, t in zip(src, tgt)]
     if auto_k is not None:
         clusters = auto_clusters(pooled, k_min=1, k_max=auto_k[0], threshold=auto_k[1])
     k_max = max(clusters)
@@ -103,7 +112,8 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
     kwargs = cluster_kwargs or {}
     p_st, report = build_prototypes(pooled, clusters, previous=prev_st, **kwargs)
     result = RefreshResult(p_st, None, counts_source_target=[_n(p) for p in pooled],
-                           kept_previous=list(report.get("kept_previous", [])), clusters=list(clusters))
+                           kept_previous=list(report.get("kept_previous", [])), clusters=list(clusters),
+                           pool_sizes={"source": [_n(p) for p in src], "target": [_n(p) for p in tgt]})
     if use_target:
         prev_t = previous.target if previous is not None and previous.target is not None else p_st
         if prev_t.shape != p_st.shape:
@@ -119,14 +129,33 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
     return result
 
 
-class _Forward:
-    """The network without prototypes, under the configured precision."""
+def balanced_pool(source: torch.Tensor | None, target: torch.Tensor | None,
+                  generator: torch.Generator) -> torch.Tensor | None:
+    """One class's pool [N, D] in which source and target carry equal total weight.
 
-    def __init__(self, model: nn.Module, device: torch.device, amp: str):
-        self.model, self.device, self.dtype = model, device, amp_dtype(amp)
+    The smaller domain's rows are repeated ``n_large // n_small`` times and a random
+    ``n_large % n_small`` of them once more (drawn with ``generator``), so both domains contribute
+    exactly ``n_large`` rows and k-means, its z-scoring and the class mean weight them equally
+    (up to the one extra copy of some rows when the sizes do not divide). An empty side leaves the
+    other as it is.
+    """
+    if _n(source) == 0 or _n(target) == 0:
+        return _cat(source, target)
+    small, large = sorted((source, target), key=len)
+    repeats, rest = divmod(len(large), len(small))
+    extra = torch.randperm(len(small), generator=generator)[:rest].to(small.device)
+    grown = torch.cat([small.repeat(repeats, 1), small[extra]])
+    return torch.cat([source if source is large else grown, target if target is large else grown])
+
+
+class _Forward:
+    """The network without prototypes on one domain's images, under the configured precision."""
+
+    def __init__(self, model: nn.Module, device: torch.device, amp: str, domain: str):
+        self.model, self.device, self.dtype, self.domain = model, device, amp_dtype(amp), domain
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with autocast(self.device, self.dtype):
+        with self.model.domain(self.domain), autocast(self.device, self.dtype):
             return self.model(x.to(self.device, non_blocking=True))
 
 

@@ -5,7 +5,8 @@ A stage writes ``<work_dir>/<stage>/``::
     config.yaml    resolved options          env.json       seeds, git hash, library versions
     last.pt        full training state       model.pt       hand-off: weights, D1, D2, prototypes, meta
     metrics.jsonl  one record per log/eval   tb/            TensorBoard events
-    eval.json      final target-val metrics  manifest.json  written last: the stage is complete
+    eval.json      final target-val and source-val metrics
+    manifest.json  written last: the stage is complete
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from utils.metrics import format_table
 from utils.run import environment_info, resolve_device, rng_state, seed_everything, set_rng_state, write_json
 
 PREVIOUS_STAGE = {"step2": "step1", "step3": "step2"}
+# The finished runs --init accepts per stage. A finished source-only run is the warm start of step 0
+# (training on) and step 1 when no ImageNet weights are at hand; "original" = a converted checkpoint.
+ACCEPTED_INIT = {"step0": {"step0"}, "step1": {"step0", "original"}, "step2": {"step1", "original"},
+                 "step3": {"step2", "original"}}
 # Options that must not change when a stage is resumed.
 RESUME_FIXED = ("source", "target", "num_classes", "backbone", "batch_size", "img_size", "resize", "clusters",
                 "seed", "preset")
@@ -124,7 +129,8 @@ def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, 
     """Network, discriminators (not in step 0) and optimisers of a stage, ready on ``device``."""
     model = NAPGNet(num_classes=cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]),
                     backbone=cfg["backbone"], pretrained=cfg["pretrained"] if init_state is None else None,
-                    shared_similarity=cfg["shared_similarity"], head_impl=cfg["head_impl"]).to(device)
+                    shared_similarity=cfg["shared_similarity"], head_impl=cfg["head_impl"],
+                    bn_stats=bn_stats_of(cfg)).to(device)
     d1 = d2 = None
     if cfg["stage"] != "step0":
         d1 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
@@ -136,6 +142,11 @@ def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, 
                 disc.load_state_dict(init_state[key])
     model, d1, d2 = _prepare_modules(model, d1, d2, cfg, device)
     return NAPG(model, d1, d2, cfg)
+
+
+def bn_stats_of(cfg: dict[str, Any]) -> str:
+    """The stage's BatchNorm statistics: step 0 never sees a target image, so it has one set."""
+    return "shared" if cfg["stage"] == "step0" else cfg["bn_stats"]
 
 
 def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -153,6 +164,7 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     data: dict[str, Any] = {
         "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
         "source_refresh": eval_loader(src_refresh, ebs, **loader_kw),
+        "source_val": eval_loader(SegmentationFolder(src_dir, "val", transform=eval_tf, **common), ebs, **loader_kw),
         "target": None, "target_refresh": None, "target_val": None,
     }
     if cfg["stage"] != "step0" or cfg["target"]:
@@ -220,13 +232,16 @@ def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | 
                               previous=previous, mode=cfg["refresh"],
                               max_batches=max_batches if max_batches is not None else cfg["refresh_max_batches"],
                               cluster_kwargs=kwargs, amp=cfg["amp"],
-                              auto_k=(cfg["auto_k_max"], cfg["auto_k_threshold"]) if cfg["auto_k"] else None)
+                              auto_k=(cfg["auto_k_max"], cfg["auto_k_threshold"]) if cfg["auto_k"] else None,
+                              balance=cfg["refresh_balance"], seed=cfg["kmeans_seed"])
 
 
 def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
     values = {f"count_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_source_target)}
     values.update({f"count_target_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_target)})
     values.update({f"k_{name}": k for name, k in zip(CLASS_NAMES, protos.clusters)})
+    for domain, sizes in protos.pool_sizes.items():  # before balancing
+        values.update({f"pool_{domain}_{name}": n for name, n in zip(CLASS_NAMES, sizes)})
     values["tau"] = tau if tau is not None else float("nan")
     logger.scalars(step, values, prefix="prototypes/", epoch=epoch, kind="refresh",
                    kept_previous=[CLASS_NAMES[c] for c in protos.kept_previous])
@@ -240,24 +255,43 @@ def _eval_prototypes(protos: RefreshResult) -> torch.Tensor:
     return protos.target if protos.target is not None else protos.source_target
 
 
+def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
+                   cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Target-val and source-val metrics of both branches, each domain with its own BN statistics.
+
+    Returns ``{"target_val": {branch: metrics}, "source_val": {...}}`` (a role without data is left out).
+    The target is evaluated with the target prototypes P_T once they exist, the source with P_ST.
+    """
+    device = protos.source_target.device
+    results = {}
+    for role, domain, prototypes in (("target_val", "target", _eval_prototypes(protos)),
+                                     ("source_val", "source", protos.source_target)):
+        if data[role] is not None:
+            results[role] = evaluate(_unwrap(napg.model), data[role], prototypes, device, cfg["num_classes"],
+                                     max_batches=cfg["eval_max_batches"], amp=cfg["amp"], domain=domain)
+    return results
+
+
 def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: dict[str, Any],
                       logger: RunLogger, step: int, epoch: int, run_dir: Path,
                       best: dict[str, Any] | None) -> dict[str, Any] | None:
-    loader = data["target_val"]
-    if loader is None:
+    if data["target_val"] is None:
         return best
-    device = protos.source_target.device
-    results = evaluate(_unwrap(napg.model), loader, _eval_prototypes(protos), device, cfg["num_classes"],
-                       max_batches=cfg["eval_max_batches"], amp=cfg["amp"])
-    for branch, m in results.items():
-        values = {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")}
-        values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
-        logger.scalars(step, values, prefix=f"eval/{branch}/", epoch=epoch, kind="eval")
+    all_results = evaluate_stage(napg, data, protos, cfg)
+    for role, results in all_results.items():
+        prefix = "eval" if role == "target_val" else "eval_source"
+        for branch, m in results.items():
+            values = {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")}
+            values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
+            logger.scalars(step, values, prefix=f"{prefix}/{branch}/", epoch=epoch, kind="eval", split=role)
     if dist.is_main():
-        _log_panels(napg, data, protos, logger, step, device)
+        _log_panels(napg, data, protos, logger, step, protos.source_target.device)
+    results = all_results["target_val"]
+    source_miou = all_results["source_val"]["classifier"]["miou"]
     tqdm.write(f"{cfg['stage']} epoch {epoch}: target-{cfg['target_eval_split']} mIoU "
                f"{100 * results['classifier']['miou']:.2f} (prototypes "
-               f"{100 * results.get('prototype', {}).get('miou', float('nan')):.2f})")
+               f"{100 * results.get('prototype', {}).get('miou', float('nan')):.2f}), source-val mIoU "
+               f"{100 * source_miou:.2f}")
     if cfg["select_on_target_val"] and dist.is_main():
         miou = results["classifier"]["miou"]
         if best is None or miou > best["miou"]:
@@ -279,7 +313,8 @@ def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger:
         if dataset is None:
             continue
         sample = dataset[0]
-        out = model(sample["img"][None].to(device), _eval_prototypes(protos))
+        with model.domain(tag):
+            out = model(sample["img"][None].to(device), _eval_prototypes(protos))
         prob = torch.nn.functional.interpolate(out["logits_up"].float(), size=sample["img"].shape[-2:],
                                                mode="bilinear", align_corners=False).softmax(1)
         entropy = self_information(prob).sum(1)[0]
@@ -312,7 +347,7 @@ def _check_run_dir(run_dir: Path, cfg: dict[str, Any]) -> bool:
 def _resolve_init(cfg: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The previous stage's hand-off checkpoint, checked against this stage (or None)."""
     stage, init = cfg["stage"], cfg["init"]
-    expected = PREVIOUS_STAGE.get(stage)
+    expected = PREVIOUS_STAGE.get(stage)  # looked for under --work-dir when --init is not given
     if init is None:
         if expected is None:
             return None, None
@@ -332,10 +367,11 @@ def _resolve_init(cfg: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str,
         raise UserError(f"--init {path}: not a stage checkpoint of this project (no 'model'/'meta'); "
                         f"original NAPG checkpoints are converted with tools/convert_original_checkpoint.py")
     got = meta.get("stage")
-    allowed = {expected, "original"} if expected else {"original"}
+    allowed = ACCEPTED_INIT[stage]
     if got not in allowed:
-        want = f"a {expected} run" if expected else "no --init (or a converted original checkpoint)"
-        raise UserError(f"--init {path} is a {got} checkpoint, but {stage} needs {want}")
+        want = " or ".join(f"a finished {s} run" if s != "original" else "a converted original checkpoint"
+                           for s in sorted(allowed))
+        raise UserError(f"--init {path} is a {got} checkpoint, but {stage} starts from {want}")
     for key in ("num_classes", "backbone"):
         if key in meta and meta[key] != cfg[key]:
             raise UserError(f"--init {path} was trained with {key}={meta[key]}, this run has {key}={cfg[key]}; "
@@ -384,7 +420,7 @@ def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, 
              "meta": {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
                       "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
                       "clusters": protos.clusters, "prototypes_per_class": max(protos.clusters),
-                      "shared_similarity": cfg["shared_similarity"],
+                      "shared_similarity": cfg["shared_similarity"], "bn_stats": bn_stats_of(cfg),
                       "epoch": epoch, **(extra or {})}}
     if napg.d1 is not None:
         state.update(d1=_unwrap(napg.d1).state_dict(), d2=_unwrap(napg.d2).state_dict())
@@ -394,28 +430,28 @@ def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, 
 def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: dict[str, Any],
             init_source: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
     """Final evaluation, hand-off checkpoint and the manifest that marks the stage complete."""
-    results: dict[str, Any] = {}
-    if data["target_val"] is not None:
-        results = evaluate(_unwrap(napg.model), data["target_val"], _eval_prototypes(protos),
-                           protos.source_target.device, cfg["num_classes"], max_batches=cfg["eval_max_batches"],
-                           amp=cfg["amp"])
+    all_results = evaluate_stage(napg, data, protos, cfg)
+    results = all_results.get("target_val", {})
     ranks = _rank_consistency(napg, protos)
     if dist.is_main():
         _save_handoff(run_dir / "model.pt", napg, protos, cfg, cfg["epochs"])
         write_json(run_dir / "eval.json", {"split": f"target-{cfg['target_eval_split']}", "selection": "last",
-                                           **results})
+                                           **results, "source_val": all_results["source_val"]})
         manifest = {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
                     "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
                     "prototypes_per_class": max(protos.clusters), "clusters": protos.clusters,
                     "preset": cfg["preset"], "epochs": cfg["epochs"], "git": environment_info()["git"],
                     "checkpoint": "model.pt", "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
                     "init": init_source, "train_seconds": round(seconds, 1), "ranks": ranks,
-                    "target_val": {b: {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")}
-                                   for b, m in results.items()}}
+                    "bn_stats": bn_stats_of(cfg),
+                    **{role: {b: {k: m[k] for k in ("miou", "mf1", "oa", "miou5", "mf1_5")} for b, m in res.items()}
+                       for role, res in all_results.items()}}
         write_json(run_dir / "manifest.json", manifest)
         if results:
             print(f"{cfg['stage']} target-{cfg['target_eval_split']} (classifier):")
             print(format_table(results["classifier"], CLASS_NAMES))
+        source_miou = all_results["source_val"]["classifier"]["miou"]
+        print(f"{cfg['stage']} source-val mIoU (classifier): {100 * source_miou:.2f}")
     dist.barrier()
     return results
 

@@ -72,15 +72,17 @@ class NAPG:
     def uses_target(self) -> bool:
         return self.d1 is not None
 
-    def forward(self, model: nn.Module, x: torch.Tensor, prototypes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The segmenter under the configured precision and memory format.
+    def forward(self, model: nn.Module, x: torch.Tensor, prototypes: torch.Tensor,
+                domain: str) -> dict[str, torch.Tensor]:
+        """The segmenter on a batch of one ``domain`` under the configured precision and memory format.
 
         Only the network runs in reduced precision: losses, softmaxes, entropies and the discriminators
-        (whose BCE is unsafe under autocast) take float32 copies of its outputs.
+        (whose BCE is unsafe under autocast) take float32 copies of its outputs. With ``--bn-stats domain``
+        BatchNorm uses (and updates) that domain's running statistics.
         """
         if self.cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(x.device, self.amp_dtype):
+        with _unwrap(model).domain(domain), autocast(x.device, self.amp_dtype):
             return model(x, prototypes)
 
     # ------------------------------------------------------------------ steps 0-2
@@ -93,7 +95,7 @@ class NAPG:
         set_requires_grad(self.d1, False)
         set_requires_grad(self.d2, False)
 
-        out_s = self.forward(model, x_s, prototypes)
+        out_s = self.forward(model, x_s, prototypes, "source")
         y_up = resize_labels(y_s, out_s["logits_up"].shape[-2:])
         y_feat = resize_labels(y_s, out_s["features"].shape[-2:])
         logs: dict[str, float] = {}
@@ -114,7 +116,7 @@ class NAPG:
 
         if self.uses_target and tgt is not None:
             x_t = tgt["img"].to(device, non_blocking=True)
-            out_t = self.forward(model, x_t, prototypes)
+            out_t = self.forward(model, x_t, prototypes, "target")
             if w_gnce > 0 and cfg["gnce_target_weight"] > 0:
                 mask = None
                 if cfg["gnce_target_mask"] and tau is not None:
@@ -147,14 +149,14 @@ class NAPG:
         logs: dict[str, float] = {}
 
         with torch.no_grad():
-            t_src = self.forward(teacher, x_s, proto_teacher)
-            t_tgt = self.forward(teacher, x_t, proto_teacher)
-        out_t = self.forward(model, x_t, proto_student)
+            t_src = self.forward(teacher, x_s, proto_teacher, "source")
+            t_tgt = self.forward(teacher, x_t, proto_teacher, "target")
+        out_t = self.forward(model, x_t, proto_student, "target")
         ent = self._entropies(t_src["logits_up"], t_src["proto_prob"], out_t["logits_up"], out_t["proto_prob"])
         loss = self._generator_adversarial(ent, logs)
 
         # Teacher features of the full tile, warped into the strong view's frame with their validity.
-        out_strong = self.forward(model, x_strong, proto_student)
+        out_strong = self.forward(model, x_strong, proto_student, "target")
         f_student = out_strong["features"].float()
         f_teacher, valid = warp_to_strong(t_tgt["features"].float(), tgt["weak_params"], tgt["strong_params"],
                                           f_student.shape[-2:], source="full",
@@ -165,7 +167,7 @@ class NAPG:
         logs["loss_kd"] = loss_kd.item()
         logs["kd_valid_fraction"] = valid.float().mean().item()
         if cfg["w_ce_src"] > 0:
-            out_s = self.forward(model, x_s, proto_student)
+            out_s = self.forward(model, x_s, proto_student, "source")
             y_up = resize_labels(src["label"].to(device), out_s["logits_up"].shape[-2:])
             loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
             loss = loss + cfg["w_ce_src"] * loss_ce

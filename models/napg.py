@@ -13,6 +13,8 @@ State-dict keys (stable; ``models.original`` maps them to the original names):
 * ``up.0.*`` ConvTranspose2d(256, 128), ``up.1.*`` BatchNorm2d(128)
 * ``classifier.*`` Conv2d(128, C, 1)
 * ``head.sim.{0 | 0..C-1}.*`` the similarity conv(s), see ``models.head``
+* ``target_bn.<bn path with _>.{running_mean,running_var,num_batches_tracked}`` -- only with
+  ``bn_stats="domain"``: the target domain's BatchNorm statistics (the plain BN keys hold the source's)
 
 Inputs are expected in [0, 1] (x / 255) as in the original; normalisation is the data pipeline's job.
 The image-pooling branch has BatchNorm on a 1x1 map, so training mode needs a batch of at least 2
@@ -22,6 +24,8 @@ The image-pooling branch has BatchNorm on a 1x1 map, so training mode needs a ba
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +46,9 @@ BACKBONES = {
 BACKBONE_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 FEATURE_CHANNELS = 128
 ASPP_CHANNELS = 256
+BN_STATS = ("shared", "domain")
+DOMAINS = ("source", "target")
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def build_backbone(name: str) -> nn.Sequential:
@@ -123,6 +130,28 @@ class ASPP(nn.Module):
         return self.project(torch.cat(branches + [pooled], dim=1))
 
 
+class _RunningStats(nn.Module):
+    """A second set of running statistics for one BatchNorm layer, starting as a copy of its own."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        for k in _RUNNING:
+            self.register_buffer(k, getattr(bn, k).detach().clone())
+
+
+def _key(module_name: str) -> str:
+    return module_name.replace(".", "_")
+
+
+def _swap(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    """Exchange the running-statistics buffers of each (BatchNorm, _RunningStats) pair."""
+    for bn, stats in pairs:
+        for k in _RUNNING:
+            mine, theirs = getattr(bn, k), getattr(stats, k)
+            setattr(bn, k, theirs)
+            setattr(stats, k, mine)
+
+
 class NAPGNet(nn.Module):
     """NAPG network: classifier logits plus prototype-group outputs.
 
@@ -135,14 +164,18 @@ class NAPGNet(nn.Module):
             cache, never downloaded) or a path to a torchvision-format ResNet state dict.
         shared_similarity: one similarity conv for all classes (the original) or one per class.
         head_impl: ``"fast"`` or ``"reference"`` (see ``models.head``).
+        bn_stats: ``"shared"`` (one set of BatchNorm running statistics, the original) or ``"domain"``
+            (a second set for the target domain; affine weights stay shared, see ``domain``).
     """
 
     def __init__(self, num_classes: int = 6, prototypes_per_class: int = 1, backbone: str = "resnet50",
                  pretrained: str | Path | None = None, shared_similarity: bool = True,
-                 head_impl: str = "fast"):
+                 head_impl: str = "fast", bn_stats: str = "shared"):
         super().__init__()
         if prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class}")
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
         self.num_classes = num_classes
         self.prototypes_per_class = prototypes_per_class
         self.backbone_name = backbone
@@ -156,6 +189,50 @@ class NAPGNet(nn.Module):
         )
         self.classifier = nn.Conv2d(FEATURE_CHANNELS, num_classes, 1)
         self.head = PrototypeHead(num_classes, FEATURE_CHANNELS, shared=shared_similarity, impl=head_impl)
+        self.bn_stats = bn_stats
+        if bn_stats == "domain":
+            # Per-domain BatchNorm statistics (AdaBN, Li et al. 2017; DSBN, Chang et al. CVPR 2019, without
+            # separate affine weights): every stage forwards source and target batches separately in
+            # training mode, so training normalises each domain by its own statistics; one running mixture
+            # would make evaluation and the prototype refresh see features training never produced.
+            self.target_bn = nn.ModuleDict({_key(name): _RunningStats(bn) for name, bn in self._batchnorms()})
+
+    def _batchnorms(self) -> Iterator[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+        return ((n, m) for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    @contextmanager
+    def domain(self, name: str):
+        """Inside the block the BatchNorm layers use (and in training mode update) ``name``'s statistics.
+
+        With ``bn_stats="shared"`` or ``name="source"`` this does nothing. The target statistics' tensors
+        take the place of the BN layers' own buffers and are put back on exit. Tensors are exchanged, not
+        their values: autograd keeps the statistics a training-mode forward saved for the backward, and
+        DDP, which broadcasts every buffer of the network, still finds the same set of tensors.
+        """
+        if name not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {name!r}")
+        if self.bn_stats == "shared" or name == "source":
+            yield
+            return
+        pairs = [(bn, self.target_bn[_key(n)]) for n, bn in self._batchnorms()]
+        _swap(pairs)
+        try:
+            yield
+        finally:
+            _swap(pairs)
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Loads any checkpoint of this network whatever its ``bn_stats``: a checkpoint without target
+        statistics starts them as copies of its (shared) statistics; one with them loaded into a
+        ``shared`` network keeps only the source statistics."""
+        state = {k: v for k, v in state_dict.items() if not k.startswith("target_bn.")}
+        if self.bn_stats == "domain":
+            for name, _ in self._batchnorms():
+                for k in _RUNNING:
+                    key = f"target_bn.{_key(name)}.{k}"
+                    state[key] = state_dict.get(key, state_dict.get(f"{name}.{k}"))
+            state = {k: v for k, v in state.items() if v is not None}  # a missing key is reported below
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def _load_pretrained(self, pretrained: str | Path | None) -> Path | None:
         if pretrained is None:

@@ -82,7 +82,7 @@ def test_legacy_and_paper_differ_only_where_the_flags_say():
     legacy = resolve_config("step1", {}, preset="legacy")
     differing = {k for k in paper if paper[k] != legacy[k]}
     assert differing == {"preset", "legacy_d2_gen", "legacy_d2_step1", "proto_ignore_index", "refresh",
-                         "legacy_geometry", "kd_normalize"}
+                         "legacy_geometry", "kd_normalize", "bn_stats", "refresh_balance"}
 
 
 def test_bf16_autocast_stays_close_to_float32():

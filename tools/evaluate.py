@@ -4,6 +4,8 @@
 
 ``--checkpoint`` takes a stage folder (its model.pt), a model.pt/best.pt/last.pt file, or a converted
 original checkpoint. ``--protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1).
+``--recalibrate-bn`` first re-estimates the BatchNorm statistics on the evaluated domain's *train* images
+(no labels read; AdaBN), which is how a source-only model is given target statistics.
 """
 
 import argparse
@@ -19,7 +21,7 @@ from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import build_loader
 from data.transforms import Resize
-from engine.evaluate import PROTOCOLS, evaluate
+from engine.evaluate import PROTOCOLS, evaluate, recalibrate_bn
 from models import NAPGNet
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError, run_cli
@@ -42,9 +44,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--bn-domain", default="auto", choices=("auto", "source", "target"),
+                        help="BatchNorm statistics of a --bn-stats domain checkpoint (auto: the checkpoint's target "
+                             "statistics when --domain is its target, else its source statistics)")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="re-estimate the BatchNorm statistics on --domain's train images before evaluating")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    results, info = evaluate_checkpoint(args)
+    for branch, metrics in results.items():
+        print(f"{branch} branch, {args.domain}/{args.split}, protocol {args.protocol}, {info['bn']}:")
+        print(format_table(metrics, CLASS_NAMES))
+    if args.json:
+        write_json(Path(args.json), {"checkpoint": info["checkpoint"], "domain": args.domain, "split": args.split,
+                                     "protocol": args.protocol, "bn": info["bn"],
+                                     "recalibrated_bn": info["recalibrated_bn"], **results})
+    return 0
 
+
+def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Evaluate the checkpoint ``args`` name; returns (results, what was evaluated and how)."""
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / "model.pt"
@@ -55,24 +74,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"tools/convert_original_checkpoint.py)")
     device = resolve_device(args.device)
     model = NAPGNet(num_classes=meta["num_classes"], backbone=meta["backbone"],
-                    shared_similarity=meta.get("shared_similarity", True)).to(device)
+                    shared_similarity=meta.get("shared_similarity", True),
+                    bn_stats=meta.get("bn_stats", "shared")).to(device)
     model.load_state_dict(state["model"])
+    bn_domain = args.bn_domain
+    if bn_domain == "auto":
+        bn_domain = "target" if _is_target(meta, args.data_root, args.domain) else "source"
     protos = _pick_prototypes(state.get("prototypes"), args.prototypes)
     if protos is not None:
         protos = protos.to(device)
 
-    dataset = SegmentationFolder(resolve_domain(Path(args.data_root), args.domain), args.split,
-                                 label_format=args.label_format, normalize=args.normalize,
-                                 transform=Resize(args.resize) if args.resize else None)
+    folder = resolve_domain(Path(args.data_root), args.domain)
+    common = {"label_format": args.label_format, "normalize": args.normalize,
+              "transform": Resize(args.resize) if args.resize else None}
+    bn = f"{bn_domain} BatchNorm statistics" if meta.get("bn_stats") == "domain" else "shared BatchNorm statistics"
+    recalibrated = None
+    if args.recalibrate_bn:
+        train = SegmentationFolder(folder, "train", with_labels=False, **common)
+        used = recalibrate_bn(model, build_loader(train, args.batch_size, shuffle=False, drop_last=False,
+                                                  num_workers=args.num_workers), device, domain=bn_domain)
+        recalibrated = {"split": "train", "images": used}
+        bn += f", re-estimated on {used} {args.domain}/train images"
+    dataset = SegmentationFolder(folder, args.split, **common)
     loader = build_loader(dataset, args.batch_size, shuffle=False, drop_last=False, num_workers=args.num_workers)
-    results = evaluate(model, loader, protos, device, meta["num_classes"], protocol=args.protocol)
-    for branch, metrics in results.items():
-        print(f"{branch} branch, {args.domain}/{args.split}, protocol {args.protocol}:")
-        print(format_table(metrics, CLASS_NAMES))
-    if args.json:
-        write_json(Path(args.json), {"checkpoint": str(path), "domain": args.domain, "split": args.split,
-                                     "protocol": args.protocol, **results})
-    return 0
+    results = evaluate(model, loader, protos, device, meta["num_classes"], protocol=args.protocol, domain=bn_domain)
+    return results, {"checkpoint": str(path), "bn": bn, "recalibrated_bn": recalibrated}
+
+
+def _is_target(meta: dict, data_root: str, domain: str) -> bool:
+    """Whether ``domain`` is the checkpoint's target domain (same folder, or same name when unresolvable)."""
+    if meta.get("target") is None:
+        return False
+    try:
+        return resolve_domain(Path(data_root), meta["target"]) == resolve_domain(Path(data_root), domain)
+    except UserError:
+        return str(meta["target"]) == str(domain)
 
 
 def _pick_prototypes(protos: dict | None, which: str) -> torch.Tensor | None:

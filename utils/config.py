@@ -59,6 +59,8 @@ OPTIONS: dict[str, Option] = {
     "pretrained": _o(None, str, "'imagenet' (torchvision cache) or a path to ResNet weights", nullable=True),
     "shared_similarity": _o(True, bool, "one similarity conv for all classes (the original)"),
     "head_impl": _o("fast", str, "prototype head implementation", choices=("fast", "reference")),
+    "bn_stats": _o("domain", str, "BatchNorm running statistics of the stages that see the target: one per "
+                   "domain, or one shared mixture (the released code)", choices=("domain", "shared")),
     # --- optimisation ---
     "lr": _o(1e-4, float, "segmenter learning rate (Adam, constant)"),
     "lr_d": _o(1e-4, float, "discriminator learning rate (Adam, constant)"),
@@ -82,6 +84,7 @@ OPTIONS: dict[str, Option] = {
     "tau_min": _o(0.0, float, "lower bound of the threshold"),
     "refresh": _o("clean", str, "prototype refresh pass", choices=("clean", "legacy")),
     "refresh_max_batches": _o(None, int, "cap on refresh batches per role (smoke runs)", nullable=True),
+    "refresh_balance": _o(True, bool, "weight source and target equally in each class's refresh pool"),
     # --- losses ---
     "w_ce": _o(1.0, float, "classifier cross-entropy weight"),
     "w_proto": _o(1.0, float, "prototype NLL weight"),
@@ -147,7 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "legacy": {"legacy_d2_gen": True, "legacy_d2_step1@step1": True, "w_gnce@step2": 0.0,
                "proto_ignore_index": False, "refresh": "legacy", "legacy_geometry": True,
-               "kd_normalize": "all"},
+               "kd_normalize": "all", "bn_stats": "shared", "refresh_balance": False},
 }
 
 
