@@ -111,7 +111,8 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
             if done < iters:  # stopped inside the epoch
                 _save_last(run_dir, napg, protos, data, epoch, done, global_step, best, cfg)
                 break
-            best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, run_dir, best)
+            if not cfg["eval_every"] or global_step % cfg["eval_every"] == 0:
+                best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, run_dir, best)
             epoch, iteration = epoch + 1, 0
             _save_last(run_dir, napg, protos, data, epoch, 0, global_step, best, cfg)
             if stop:

@@ -117,3 +117,64 @@ def test_evaluate_tool_and_results_table(chain, synthetic_root, tmp_path):
     assert all(set(r) >= {"miou", "mf1", "oa", "miou5", "mf1_5", "iou"} for r in results.values())
     table = results_table(results)
     assert "step3 teacher-student" in table and "target-val" in table
+
+
+def test_source_val_is_evaluated_beside_target_val(chain):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tools.run_pipeline import collect_results, results_table
+
+    work, procs = chain
+    for stage in STAGE_SCRIPTS:
+        ev = json.loads((work / stage / "eval.json").read_text())
+        manifest = json.loads((work / stage / "manifest.json").read_text())
+        assert 0 <= ev["source_val"]["classifier"]["miou"] <= 1
+        assert manifest["source_val"]["classifier"]["miou"] == ev["source_val"]["classifier"]["miou"]
+        assert manifest["target_val"]["classifier"]["miou"] == ev["classifier"]["miou"]
+        assert "source-val mIoU" in procs[stage].stdout
+    assert json.loads((work / "step0" / "manifest.json").read_text())["bn_stats"] == "shared"  # never sees a target
+    assert json.loads((work / "step2" / "manifest.json").read_text())["bn_stats"] == "domain"  # the paper default
+    events = EventAccumulator(str(work / "step2" / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert {"eval_source/classifier/miou", "prototypes/pool_source_car", "prototypes/pool_target_car"} <= set(
+        events.Tags()["scalars"])
+    table = results_table(collect_results(work))
+    assert "src mIoU" in table and "source-val" in table
+
+
+def test_evaluate_tool_recalibrates_batchnorm(chain, synthetic_root, tmp_path):
+    import json
+
+    work, _ = chain
+    common = ["--data-root", str(synthetic_root), "--domain", "vaihingen_irrg", "--resize", "64", "--num-workers",
+              "0", "--device", "cpu", "--batch-size", "2"]
+    runs = {}
+    for name, checkpoint, extra in (("plain", "step2", []), ("recal", "step0", ["--recalibrate-bn"])):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(work / checkpoint), *common,
+                               "--json", str(out), *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = (proc.stdout, json.loads(out.read_text()))
+    assert "target BatchNorm statistics" in runs["plain"][0] and runs["plain"][1]["recalibrated_bn"] is None
+    stdout, result = runs["recal"]
+    train_images = len(list((synthetic_root / "vaihingen_irrg" / "img_dir" / "train").glob("*.png")))
+    assert "re-estimated on" in stdout and result["recalibrated_bn"] == {"split": "train", "images": train_images}
+
+
+def test_warm_start_only_from_a_finished_source_only_run(chain, synthetic_root, tmp_path):
+    work, _ = chain
+    for stage in ("step0", "step1"):  # a finished source-only run starts step 0 (training on) and step 1
+        proc = run_step(stage, tiny_args(synthetic_root, tmp_path / f"warm_{stage}", "--init", str(work / "step0"),
+                                         "--epochs", "1"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert '"stage": "step0"' in (tmp_path / f"warm_{stage}" / stage / "env.json").read_text()
+    for stage, init in (("step0", "step1"), ("step1", "step2"), ("step1", "step3")):
+        proc = run_step(stage, tiny_args(synthetic_root, tmp_path / "refused", "--init", str(work / init)))
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert f"is a {init} checkpoint" in proc.stderr
+    unfinished = tmp_path / "unfinished" / "step0"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("{}\n")
+    proc = run_step("step1", tiny_args(synthetic_root, tmp_path / "refused", "--init", str(unfinished)))
+    assert proc.returncode == 2 and "manifest.json" in proc.stderr

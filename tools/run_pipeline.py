@@ -1,10 +1,11 @@
-"""Run step 0 -> 1 -> 2 -> 3 for one domain pair and print the per-stage target-val table.
+"""Run step 0 -> 1 -> 2 -> 3 for one domain pair and print the per-stage target-val and source-val table.
 
     python tools/run_pipeline.py --config configs/demo.yaml --work-dir runs/demo [--flag value ...]
 
 Extra flags are passed to every stage. Finished stages are kept (``--overwrite`` retrains them) and an
 interrupted stage is resumed, so re-running the same command continues the pipeline. Writes
-``<work-dir>/results.json``: for each stage the target-val metrics of the classifier branch.
+``<work-dir>/results.json``: for each stage the target-val metrics of the classifier branch and its
+source-val mIoU.
 """
 
 import argparse
@@ -59,17 +60,21 @@ def collect_results(work_dir: Path) -> dict:
             ev = read_json(path)
             cls = ev["classifier"]
             results[stage] = {**{k: cls[k] for k in METRICS}, "iou": cls["iou"], "split": ev["split"],
-                              "prototype_miou": ev.get("prototype", {}).get("miou")}
+                              "prototype_miou": ev.get("prototype", {}).get("miou"),
+                              "source_val_miou": ev.get("source_val", {}).get("classifier", {}).get("miou")}
     return results
 
 
 def results_table(results: dict) -> str:
     names = {"step0": "source only", "step1": "warm-up", "step2": "MPG UDA", "step3": "teacher-student"}
-    lines = [f"{'stage':<24}{'mIoU':>8}{'mF1':>8}{'OA':>8}{'mIoU-5':>8}{'mF1-5':>8}"]
+    lines = [f"{'stage':<24}{'mIoU':>8}{'mF1':>8}{'OA':>8}{'mIoU-5':>8}{'mF1-5':>8}{'src mIoU':>10}"]
     for stage, m in results.items():
-        lines.append(f"{stage + ' ' + names[stage]:<24}" + "".join(f"{100 * m[k]:>8.2f}" for k in METRICS))
+        source = m.get("source_val_miou")
+        lines.append(f"{stage + ' ' + names[stage]:<24}" + "".join(f"{100 * m[k]:>8.2f}" for k in METRICS)
+                     + (f"{100 * source:>10.2f}" if source is not None else f"{'-':>10}"))
     split = next(iter(results.values()))["split"] if results else "target-val"
-    lines.append(f"({split}, classifier branch, 6 classes incl. clutter; -5 = clutter excluded from the mean)")
+    lines.append(f"({split}, classifier branch, 6 classes incl. clutter; -5 = clutter excluded from the mean; "
+                 f"src = source-val)")
     return "\n".join(lines)
 
 

@@ -111,7 +111,8 @@ OPTIONS: dict[str, Option] = {
     "cutout_frac": _o(1 / 3, float, "cutout side as a fraction of the crop"),
     "legacy_geometry": _o(False, bool, "strong-view geometry at the released code's scale 1 (4x off)"),
     # --- evaluation ---
-    "eval_every": _o(0, int, "evaluate every N iterations (0 = at the end of each epoch)"),
+    "eval_every": _o(0, int, "evaluate every N iterations instead of at the end of each epoch (0); the "
+                   "finished stage is always evaluated"),
     "eval_max_batches": _o(None, int, "cap on evaluation batches (smoke runs)", nullable=True),
     "select_on_target_val": _o(False, bool, "also keep the best checkpoint by target-val mIoU (oracle)"),
     # --- speed ---

@@ -1,0 +1,85 @@
+"""tools/validity.py end to end on a tiny setting: every run, the JSON interface, the table and the chart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = """\
+backbone: resnet18
+pretrained: null
+resize: 64
+img_size: 64
+batch_size: 2
+eval_batch_size: 4
+num_workers: 0
+device: cpu
+iters_per_epoch: 2
+refresh_max_batches: 2
+progress: false
+step0:
+  epochs: 1
+step1:
+  epochs: 1
+  tgt_proto_start: 1
+step2:
+  epochs: 1
+step3:
+  epochs: 1
+"""
+
+
+def _study(tmp_path, *flags):
+    cmd = [sys.executable, "tools/validity.py", "--data-seed", "3", "--size", "small", "--out", str(tmp_path / "study"),
+           "--config", str(tmp_path / "tiny.yaml"), *flags]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def test_validity_study_end_to_end(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    first = _study(tmp_path, "--seeds", "0", "1", "--with-step3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "study"
+    result = json.loads((out / "validity.json").read_text())
+    assert result["data_seed"] == 3 and set(result["runs"]) == {"0", "1"}
+    assert result["budget"]["source_only_epochs"] == 2  # steps 1 + 2: equal iteration budgets
+    assert 0 <= result["warm_start"]["source_val"]["miou"] <= 1
+    for run in result["runs"].values():
+        assert set(run) == {"source_only", "source_only_bn", "napg", "napg_step3", "oracle"}
+        for scores in run.values():
+            for split in ("target_val", "source_val"):
+                assert set(scores[split]) == {"miou", "mf1", "iou"} and len(scores[split]["iou"]) == 6
+                assert 0 <= scores[split]["miou"] <= 1
+        # AdaBN changes only the target's statistics: the source-val number is source-only's
+        assert run["source_only_bn"]["source_val"] == run["source_only"]["source_val"]
+    # the paired difference printed for NAPG is the mean of the per-seed differences in the JSON
+    diffs = [100 * (r["napg"]["target_val"]["miou"] - r["source_only"]["target_val"]["miou"])
+             for r in result["runs"].values()]
+    napg_line = next(line for line in first.stdout.splitlines() if line.startswith("NAPG step 2"))
+    assert f"{sum(diffs) / 2:+.2f}" in napg_line
+    assert (out / "validity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("warm_start/step0", "seed0/source_only/step0", "seed0/napg/step2", "seed1/napg/step3",
+                 "seed1/oracle/step0"):
+        assert (out / name / "manifest.json").is_file(), name
+
+    # Rerunning continues: finished runs (the warm start included) are kept, the ablations are added.
+    again = _study(tmp_path, "--seeds", "0", "--ablate")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{out / 'warm_start' / 'step0'}: finished, kept" in again.stdout
+    run = json.loads((out / "validity.json").read_text())["runs"]["0"]
+    assert {"napg_no_d1", "napg_no_d2", "napg_no_proto", "napg_no_gnce"} <= set(run)
+    config = (out / "seed0" / "napg_no_d1" / "step2" / "config.yaml").read_text()
+    assert "w_adv_d1: 0.0" in config
+
+    other = subprocess.run([sys.executable, "tools/validity.py", "--data-seed", "4", "--size", "small", "--seeds", "0",
+                            "--out", str(out), "--config", str(tmp_path / "tiny.yaml")],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "choose another --out" in other.stderr
+    assert other.stderr.strip().count("\n") == 0
