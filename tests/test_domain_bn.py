@@ -87,8 +87,10 @@ def test_refresh_extracts_each_domain_with_its_statistics(trained):
     (n_src, p_src), (n_tgt, p_tgt) = pool(ref_src, src, False), pool(ref_tgt, tgt, True)
     assert got.pool_sizes == {"source": n_src, "target": n_tgt}
     for c, k in enumerate(n_tgt):
-        if k:  # K = 1: the target-only prototype of a class is the mean of its target centroids
+        if k:  # K = 1: a prototype is the mean of its pool (target only, and source + target)
             torch.testing.assert_close(got.target[c], p_tgt[c].mean(0), rtol=1e-5, atol=1e-5)
+            both = torch.cat([t for t in (p_src[c], p_tgt[c]) if t is not None])
+            torch.testing.assert_close(got.source_target[c], both.mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_shared_statistics_are_untouched_by_the_domain_switch():

@@ -207,7 +207,8 @@ def summary_table(results: dict[str, Any]) -> str:
         (tm, ts), (sm, ss), (dm, ds) = _mean_std(tgt), _mean_std(src), _mean_std(diff)
         per_seed = " ".join(f"{v:.1f}" for v in tgt)
         paired = "" if m == "source_only" else f"{dm:+.2f} ± {ds:.2f}"
-        lines.append(f"{LABELS[m]:<34}{f'{tm:.2f} ± {ts:.2f}':>18}{per_seed:>24}{paired:>18}{f'{sm:.2f} ± {ss:.2f}':>18}")
+        target, source = f"{tm:.2f} ± {ts:.2f}", f"{sm:.2f} ± {ss:.2f}"
+        lines.append(f"{LABELS[m]:<34}{target:>18}{per_seed:>24}{paired:>18}{source:>18}")
     lines.append("(classifier branch, 6 classes incl. clutter; std over seeds; 'vs source only' is the paired "
                  "difference per seed)")
     return "\n".join(lines)
