@@ -9,9 +9,8 @@ import torch
 
 import tools.convert_original_checkpoint as convert
 from models import FCDiscriminatorHighMask, NAPGNet, load_original_checkpoint, to_original_state_dict
+from tests.helpers import fixture_path
 from utils.errors import UserError, run_cli
-
-KEYS_FILE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "state_dict_keys.txt"
 
 
 def _model(seed: int, **kwargs) -> NAPGNet:
@@ -58,12 +57,12 @@ def target() -> NAPGNet:
     return _model(1)
 
 
-@pytest.mark.skipif(not KEYS_FILE.is_file(), reason=f"{KEYS_FILE} not found (shared fixtures absent)")
 def test_key_layout_equals_the_original_state_dict() -> None:
     torch.manual_seed(0)
     ckpt = to_original_state_dict(NAPGNet(num_classes=6, backbone="resnet50"), FCDiscriminatorHighMask(6))
     ours = [(k, v) for k, v in ckpt["network"].items()] + [(f"D.{k}", v) for k, v in ckpt["GAN"].items()]
-    rows = [line.split("\t") for line in KEYS_FILE.read_text().splitlines() if line and not line[0] == "#"]
+    lines = fixture_path("state_dict_keys.txt").read_text().splitlines()
+    rows = [line.split("\t") for line in lines if line and not line[0] == "#"]
 
     def describe(v: torch.Tensor) -> tuple[str, str]:
         return "x".join(map(str, v.shape)) or "scalar", str(v.dtype).removeprefix("torch.")

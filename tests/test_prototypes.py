@@ -31,7 +31,7 @@ def fixture_pools() -> tuple[dict, list[torch.Tensor]]:
 
 
 def assert_sklearn_close(actual: torch.Tensor, expected: torch.Tensor, fx: dict) -> None:
-    """1e-5 with the fixtures' scikit-learn version, 1e-4 with another (shared/fixtures/README.md)."""
+    """1e-5 with the fixtures' scikit-learn version, 1e-4 with another (tests/fixtures/README.md)."""
     rel = 1e-5 if sklearn.__version__ == fx["meta"]["sklearn"] else 1e-4
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * float(expected.abs().max()))
 

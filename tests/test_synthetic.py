@@ -22,6 +22,7 @@ from data.synthetic import (
     make_tile,
     target_look,
 )
+from tests.helpers import REAL_SAMPLES
 from tools import make_synthetic as make_synthetic_tool
 from utils.errors import UserError, run_cli
 
@@ -129,10 +130,9 @@ def test_objects_are_rasterised_at_each_domain_gsd():
     assert 1500 < source < 4000
 
 
-def test_car_sizes_resemble_the_real_patches(synthetic_root, shared_dir):
+def test_car_sizes_resemble_the_real_patches(synthetic_root):
     for real, synthetic in (("potsdam", "potsdam_rgb"), ("vaihingen", "vaihingen_irrg")):
-        real_area = median_car_area([np.array(Image.open(p)) for p in (shared_dir / "real-samples" / real).glob(
-            "ann_dir/*.png")])
+        real_area = median_car_area([np.array(Image.open(p)) for p in (REAL_SAMPLES / real).glob("ann_dir/*.png")])
         synthetic_area = median_car_area(
             [np.array(Image.open(p)) for p in (synthetic_root / synthetic / "ann_dir").rglob("*.png")])
         assert 0.5 < synthetic_area / real_area < 2.0, (real, synthetic_area, real_area)
