@@ -24,6 +24,7 @@ from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import BatchStream, eval_loader
 from data.transforms import build_transforms
 from engine.evaluate import evaluate
+from engine.handoff import handoff_meta, handoff_prototypes, resolve_init, save_handoff
 from engine.logger import RunLogger, panel
 from engine.refresh import RefreshResult, refresh_prototypes
 from engine.uda import NAPG, _unwrap
@@ -36,7 +37,6 @@ from utils.errors import UserError
 from utils.metrics import format_table
 from utils.run import environment_info, resolve_device, rng_state, seed_everything, set_rng_state, write_json
 
-PREVIOUS_STAGE = {"step2": "step1", "step3": "step2"}
 # Options that must not change when a stage is resumed.
 RESUME_FIXED = ("source", "target", "num_classes", "backbone", "batch_size", "img_size", "resize", "clusters",
                 "seed", "preset")
@@ -50,7 +50,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg["deterministic"]
     replace_old_run = _check_run_dir(run_dir, cfg)
-    init_state, init_source = _resolve_init(cfg)
+    init_state, init_source = resolve_init(cfg)
     seed_everything(cfg["seed"], cfg["deterministic"])
 
     data = build_data(cfg, device)
@@ -60,7 +60,8 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     dist.barrier()
 
     epoch, iteration, global_step = 1, 0, 0
-    protos: RefreshResult | None = None
+    # The previous stage's prototypes: the fallback for classes without samples at the first refresh.
+    protos = handoff_prototypes(init_state, device)
     best: dict[str, Any] | None = None
     if cfg["resume"]:
         epoch, iteration, global_step, protos, best = _resume(run_dir, cfg, napg, data, device)
@@ -263,7 +264,7 @@ def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, c
         if best is None or miou > best["miou"]:
             best = {"miou": miou, "epoch": epoch, "step": step}
             _save_handoff(run_dir / "best.pt", napg, protos, cfg, epoch,
-                          extra={"selected_on": "target-val mIoU (oracle selection)", "target_val": results})
+                          selected_on="target-val mIoU (oracle selection)", target_val=results)
     return best
 
 
@@ -309,40 +310,6 @@ def _check_run_dir(run_dir: Path, cfg: dict[str, Any]) -> bool:
     return False
 
 
-def _resolve_init(cfg: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The previous stage's hand-off checkpoint, checked against this stage (or None)."""
-    stage, init = cfg["stage"], cfg["init"]
-    expected = PREVIOUS_STAGE.get(stage)
-    if init is None:
-        if expected is None:
-            return None, None
-        candidate = Path(cfg["work_dir"]) / expected
-        if not (candidate / "model.pt").exists():
-            raise UserError(f"{stage} starts from a finished {expected} run: pass --init <{expected} run folder or "
-                            f"checkpoint> (looked for {candidate / 'model.pt'})")
-        init = str(candidate)
-    path = Path(init)
-    if path.is_dir():
-        if not (path / "manifest.json").exists():
-            raise UserError(f"--init {path}: no manifest.json, so the run is unfinished or not a stage folder")
-        path = path / "model.pt"
-    state = load_checkpoint(path)
-    meta = state.get("meta")
-    if "model" not in state or not isinstance(meta, dict):
-        raise UserError(f"--init {path}: not a stage checkpoint of this project (no 'model'/'meta'); "
-                        f"original NAPG checkpoints are converted with tools/convert_original_checkpoint.py")
-    got = meta.get("stage")
-    allowed = {expected, "original"} if expected else {"original"}
-    if got not in allowed:
-        want = f"a {expected} run" if expected else "no --init (or a converted original checkpoint)"
-        raise UserError(f"--init {path} is a {got} checkpoint, but {stage} needs {want}")
-    for key in ("num_classes", "backbone"):
-        if key in meta and meta[key] != cfg[key]:
-            raise UserError(f"--init {path} was trained with {key}={meta[key]}, this run has {key}={cfg[key]}; "
-                            f"pass --{key.replace('_', '-')} {meta[key]} or another checkpoint")
-    return state, {"path": str(path), "sha256": sha256_file(path), "stage": got}
-
-
 def _save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], epoch: int, iteration: int,
                global_step: int, best: dict[str, Any] | None, cfg: dict[str, Any]) -> None:
     """Everything needed to continue exactly here: weights, optimisers, prototypes, RNG, data position."""
@@ -379,16 +346,14 @@ def _protos_state(protos: RefreshResult) -> dict[str, Any]:
 
 
 def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, Any], epoch: int,
-                  extra: dict[str, Any] | None = None) -> None:
-    state = {"model": _unwrap(napg.model).state_dict(), "prototypes": _protos_state(protos),
-             "meta": {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
-                      "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
-                      "clusters": protos.clusters, "prototypes_per_class": max(protos.clusters),
-                      "shared_similarity": cfg["shared_similarity"],
-                      "epoch": epoch, **(extra or {})}}
-    if napg.d1 is not None:
-        state.update(d1=_unwrap(napg.d1).state_dict(), d2=_unwrap(napg.d2).state_dict())
-    save_checkpoint(state, path)
+                  **extra: Any) -> None:
+    meta = handoff_meta(stage=cfg["stage"], source=cfg["source"], target=cfg["target"],
+                        num_classes=cfg["num_classes"], backbone=cfg["backbone"],
+                        shared_similarity=cfg["shared_similarity"], clusters=protos.clusters,
+                        # "shared" until per-domain BatchNorm statistics exist as an option
+                        bn_stats=cfg.get("bn_stats", "shared"), normalize=cfg["normalize"], epoch=epoch, **extra)
+    d1, d2 = (None if d is None else _unwrap(d) for d in (napg.d1, napg.d2))
+    save_handoff(path, _unwrap(napg.model), d1, d2, _protos_state(protos), meta)
 
 
 def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: dict[str, Any],

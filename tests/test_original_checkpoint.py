@@ -146,8 +146,9 @@ def test_convert_tool_writes_our_format_atomically(tmp_path: Path, capsys: pytes
     assert convert.main(argv) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["ours.pt"]  # no temporary file left
     converted = torch.load(out, weights_only=True)
-    assert set(converted) == {"model", "d1", "d2", "meta"}
+    assert set(converted) == {"model", "d1", "d2", "prototypes", "meta"} and converted["prototypes"] is None
     assert converted["meta"]["backbone"] == "resnet18" and converted["meta"]["num_classes"] == 6
+    assert converted["meta"]["stage"] == "original"
     for ours, theirs in ((converted["model"], model), (converted["d1"], d1), (converted["d2"], d2)):
         assert ours.keys() == theirs.state_dict().keys()
         assert all(torch.equal(ours[k], v) for k, v in theirs.state_dict().items())
@@ -165,4 +166,4 @@ def test_convert_tool_writes_our_format_atomically(tmp_path: Path, capsys: pytes
     assert convert.main(["--checkpoint", str(tmp_path / "bare.pth"), "--out", str(bare_out),
                          "--backbone", "resnet18"]) == 0
     bare = torch.load(bare_out, weights_only=True)
-    assert set(bare) == {"model", "meta"}  # no discriminators in a bare network state dict
+    assert set(bare) == {"model", "prototypes", "meta"}  # no discriminators in a bare network state dict

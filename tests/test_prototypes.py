@@ -141,6 +141,13 @@ def test_empty_pool_keeps_previous_rows():
     prev_k1 = torch.tensor([[0.0, 0, 0], [1, 1, 1], [2, 2, 2]])
     protos, _ = build_prototypes(pools, [2, 2, 1], previous=prev_k1)
     torch.testing.assert_close(protos[2:], torch.tensor([[1.0, 1, 1], [1, 1, 1], [2, 2, 2], [2, 2, 2]]))
+    # ... and with more rows per class (a step-2 hand-off with K' = 4 starting step 3 with K = 2), rows
+    # k * K' // K: the first and the third of each class.
+    prev_k4 = torch.arange(12 * 3, dtype=torch.float32).view(12, 3)
+    protos, _ = build_prototypes(pools, [2, 2, 1], previous=prev_k4)
+    torch.testing.assert_close(protos[2:], prev_k4[[4, 6, 8, 10]])
+    with pytest.raises(ValueError, match="do not fit 3 classes"):
+        build_prototypes(pools, [2, 2, 1], previous=torch.zeros(4, 3))
     with pytest.raises(ValueError, match="no previous prototypes"):
         build_prototypes(pools, [2, 2, 1])
 

@@ -2,8 +2,9 @@
 
     python tools/evaluate.py --checkpoint runs/demo/step2 --data-root data --domain vaihingen_irrg --split val
 
-``--checkpoint`` takes a stage folder (its model.pt), a model.pt/best.pt/last.pt file, or a converted
-original checkpoint. ``--protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1).
+``--checkpoint`` takes a finished stage folder (its model.pt), a model.pt/best.pt file, or a converted
+original checkpoint (all read by ``engine/handoff.py``); ``--normalize`` defaults to the checkpoint's.
+``--protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1).
 """
 
 import argparse
@@ -20,8 +21,7 @@ from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import build_loader
 from data.transforms import Resize
 from engine.evaluate import PROTOCOLS, evaluate
-from models import NAPGNet
-from utils.checkpoint import load_checkpoint
+from engine.handoff import handoff_file, handoff_network, load_handoff
 from utils.errors import UserError, run_cli
 from utils.metrics import format_table
 from utils.run import resolve_device, write_json
@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prototypes", default="auto", choices=("auto", "target", "source_target", "none"),
                         help="prototype set for the prototype branch (auto: target if present)")
     parser.add_argument("--label-format", choices=("mmseg_raw", "train_ids"))
-    parser.add_argument("--normalize", default="unit", choices=("unit", "imagenet"))
+    parser.add_argument("--normalize", choices=("unit", "imagenet"),
+                        help="input normalisation (default: the one the checkpoint was trained with)")
     parser.add_argument("--resize", type=int, help="resize patches to this side (as the run did)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -45,24 +46,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "model.pt"
-    state = load_checkpoint(path)
-    meta = state.get("meta")
-    if "model" not in state or not isinstance(meta, dict):
-        raise UserError(f"{path} is not a checkpoint of this project (convert original ones with "
-                        f"tools/convert_original_checkpoint.py)")
+    path = handoff_file(args.checkpoint, "--checkpoint")
+    state = load_handoff(path, flag="--checkpoint")
+    meta = state["meta"]
     device = resolve_device(args.device)
-    model = NAPGNet(num_classes=meta["num_classes"], backbone=meta["backbone"],
-                    shared_similarity=meta.get("shared_similarity", True)).to(device)
-    model.load_state_dict(state["model"])
+    model = handoff_network(state, device)
     protos = _pick_prototypes(state.get("prototypes"), args.prototypes)
     if protos is not None:
         protos = protos.to(device)
 
     dataset = SegmentationFolder(resolve_domain(Path(args.data_root), args.domain), args.split,
-                                 label_format=args.label_format, normalize=args.normalize,
+                                 label_format=args.label_format, normalize=args.normalize or meta["normalize"],
                                  transform=Resize(args.resize) if args.resize else None)
     loader = build_loader(dataset, args.batch_size, shuffle=False, drop_last=False, num_workers=args.num_workers)
     results = evaluate(model, loader, protos, device, meta["num_classes"], protocol=args.protocol)
