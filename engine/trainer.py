@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
-from data.loaders import BatchStream, eval_loader
+from data.loaders import BatchStream, eval_loader, shuffled_loader
 from data.transforms import build_transforms
 from engine.evaluate import evaluate
 from engine.handoff import handoff_meta, handoff_prototypes, resolve_init, save_handoff
@@ -80,7 +80,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
         while epoch <= cfg["epochs"]:
             tau = tau_at(cfg, epoch)
             if iteration == 0 or protos is None:
-                protos = refresh(napg, data, cfg, tau, protos, device)
+                protos = refresh(napg, data, cfg, tau, protos, device, epoch=epoch)
                 _log_refresh(logger, global_step, epoch, tau, protos)
             done = iteration
             bar = tqdm(range(iteration, iters), total=iters, initial=iteration, disable=not cfg["progress"],
@@ -146,6 +146,10 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     common = {"label_format": cfg["label_format"], "normalize": cfg["normalize"], "cache": cfg["cache"]}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
     src_train = SegmentationFolder(src_dir, "train", transform=train_tf, **common)
+    if not cfg["proto_ignore_index"] and src_train.meta.get("labels") == "eroded":
+        raise UserError(f"the legacy prototype NLL has no ignore index (as released), but {src_dir} holds eroded "
+                        f"labels whose class borders are ignored pixels; prepare the source with "
+                        f"tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
     src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
     seed, bs, ebs = cfg["seed"], cfg["batch_size"], cfg["eval_batch_size"]
     # Workers stay alive between passes (the refresh and evaluation loaders are read every epoch).
@@ -153,7 +157,8 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
                  "persistent_workers": cfg["num_workers"] > 0}
     data: dict[str, Any] = {
         "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
-        "source_refresh": eval_loader(src_refresh, ebs, **loader_kw),
+        "source_refresh": shuffled_loader(src_refresh, ebs, seed, **loader_kw) if cfg["refresh"] == "legacy"
+        else eval_loader(src_refresh, ebs, **loader_kw),
         "target": None, "target_refresh": None, "target_val": None,
     }
     if cfg["stage"] != "step0" or cfg["target"]:
@@ -170,7 +175,10 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _iters_per_epoch(cfg: dict[str, Any], data: dict[str, Any]) -> int:
     role = "target" if cfg["stage"] == "step3" else "source"
-    n = data[role].batches_per_pass
+    n = data[role].batches_per_pass - int(cfg["legacy_epoch_length"])  # the released loops: len(loader) - 1
+    if n < 1:
+        raise UserError(f"--legacy-epoch-length leaves no iteration: the {role} data fill only one batch of "
+                        f"{cfg['batch_size']}; lower --batch-size or pass --legacy-epoch-length false")
     return min(n, cfg["iters_per_epoch"]) if cfg["iters_per_epoch"] else n
 
 
@@ -211,10 +219,13 @@ def train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epo
 
 def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | None,
             previous: RefreshResult | None, device: torch.device,
-            max_batches: int | None = None) -> RefreshResult:
-    """The prototype refresh before an epoch (``max_batches`` overrides the config's cap)."""
+            max_batches: int | None = None, epoch: int = 1) -> RefreshResult:
+    """The prototype refresh before ``epoch`` (``max_batches`` overrides the config's cap)."""
     # Prototypes come from the network being trained (in step 3 the student, as in the original).
     model = _unwrap(napg.model)
+    set_epoch = getattr(getattr(data["source_refresh"], "sampler", None), "set_epoch", None)
+    if set_epoch is not None:  # the legacy refresh's shuffled source loader: a new order every epoch
+        set_epoch(epoch)
     clusters = cfg["clusters"]
     kwargs = {"backend": cfg["kmeans_backend"], "n_init": cfg["kmeans_n_init"], "seed": cfg["kmeans_seed"]}
     return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,

@@ -325,3 +325,26 @@ def test_worker_seeding_is_reproducible(tmp_path):
 
     first = params(0)
     assert torch.equal(first, params(0)) and not torch.equal(first, params(1))
+
+
+def test_shuffled_loader_order_follows_seed_and_epoch():
+    """The legacy refresh's source loader: full batches, each sample at most once, order from (seed, epoch)."""
+    from data.loaders import shuffled_loader
+
+    class Numbers(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 11
+
+        def __getitem__(self, i: int) -> int:
+            return i
+
+    def order(seed: int, epoch: int) -> list[list[int]]:
+        loader = shuffled_loader(Numbers(), 3, seed)
+        loader.sampler.set_epoch(epoch)
+        return [batch.tolist() for batch in loader]
+
+    first = order(0, 1)
+    assert len(first) == 3 and all(len(b) == 3 for b in first)  # 11 samples -> 3 full batches
+    flat = [i for b in first for i in b]
+    assert len(set(flat)) == 9 and flat != sorted(flat)
+    assert order(0, 1) == first and order(0, 2) != first and order(1, 1) != first

@@ -48,6 +48,45 @@ def test_sklearn_backend_reproduces_the_original(name):
     assert report == {"pool_sizes": [5, 12, 23, 37, 48, 60], "kept_previous": [], "small_pools": []}
 
 
+def test_legacy_kmeans_is_sklearn_kmeans_on_standardised_centroids(monkeypatch):
+    """The legacy preset's clustering equals sklearn's KMeans(random_state=0) with its default n_init on
+    StandardScaler-ed pools (ValidateVisualization_tool.py), bit for bit: same centres, same labels."""
+    import inspect
+
+    import numpy as np
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import StandardScaler
+
+    from engine.trainer import refresh
+    from utils.config import resolve_config
+
+    cfg = resolve_config("step2", {}, preset="legacy")
+    default_n_init = inspect.signature(KMeans).parameters["n_init"].default
+    assert default_n_init == cfg["kmeans_n_init"] == "auto"  # the released code's default in sklearn >= 1.4
+    captured = {}  # what the trainer's refresh hands to the clustering under the legacy preset
+    monkeypatch.setattr("engine.trainer.refresh_prototypes", lambda *a, cluster_kwargs, **kw: captured.update(
+        cluster_kwargs))
+    refresh(type("NAPG", (), {"model": None})(), {"source_refresh": [], "target_refresh": None}, cfg, None, None,
+            torch.device("cpu"))
+    assert captured == {"backend": "sklearn", "n_init": "auto", "seed": 0}
+    _, pools = fixture_pools()
+    for x in pools:
+        for k_c in (1, 2, 4):
+            ours = cluster_class(x, k_c, **captured)
+            scaler = StandardScaler()
+            z = scaler.fit_transform(x.numpy())
+            k = k_c if k_c < 3 else k_c - 1
+            km = KMeans(k, random_state=0).fit(z)
+            centres = km.cluster_centers_
+            if k_c >= 3:
+                centres = np.concatenate([centres, KMeans(1, random_state=0).fit(z).cluster_centers_])
+            expected = torch.from_numpy(scaler.inverse_transform(centres)).float()
+            assert torch.equal(ours, expected), (x.shape, k_c)
+            ours_z = scaler.transform(ours[:k].numpy())
+            labels = ((z[:, None, :] - ours_z[None]) ** 2).sum(-1).argmin(1)
+            assert (labels == km.labels_).all()
+
+
 @pytest.mark.parametrize("name", ["k111111", "k111222"])
 def test_tool2_padding_where_it_has_equal_blocks(name):
     fx, pools = fixture_pools()
