@@ -30,6 +30,7 @@ from engine.refresh import RefreshResult, refresh_prototypes
 from engine.uda import NAPG, _unwrap
 from losses import self_information
 from models import FCDiscriminatorHighMask, NAPGNet
+from models.napg import weights_record
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from utils.config import dump_config, tau_at
@@ -69,6 +70,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         write_json(run_dir / "env.json", {"seed": cfg["seed"], "init": init_source, "world_size": dist.world_size(),
+                                          "pretrained": weights_record(_unwrap(napg.model).pretrained_path),
                                           **environment_info()})
 
     logger = RunLogger(run_dir, enabled=dist.is_main())
