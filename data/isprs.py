@@ -40,6 +40,9 @@ CLASS_NAMES: tuple[str, ...] = RAW_CLASS_NAMES[1:]
 NUM_CLASSES = len(CLASS_NAMES)
 
 LABEL_FORMATS = ("mmseg_raw", "train_ids")
+# Which ground truth a prepared folder holds: the eroded (noBoundary) labels that mmseg and the benchmark
+# use, with class borders set to 0, or the complete (full) labels, which have no ignored pixel.
+LABEL_KINDS = ("eroded", "full")
 GRIDS = ("mmseg", "sliding")
 
 # Written by the synthetic generator into each fake raw folder, so prepared data can say it is not real.
@@ -64,6 +67,9 @@ class IsprsDataset:
     label_zip: str
     label_pattern: re.Pattern[str]
     label_member: str
+    full_label_zip: str
+    full_label_pattern: re.Pattern[str]
+    full_label_member: str
     splits: dict[str, tuple[str, ...]]
     dropped_tiles: frozenset[str]
     mmseg_counts: dict[str, int]
@@ -72,25 +78,29 @@ class IsprsDataset:
         """Human-readable image member pattern, e.g. ``2_Ortho_RGB/top_potsdam_{i}_{j}_RGB.tif``."""
         return self.image_member_name(bands, self.tile_placeholder)
 
-    def label_pattern_text(self) -> str:
-        """Human-readable label member pattern."""
-        return self.label_member_name(self.tile_placeholder)
+    def label_pattern_text(self, labels: str = "eroded") -> str:
+        """Human-readable label member pattern of ``labels`` ("eroded" or "full")."""
+        return self.label_member_name(self.tile_placeholder, labels)
+
+    def label_zip_name(self, labels: str = "eroded") -> str:
+        """Official zip of the ``labels`` ground truth."""
+        return self.full_label_zip if labels == "full" else self.label_zip
 
     def image_tile(self, bands: str, member: str) -> str | None:
         """Tile id of an image member for ``bands``, or None if the name does not match."""
         return _tile_of(self.image_patterns[bands], member)
 
-    def label_tile(self, member: str) -> str | None:
-        """Tile id of a noBoundary label member, or None if the name does not match."""
-        return _tile_of(self.label_pattern, member)
+    def label_tile(self, member: str, labels: str = "eroded") -> str | None:
+        """Tile id of a label member of ``labels`` (noBoundary or full), or None if the name does not match."""
+        return _tile_of(self.full_label_pattern if labels == "full" else self.label_pattern, member)
 
     def image_member_name(self, bands: str, tile: str) -> str:
         """Path of a tile's image inside the official zip (used by the synthetic generator)."""
         return self.image_members[bands].format(tile=tile)
 
-    def label_member_name(self, tile: str) -> str:
-        """Path of a tile's noBoundary label inside the official zip."""
-        return self.label_member.format(tile=tile)
+    def label_member_name(self, tile: str, labels: str = "eroded") -> str:
+        """Path of a tile's noBoundary (or full) label inside the official zip."""
+        return (self.full_label_member if labels == "full" else self.label_member).format(tile=tile)
 
     def split_of(self, tile: str) -> str:
         """'train' for the mmseg train tiles, 'val' for everything else (what the converters do)."""
@@ -123,6 +133,9 @@ POTSDAM = IsprsDataset(
     label_zip="5_Labels_all_noBoundary.zip",
     label_pattern=re.compile(r"(?:^|/)top_potsdam_(\d+)_(\d+)_label_noBoundary\.tif$"),
     label_member="top_potsdam_{tile}_label_noBoundary.tif",
+    full_label_zip="5_Labels_all.zip",
+    full_label_pattern=re.compile(r"(?:^|/)top_potsdam_(\d+)_(\d+)_label\.tif$"),
+    full_label_member="top_potsdam_{tile}_label.tif",
     splits={
         "train": (
             "2_10", "2_11", "2_12", "3_10", "3_11", "3_12", "4_10", "4_11", "4_12", "5_10", "5_11", "5_12",
@@ -149,6 +162,12 @@ VAIHINGEN = IsprsDataset(
     label_zip="ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE.zip",
     label_pattern=re.compile(r"(?:^|/)top_mosaic_09cm_(area\d+)_noBoundary\.tif$"),
     label_member="top_mosaic_09cm_{tile}_noBoundary.tif",
+    full_label_zip="ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE.zip",
+    # The images (top/) and the image zip's training labels (gts_for_participants/) have the same file
+    # names; only the complete ground truth counts.
+    full_label_pattern=re.compile(r"^(?!(?:.*/)?(?:top|gts_for_participants)/[^/]*$)(?:.*/)?top_mosaic_09cm_"
+                                  r"(area\d+)\.tif$"),
+    full_label_member="top_mosaic_09cm_{tile}.tif",
     splits={
         "train": tuple(f"area{n}" for n in (1, 3, 5, 7, 11, 13, 15, 17, 21, 23, 26, 28, 30, 32, 34, 37)),
         "val": tuple(

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.errors import UserError
 
@@ -170,4 +170,14 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_mem
     world = _distributed()
     sampler = ShardSampler(dataset, *world) if world is not None else None
     return build_loader(dataset, batch_size, shuffle=False, drop_last=False, sampler=sampler,
+                        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers)
+
+
+def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False,
+                    persistent_workers: bool = False) -> DataLoader:
+    """Full batches in an order drawn from ``seed`` and the epoch (``loader.sampler.set_epoch(epoch)``), each
+    rank its own shard: the shuffled training loader that the released code's prototype refresh walks."""
+    world, rank = _distributed() or (1, 0)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return build_loader(dataset, batch_size, shuffle=False, drop_last=True, seed=seed, sampler=sampler,
                         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers)

@@ -608,6 +608,12 @@ def _label_tif(raw_ids: np.ndarray) -> bytes:
     return _tif(np.ascontiguousarray(encode_label(raw_ids)[..., ::-1]))
 
 
+def _write_full_labels(folder: Path, dataset: IsprsDataset, raw_ids: dict[str, np.ndarray]) -> None:
+    """The complete ground truth (no eroded borders) of every tile, as its official zip holds it."""
+    members = {dataset.label_member_name(tile, "full"): _label_tif(ids) for tile, ids in raw_ids.items()}
+    _write_zip(folder / dataset.label_zip_name("full"), members)
+
+
 def write_raw(out: Path, seed: int = 0, size: str = "small", domain_gap: float = DOMAIN_GAP) -> dict[str, Path]:
     """Fake ISPRS downloads in ``out/potsdam`` and ``out/vaihingen`` (official zip names and members)."""
     marker = json.dumps(
@@ -619,9 +625,11 @@ def write_raw(out: Path, seed: int = 0, size: str = "small", domain_gap: float =
         dataset = spec.dataset
         images: dict[str, dict[str, bytes]] = {bands: {} for bands in dataset.bands}
         labels: dict[str, bytes] = {}
+        full: dict[str, np.ndarray] = {}
         for split, tiles in _tiles(dataset.name, size).items():
             for tile in tiles:
                 bands4, raw_ids = make_tile(spec, tile, seed, look)
+                full[tile] = raw_ids
                 for bands, members in images.items():
                     name = dataset.image_member_name(bands, tile)
                     members[name] = _tif(np.ascontiguousarray(bands4[..., BGR_ORDER[bands]]))
@@ -640,6 +648,7 @@ def write_raw(out: Path, seed: int = 0, size: str = "small", domain_gap: float =
         for bands, members in images.items():
             _write_zip(folder / dataset.image_zips[bands], members)
         _write_zip(folder / dataset.label_zip, labels)
+        _write_full_labels(folder, dataset, full)
         (folder / SYNTHETIC_MARKER).write_bytes(marker)
         paths[dataset.name] = folder
     return paths

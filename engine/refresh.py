@@ -105,10 +105,10 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
     if auto_k is not None:
         clusters = auto_clusters(pooled, k_min=1, k_max=auto_k[0], threshold=auto_k[1])
     k_max = max(clusters)
-    # A class with no sample keeps its previous prototypes; before the first refresh (or after K
-    # changed) that is zeros.
+    # A class with no sample keeps its previous prototypes: the last refresh's, or at a stage's first
+    # refresh the previous stage's (any K, see build_prototypes); without either, zeros.
     zeros = torch.zeros(num_classes * k_max, feature_dim, device=device)
-    prev_st = previous.source_target if previous is not None and previous.source_target.shape == zeros.shape else zeros
+    prev_st = previous.source_target if previous is not None else zeros
     kwargs = cluster_kwargs or {}
     p_st, report = build_prototypes(pooled, clusters, previous=prev_st, **kwargs)
     result = RefreshResult(p_st, None, counts_source_target=[_n(p) for p in pooled],
@@ -116,8 +116,6 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
                            pool_sizes={"source": [_n(p) for p in src], "target": [_n(p) for p in tgt]})
     if use_target:
         prev_t = previous.target if previous is not None and previous.target is not None else p_st
-        if prev_t.shape != p_st.shape:
-            prev_t = p_st
         result.target, _ = build_prototypes(tgt_only, clusters, previous=prev_t, **kwargs)
         result.counts_target = [_n(p) for p in tgt_only]
     # Every rank clustered the same gathered pools; broadcasting rank 0's result rules out any

@@ -22,14 +22,16 @@ from tqdm import tqdm
 
 from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
-from data.loaders import BatchStream, eval_loader
+from data.loaders import BatchStream, eval_loader, shuffled_loader
 from data.transforms import build_transforms
 from engine.evaluate import evaluate
+from engine.handoff import handoff_meta, handoff_prototypes, resolve_init, save_handoff
 from engine.logger import RunLogger, panel
 from engine.refresh import RefreshResult, refresh_prototypes
 from engine.uda import NAPG, _unwrap
 from losses import self_information
 from models import FCDiscriminatorHighMask, NAPGNet
+from models.napg import weights_record
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from utils.config import dump_config, tau_at
@@ -37,11 +39,6 @@ from utils.errors import UserError
 from utils.metrics import format_table
 from utils.run import environment_info, resolve_device, rng_state, seed_everything, set_rng_state, write_json
 
-PREVIOUS_STAGE = {"step2": "step1", "step3": "step2"}
-# The finished runs --init accepts per stage. A finished source-only run is the warm start of step 0
-# (training on) and step 1 when no ImageNet weights are at hand; "original" = a converted checkpoint.
-ACCEPTED_INIT = {"step0": {"step0"}, "step1": {"step0", "original"}, "step2": {"step1", "original"},
-                 "step3": {"step2", "original"}}
 # Options that must not change when a stage is resumed.
 RESUME_FIXED = ("source", "target", "num_classes", "backbone", "batch_size", "img_size", "resize", "clusters",
                 "seed", "preset")
@@ -55,7 +52,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg["deterministic"]
     replace_old_run = _check_run_dir(run_dir, cfg)
-    init_state, init_source = _resolve_init(cfg)
+    init_state, init_source = resolve_init(cfg)
     seed_everything(cfg["seed"], cfg["deterministic"])
 
     data = build_data(cfg, device)
@@ -65,7 +62,8 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     dist.barrier()
 
     epoch, iteration, global_step = 1, 0, 0
-    protos: RefreshResult | None = None
+    # The previous stage's prototypes: the fallback for classes without samples at the first refresh.
+    protos = handoff_prototypes(init_state, device)
     best: dict[str, Any] | None = None
     if cfg["resume"]:
         epoch, iteration, global_step, protos, best = _resume(run_dir, cfg, napg, data, device)
@@ -73,6 +71,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         write_json(run_dir / "env.json", {"seed": cfg["seed"], "init": init_source, "world_size": dist.world_size(),
+                                          "pretrained": weights_record(_unwrap(napg.model).pretrained_path),
                                           **environment_info()})
 
     logger = RunLogger(run_dir, enabled=dist.is_main())
@@ -84,7 +83,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
         while epoch <= cfg["epochs"]:
             tau = tau_at(cfg, epoch)
             if iteration == 0 or protos is None:
-                protos = refresh(napg, data, cfg, tau, protos, device)
+                protos = refresh(napg, data, cfg, tau, protos, device, epoch=epoch)
                 _log_refresh(logger, global_step, epoch, tau, protos)
             done = iteration
             bar = tqdm(range(iteration, iters), total=iters, initial=iteration, disable=not cfg["progress"],
@@ -157,6 +156,10 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     common = {"label_format": cfg["label_format"], "normalize": cfg["normalize"], "cache": cfg["cache"]}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
     src_train = SegmentationFolder(src_dir, "train", transform=train_tf, **common)
+    if not cfg["proto_ignore_index"] and src_train.meta.get("labels") == "eroded":
+        raise UserError(f"the legacy prototype NLL has no ignore index (as released), but {src_dir} holds eroded "
+                        f"labels whose class borders are ignored pixels; prepare the source with "
+                        f"tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
     src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
     seed, bs, ebs = cfg["seed"], cfg["batch_size"], cfg["eval_batch_size"]
     # Workers stay alive between passes (the refresh and evaluation loaders are read every epoch).
@@ -164,7 +167,8 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
                  "persistent_workers": cfg["num_workers"] > 0}
     data: dict[str, Any] = {
         "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
-        "source_refresh": eval_loader(src_refresh, ebs, **loader_kw),
+        "source_refresh": shuffled_loader(src_refresh, ebs, seed, **loader_kw) if cfg["refresh"] == "legacy"
+        else eval_loader(src_refresh, ebs, **loader_kw),
         "source_val": eval_loader(SegmentationFolder(src_dir, "val", transform=eval_tf, **common), ebs, **loader_kw),
         "target": None, "target_refresh": None, "target_val": None,
     }
@@ -182,7 +186,10 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _iters_per_epoch(cfg: dict[str, Any], data: dict[str, Any]) -> int:
     role = "target" if cfg["stage"] == "step3" else "source"
-    n = data[role].batches_per_pass
+    n = data[role].batches_per_pass - int(cfg["legacy_epoch_length"])  # the released loops: len(loader) - 1
+    if n < 1:
+        raise UserError(f"--legacy-epoch-length leaves no iteration: the {role} data fill only one batch of "
+                        f"{cfg['batch_size']}; lower --batch-size or pass --legacy-epoch-length false")
     return min(n, cfg["iters_per_epoch"]) if cfg["iters_per_epoch"] else n
 
 
@@ -223,10 +230,13 @@ def train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epo
 
 def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | None,
             previous: RefreshResult | None, device: torch.device,
-            max_batches: int | None = None) -> RefreshResult:
-    """The prototype refresh before an epoch (``max_batches`` overrides the config's cap)."""
+            max_batches: int | None = None, epoch: int = 1) -> RefreshResult:
+    """The prototype refresh before ``epoch`` (``max_batches`` overrides the config's cap)."""
     # Prototypes come from the network being trained (in step 3 the student, as in the original).
     model = _unwrap(napg.model)
+    set_epoch = getattr(getattr(data["source_refresh"], "sampler", None), "set_epoch", None)
+    if set_epoch is not None:  # the legacy refresh's shuffled source loader: a new order every epoch
+        set_epoch(epoch)
     clusters = cfg["clusters"]
     kwargs = {"backend": cfg["kmeans_backend"], "n_init": cfg["kmeans_n_init"], "seed": cfg["kmeans_seed"]}
     return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,
@@ -298,7 +308,7 @@ def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, c
         if best is None or miou > best["miou"]:
             best = {"miou": miou, "epoch": epoch, "step": step}
             _save_handoff(run_dir / "best.pt", napg, protos, cfg, epoch,
-                          extra={"selected_on": "target-val mIoU (oracle selection)", "target_val": results})
+                          selected_on="target-val mIoU (oracle selection)", target_val=results)
     return best
 
 
@@ -345,41 +355,6 @@ def _check_run_dir(run_dir: Path, cfg: dict[str, Any]) -> bool:
     return False
 
 
-def _resolve_init(cfg: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The previous stage's hand-off checkpoint, checked against this stage (or None)."""
-    stage, init = cfg["stage"], cfg["init"]
-    expected = PREVIOUS_STAGE.get(stage)  # looked for under --work-dir when --init is not given
-    if init is None:
-        if expected is None:
-            return None, None
-        candidate = Path(cfg["work_dir"]) / expected
-        if not (candidate / "model.pt").exists():
-            raise UserError(f"{stage} starts from a finished {expected} run: pass --init <{expected} run folder or "
-                            f"checkpoint> (looked for {candidate / 'model.pt'})")
-        init = str(candidate)
-    path = Path(init)
-    if path.is_dir():
-        if not (path / "manifest.json").exists():
-            raise UserError(f"--init {path}: no manifest.json, so the run is unfinished or not a stage folder")
-        path = path / "model.pt"
-    state = load_checkpoint(path)
-    meta = state.get("meta")
-    if "model" not in state or not isinstance(meta, dict):
-        raise UserError(f"--init {path}: not a stage checkpoint of this project (no 'model'/'meta'); "
-                        f"original NAPG checkpoints are converted with tools/convert_original_checkpoint.py")
-    got = meta.get("stage")
-    allowed = ACCEPTED_INIT[stage]
-    if got not in allowed:
-        want = " or ".join(f"a finished {s} run" if s != "original" else "a converted original checkpoint"
-                           for s in sorted(allowed))
-        raise UserError(f"--init {path} is a {got} checkpoint, but {stage} starts from {want}")
-    for key in ("num_classes", "backbone"):
-        if key in meta and meta[key] != cfg[key]:
-            raise UserError(f"--init {path} was trained with {key}={meta[key]}, this run has {key}={cfg[key]}; "
-                            f"pass --{key.replace('_', '-')} {meta[key]} or another checkpoint")
-    return state, {"path": str(path), "sha256": sha256_file(path), "stage": got}
-
-
 def _save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], epoch: int, iteration: int,
                global_step: int, best: dict[str, Any] | None, cfg: dict[str, Any]) -> None:
     """Everything needed to continue exactly here: weights, optimisers, prototypes, RNG, data position."""
@@ -416,16 +391,13 @@ def _protos_state(protos: RefreshResult) -> dict[str, Any]:
 
 
 def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, Any], epoch: int,
-                  extra: dict[str, Any] | None = None) -> None:
-    state = {"model": _unwrap(napg.model).state_dict(), "prototypes": _protos_state(protos),
-             "meta": {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
-                      "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
-                      "clusters": protos.clusters, "prototypes_per_class": max(protos.clusters),
-                      "shared_similarity": cfg["shared_similarity"], "bn_stats": bn_stats_of(cfg),
-                      "epoch": epoch, **(extra or {})}}
-    if napg.d1 is not None:
-        state.update(d1=_unwrap(napg.d1).state_dict(), d2=_unwrap(napg.d2).state_dict())
-    save_checkpoint(state, path)
+                  **extra: Any) -> None:
+    meta = handoff_meta(stage=cfg["stage"], source=cfg["source"], target=cfg["target"],
+                        num_classes=cfg["num_classes"], backbone=cfg["backbone"],
+                        shared_similarity=cfg["shared_similarity"], clusters=protos.clusters,
+                        bn_stats=bn_stats_of(cfg), normalize=cfg["normalize"], epoch=epoch, **extra)
+    d1, d2 = (None if d is None else _unwrap(d) for d in (napg.d1, napg.d2))
+    save_handoff(path, _unwrap(napg.model), d1, d2, _protos_state(protos), meta)
 
 
 def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: dict[str, Any],

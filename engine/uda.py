@@ -102,7 +102,8 @@ class NAPG:
         loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
         if not cfg["proto_ignore_index"] and bool((y_feat == 255).any()):
             raise UserError("the legacy prototype NLL has no ignore index (as released), so source labels must be "
-                            "0..5, but this batch has ignored (255) pixels; pass --proto-ignore-index true")
+                            "0..5, but this batch has ignored (255) pixels; prepare the source with "
+                            "tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
         loss_proto = prototype_nll(out_s["proto_prob"].float(), y_feat,
                                    ignore_index=255 if cfg["proto_ignore_index"] else None)
         loss = cfg["w_ce"] * loss_ce + cfg["w_proto"] * loss_proto

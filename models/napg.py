@@ -23,6 +23,7 @@ The image-pooling branch has BatchNorm on a 1x1 map, so training mode needs a ba
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from models.head import PrototypeHead, group_max, group_prob
+from utils.checkpoint import sha256_file
 from utils.errors import UserError
 
 # name -> (constructor, weights enum, output channels of layer4)
@@ -73,6 +75,11 @@ def cached_imagenet_weights(name: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def weights_record(path: Path | None) -> dict[str, str] | None:
+    """File name and sha256 of the weights that initialised the backbone (None: random init), for env.json."""
+    return None if path is None else {"file": path.name, "sha256": sha256_file(path)}
 
 
 def load_backbone_weights(backbone: nn.Sequential, path: str | Path, name: str) -> None:
@@ -239,11 +246,15 @@ class NAPGNet(nn.Module):
             return None
         if str(pretrained) == "imagenet":
             path = cached_imagenet_weights(self.backbone_name)
+            cache = Path(torch.hub.get_dir()) / "checkpoints"
             if path is None:
-                cache = Path(torch.hub.get_dir()) / "checkpoints"
                 raise UserError(f"no ImageNet weights for {self.backbone_name} in {cache} (nothing is "
                                 f"downloaded); pass a torchvision {self.backbone_name} state dict with "
                                 f"--pretrained PATH, or omit it for random init")
+            default = Path(BACKBONES[self.backbone_name][1].DEFAULT.url).name
+            if path.name != default:  # the numbers will not be comparable with the original's
+                print(f"warning: {default} (the ImageNet weights the original used) is not in {cache}; "
+                      f"initialising {self.backbone_name} from {path.name} instead", file=sys.stderr)
         else:
             path = Path(pretrained)
         load_backbone_weights(self.backbone, path, self.backbone_name)

@@ -2,7 +2,7 @@
 
 An original checkpoint (``main/step*.py`` of Fanrongbo/NAPG-UDA-RS-SS) is a dict with ``network``
 (``DeepLabV3PlusSimGlobalLinearKL3neibor``), ``GAN`` (D1) and ``GAN2`` (D2) state dicts, plus an
-optimizer and ``None`` entries that are not used here. Key names (shared/fixtures/state_dict_keys.txt):
+optimizer and ``None`` entries that are not used here. Key names (tests/fixtures/state_dict_keys.txt):
 
 =======================================  ===========================================
 original                                 ours (``NAPGNet``)

@@ -224,8 +224,8 @@ def build_prototypes(pools: Sequence[torch.Tensor | None], clusters: Sequence[in
     ValueError for those lists; for the lists it can express (every K_c is 1 or K, e.g. step 3's
     [1, 1, 1, 2, 2, 2]) it is identical to "repeat".
 
-    A class whose pool is empty (None or 0 rows) keeps its rows of ``previous`` ([C*K', D] with K' dividing
-    K; its rows are repeated the same way); without ``previous`` that is an error.
+    A class whose pool is empty (None or 0 rows) keeps its rows of ``previous`` ([C*K', D], any K'; see
+    :func:`_previous_blocks`); without ``previous`` that is an error.
 
     Returns (P, report) with report = {"pool_sizes": N_c per class, "kept_previous": classes that kept
     their previous rows, "small_pools": classes with fewer centroids than k-means clusters}.
@@ -273,14 +273,17 @@ def build_prototypes(pools: Sequence[torch.Tensor | None], clusters: Sequence[in
 
 
 def _previous_blocks(previous: torch.Tensor, num_classes: int, k_max: int) -> list[torch.Tensor]:
-    """Split previous prototypes [C*K', D] into per-class blocks padded to k_max rows."""
+    """Split previous prototypes [C*K', D] into per-class blocks of k_max rows: row k is previous row
+    ``k * K' // K``, i.e. consecutive repetition when K' divides K (a previous stage with fewer
+    prototypes) and evenly spaced rows when K < K' (a previous stage with more)."""
     rows = previous.shape[0]
-    if previous.dim() != 2 or rows % num_classes or k_max % (rows // num_classes):
+    if previous.dim() != 2 or rows == 0 or rows % num_classes:
         raise ValueError(f"previous prototypes of shape {tuple(previous.shape)} do not fit {num_classes} classes "
-                         f"with K={k_max} (need [C*K', D] with K' dividing K)")
+                         f"(need [C*K', D])")
     k_prev = rows // num_classes
     view = previous.detach().reshape(num_classes, k_prev, -1)
-    return [view[c].repeat_interleave(k_max // k_prev, dim=0) for c in range(num_classes)]
+    pick = torch.arange(k_max, device=previous.device) * k_prev // k_max
+    return [view[c, pick] for c in range(num_classes)]
 
 
 def auto_clusters(pools: Sequence[torch.Tensor | None], k_min: int = 1, k_max: int = 4,

@@ -1,10 +1,8 @@
-"""Shared fixtures: the small prepared synthetic data set and the project's shared folder."""
+"""Shared fixtures: the small prepared synthetic data set and its raw zips."""
 
 from pathlib import Path
 
 import pytest
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +22,3 @@ def synthetic_raw(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from data.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synthetic-raw"), mode="raw", seed=0, size="small")
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The shared folder beside the repository (spec, fixtures, real samples); skips if it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip(f"shared folder {SHARED} is absent (spec, fixtures and real samples live there)")
-    return SHARED

@@ -12,20 +12,25 @@ import torch
 from engine.cli import STAGE_SCRIPTS
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"parity fixtures not found at {FIXTURES}")
+FIXTURES = REPO / "tests" / "fixtures"  # computed by the original code (tests/fixtures/README.md)
+REAL_SAMPLES = REPO / "tests" / "data" / "real-samples"  # two real labelled ISPRS patches (its README.md)
+
+
+def fixture_path(name: str) -> Path:
+    """Path of a parity fixture; a missing one fails the test (parity evidence must never skip)."""
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.fail(f"parity fixture {path} is missing; it is part of the repository (git checkout tests/fixtures)")
+    return path
 
 
 def load_fixture(name: str) -> dict:
-    """A parity fixture computed by the original code; skips the test when shared/ is absent."""
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} not found (the shared/ folder next to the repository is absent)")
-    return torch.load(path, weights_only=True)
+    """A parity fixture computed by the original code (see :func:`fixture_path`)."""
+    return torch.load(fixture_path(name), weights_only=True)
 
 
 def assert_close(actual: torch.Tensor, ref: torch.Tensor, name: str = "", rel: float = 1e-5) -> None:
-    """rtol=rel and atol=rel * max|ref|, the comparison shared/fixtures/README.md recommends."""
+    """rtol=rel and atol=rel * max|ref|, the comparison tests/fixtures/README.md recommends."""
     atol = rel * float(ref.detach().abs().max())
     torch.testing.assert_close(actual, ref, rtol=rel, atol=atol, msg=(lambda m: f"{name}: {m}") if name else None)
 

@@ -48,6 +48,20 @@ def test_presets_only_set_flags_and_flags_still_win():
     assert not resolve_config("step1", {}, {"legacy_d2_gen": "false"}, preset="legacy")["legacy_d2_gen"]
     for values in PRESETS.values():
         assert all(k.split("@")[0] in OPTIONS for k in values)
+    # legacy k-means is the released code's: sklearn, random_state 0, sklearn's default n_init ("auto")
+    assert {k: legacy[k] for k in ("kmeans_backend", "kmeans_n_init", "kmeans_seed", "legacy_epoch_length")} == {
+        "kmeans_backend": "sklearn", "kmeans_n_init": "auto", "kmeans_seed": 0, "legacy_epoch_length": True}
+    assert (paper["kmeans_backend"], paper["kmeans_n_init"], paper["legacy_epoch_length"]) == ("torch", 10, False)
+
+
+def test_kmeans_n_init_takes_a_count_or_auto():
+    assert resolve_config("step2", {}, {"kmeans_n_init": "AUTO"})["kmeans_n_init"] == "auto"
+    assert resolve_config("step2", {"kmeans_n_init": 3})["kmeans_n_init"] == 3
+    assert resolve_config("step2", {}, {"kmeans_n_init": "4"})["kmeans_n_init"] == 4
+    for bad in ("0", "many", 2.5, True):
+        with pytest.raises(UserError, match="'kmeans_n_init' must be int_or_auto") as err:
+            resolve_config("step2", {"kmeans_n_init": bad})
+        assert "\n" not in str(err.value)
 
 
 def test_tau_schedules_match_the_original():

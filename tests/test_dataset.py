@@ -14,10 +14,10 @@ from data.dataset import IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder
 from data.domains import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, get_domain, resolve_domain
 from data.loaders import BatchStream, ShardSampler, build_loader, eval_loader
 from data.transforms import WeakAugment
+from tests.helpers import REAL_SAMPLES
 from utils.errors import UserError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real-samples"
-# Raw-id pixel counts from real-samples/README.md (0 = boundary -> ignore, k -> train id k-1).
+# Raw-id pixel counts from tests/data/real-samples/README.md (0 = boundary -> ignore, k -> train id k-1).
 REAL_COUNTS = {
     "vaihingen": {0: 21283, 1: 135362, 2: 79847, 3: 16532, 4: 4908, 5: 4212},
     "potsdam": {0: 24696, 1: 100557, 2: 64023, 3: 34357, 4: 30670, 5: 7841},
@@ -76,10 +76,10 @@ def test_resolve_domain_missing_lists_candidates(tmp_path):
 
 
 def real_domain(tmp_path: Path, which: str) -> Path:
-    """Link the real patch into a split layout (the shared folder is read-only and flat)."""
-    src = REAL / which
+    """Link the real patch into a split layout (the samples folder is flat)."""
+    src = REAL_SAMPLES / which
     if not src.is_dir():
-        pytest.skip(f"real samples not found at {src} (the shared/ folder is absent)")
+        pytest.fail(f"real samples {src} are missing; they are part of the repository")
     root = tmp_path / which
     for sub in ("img_dir", "ann_dir"):
         (root / sub / "val").mkdir(parents=True)
@@ -105,15 +105,13 @@ def test_real_patch_histogram_and_decoding(tmp_path, which):
     assert s["name"] == ds.image_paths[0].stem
 
 
-def test_real_unlabelled_crops_load_image_only(tmp_path):
-    src = REAL / "potsdam" / "unlabeled"
-    if not src.is_dir():
-        pytest.skip(f"real samples not found at {src} (the shared/ folder is absent)")
+def test_real_crops_without_labels_load_image_only(tmp_path):
     (tmp_path / "img_dir" / "train").mkdir(parents=True)
-    for f in src.glob("*.png"):
-        (tmp_path / "img_dir" / "train" / f.name).symlink_to(f)
+    for which in ("potsdam", "vaihingen"):
+        for f in (REAL_SAMPLES / which / "img_dir").glob("*.png"):
+            (tmp_path / "img_dir" / "train" / f.name).symlink_to(f)
     ds = SegmentationFolder(tmp_path, "train", with_labels=False)
-    assert len(ds) == 4 and ds.names == sorted(ds.names)
+    assert len(ds) == 2 and ds.names == sorted(ds.names)
     s = ds[0]
     assert set(s) == {"img", "name"} and s["img"].shape == (3, 512, 512)
     assert 0 <= s["img"].min() and s["img"].max() <= 1
@@ -327,3 +325,26 @@ def test_worker_seeding_is_reproducible(tmp_path):
 
     first = params(0)
     assert torch.equal(first, params(0)) and not torch.equal(first, params(1))
+
+
+def test_shuffled_loader_order_follows_seed_and_epoch():
+    """The legacy refresh's source loader: full batches, each sample at most once, order from (seed, epoch)."""
+    from data.loaders import shuffled_loader
+
+    class Numbers(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 11
+
+        def __getitem__(self, i: int) -> int:
+            return i
+
+    def order(seed: int, epoch: int) -> list[list[int]]:
+        loader = shuffled_loader(Numbers(), 3, seed)
+        loader.sampler.set_epoch(epoch)
+        return [batch.tolist() for batch in loader]
+
+    first = order(0, 1)
+    assert len(first) == 3 and all(len(b) == 3 for b in first)  # 11 samples -> 3 full batches
+    flat = [i for b in first for i in b]
+    assert len(set(flat)) == 9 and flat != sorted(flat)
+    assert order(0, 1) == first and order(0, 2) != first and order(1, 1) != first

@@ -8,16 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import FCDiscriminatorHighMask
-from tests.helpers import FIXTURES, assert_close, needs_fixtures
+from tests.helpers import assert_close, load_fixture
 
 
 @pytest.fixture(scope="module")
 def fixture_files() -> dict[int, dict]:
-    return {32: torch.load(FIXTURES / "entropy_disc.pt", weights_only=True),
-            128: torch.load(FIXTURES / "entropy_disc_128.pt", weights_only=True)}
+    return {32: load_fixture("entropy_disc.pt"), 128: load_fixture("entropy_disc_128.pt")}
 
 
-@needs_fixtures
 @pytest.mark.parametrize("size", [32, 128])
 def test_discriminator_matches_original_fixture(fixture_files: dict[int, dict], size: int) -> None:
     fx = fixture_files[size]

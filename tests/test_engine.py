@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from engine.uda import NAPG
 from models import FCDiscriminatorHighMask, NAPGNet
 from utils.config import resolve_config
+from utils.errors import UserError
 
 
 def prob_2_entropy(prob: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,8 @@ def test_legacy_and_paper_differ_only_where_the_flags_say():
     legacy = resolve_config("step1", {}, preset="legacy")
     differing = {k for k in paper if paper[k] != legacy[k]}
     assert differing == {"preset", "legacy_d2_gen", "legacy_d2_step1", "proto_ignore_index", "refresh",
-                         "legacy_geometry", "kd_normalize", "bn_stats", "refresh_balance"}
+                         "legacy_geometry", "kd_normalize", "legacy_epoch_length", "kmeans_backend", "kmeans_n_init",
+                         "bn_stats", "refresh_balance"}
 
 
 def test_bf16_autocast_stays_close_to_float32():
@@ -124,3 +126,18 @@ def test_refresh_with_auto_k_follows_the_variance_rule():
     expected = auto_clusters([torch.cat(p) for p in pools], k_min=1, k_max=2, threshold=0.5)
     assert result.clusters == expected and 2 in expected
     assert result.source_target.shape == (6 * 2, 128)
+
+
+def test_legacy_epoch_is_one_batch_short_of_a_pass():
+    from types import SimpleNamespace
+
+    from engine.trainer import _iters_per_epoch
+
+    data = {"source": SimpleNamespace(batches_per_pass=5), "target": SimpleNamespace(batches_per_pass=3)}
+    for stage, paper_n in (("step1", 5), ("step3", 3)):
+        assert _iters_per_epoch(resolve_config(stage, {}), data) == paper_n
+        assert _iters_per_epoch(resolve_config(stage, {}, preset="legacy"), data) == paper_n - 1
+    assert _iters_per_epoch(resolve_config("step1", {"iters_per_epoch": 2}, preset="legacy"), data) == 2
+    with pytest.raises(UserError, match="--legacy-epoch-length false") as err:
+        _iters_per_epoch(resolve_config("step1", {}, preset="legacy"), {"source": SimpleNamespace(batches_per_pass=1)})
+    assert "\n" not in str(err.value)

@@ -12,7 +12,7 @@ import torch
 import tools.benchmark as benchmark
 from models import NAPGNet, PrototypeHead, group_max, group_prob
 from models.head import check_prototypes
-from tests.helpers import FIXTURES, assert_close, needs_fixtures
+from tests.helpers import assert_close, load_fixture
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,11 @@ def nets() -> dict[bool, NAPGNet]:
     return {shared: NAPGNet(backbone="resnet18", shared_similarity=shared) for shared in (True, False)}
 
 
-@needs_fixtures
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_class"])
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_head_matches_original_fixture(nets: dict[bool, NAPGNet], k: int, impl: str, shared: bool) -> None:
-    fx = torch.load(FIXTURES / f"head_k{k}.pt", weights_only=True)
+    fx = load_fixture(f"head_k{k}.pt")
     net = nets[shared]
     net.head.impl = impl
     with torch.no_grad():

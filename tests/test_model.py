@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torchvision.models as tvm
 
 from models import NAPGNet
-from models.napg import BACKBONES, build_backbone
+from models.napg import BACKBONES, build_backbone, weights_record
 from utils.errors import UserError
 
 
@@ -122,6 +123,28 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch: p
     model = NAPGNet(backbone="resnet18", pretrained="imagenet")
     _assert_backbone_is(model, state)
     assert model.pretrained_path == cached
+
+
+def test_imagenet_prefers_the_originals_weights_and_warns_on_another_release(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    loaded = []
+    monkeypatch.setattr("models.napg.load_backbone_weights", lambda backbone, path, name: loaded.append(path))
+    cache = tmp_path / "checkpoints"
+    cache.mkdir()
+    v1 = cache / Path(tvm.ResNet50_Weights.IMAGENET1K_V1.url).name
+    v2 = cache / Path(tvm.ResNet50_Weights.IMAGENET1K_V2.url).name
+    assert tvm.ResNet50_Weights.DEFAULT is tvm.ResNet50_Weights.IMAGENET1K_V2
+    v1.write_bytes(b"v1")
+    NAPGNet(backbone="resnet50", pretrained="imagenet")
+    err = capsys.readouterr().err
+    assert loaded == [v1] and err.count("\n") == 1 and err.startswith("warning: ")
+    assert v2.name in err and v1.name in err
+    v2.write_bytes(b"v2")
+    model = NAPGNet(backbone="resnet50", pretrained="imagenet")
+    assert loaded[-1] == v2 and model.pretrained_path == v2 and capsys.readouterr().err == ""
+    assert weights_record(v2) == {"file": v2.name, "sha256": hashlib.sha256(b"v2").hexdigest()}
+    assert weights_record(None) is None
 
 
 def test_bad_pretrained_files_give_one_line_user_errors(tmp_path: Path) -> None:

@@ -9,9 +9,8 @@ import torch
 
 import tools.convert_original_checkpoint as convert
 from models import FCDiscriminatorHighMask, NAPGNet, load_original_checkpoint, to_original_state_dict
+from tests.helpers import fixture_path
 from utils.errors import UserError, run_cli
-
-KEYS_FILE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "state_dict_keys.txt"
 
 
 def _model(seed: int, **kwargs) -> NAPGNet:
@@ -58,12 +57,12 @@ def target() -> NAPGNet:
     return _model(1)
 
 
-@pytest.mark.skipif(not KEYS_FILE.is_file(), reason=f"{KEYS_FILE} not found (shared fixtures absent)")
 def test_key_layout_equals_the_original_state_dict() -> None:
     torch.manual_seed(0)
     ckpt = to_original_state_dict(NAPGNet(num_classes=6, backbone="resnet50"), FCDiscriminatorHighMask(6))
     ours = [(k, v) for k, v in ckpt["network"].items()] + [(f"D.{k}", v) for k, v in ckpt["GAN"].items()]
-    rows = [line.split("\t") for line in KEYS_FILE.read_text().splitlines() if line and not line[0] == "#"]
+    lines = fixture_path("state_dict_keys.txt").read_text().splitlines()
+    rows = [line.split("\t") for line in lines if line and not line[0] == "#"]
 
     def describe(v: torch.Tensor) -> tuple[str, str]:
         return "x".join(map(str, v.shape)) or "scalar", str(v.dtype).removeprefix("torch.")
@@ -147,8 +146,9 @@ def test_convert_tool_writes_our_format_atomically(tmp_path: Path, capsys: pytes
     assert convert.main(argv) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["ours.pt"]  # no temporary file left
     converted = torch.load(out, weights_only=True)
-    assert set(converted) == {"model", "d1", "d2", "meta"}
+    assert set(converted) == {"model", "d1", "d2", "prototypes", "meta"} and converted["prototypes"] is None
     assert converted["meta"]["backbone"] == "resnet18" and converted["meta"]["num_classes"] == 6
+    assert converted["meta"]["stage"] == "original"
     for ours, theirs in ((converted["model"], model), (converted["d1"], d1), (converted["d2"], d2)):
         assert ours.keys() == theirs.state_dict().keys()
         assert all(torch.equal(ours[k], v) for k, v in theirs.state_dict().items())
@@ -166,4 +166,4 @@ def test_convert_tool_writes_our_format_atomically(tmp_path: Path, capsys: pytes
     assert convert.main(["--checkpoint", str(tmp_path / "bare.pth"), "--out", str(bare_out),
                          "--backbone", "resnet18"]) == 0
     bare = torch.load(bare_out, weights_only=True)
-    assert set(bare) == {"model", "meta"}  # no discriminators in a bare network state dict
+    assert set(bare) == {"model", "prototypes", "meta"}  # no discriminators in a bare network state dict

@@ -31,6 +31,7 @@ def test_every_stage_writes_its_run_folder(chain):
             assert (folder / name).is_file(), f"{stage}/{name} missing"
         manifest = (folder / "manifest.json").read_text()
         assert f'"stage": "{stage}"' in manifest and "checkpoint_sha256" in manifest
+        assert '"pretrained": null' in (folder / "env.json").read_text()  # random init: no weights file
     state = torch.load(work / "step2" / "model.pt", weights_only=True)
     assert state["prototypes"]["source_target"].shape == (6 * 4, 128)  # clusters 2,2,2,2,4,4 -> K = 4
     assert state["meta"]["stage"] == "step2"

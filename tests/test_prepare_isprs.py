@@ -198,6 +198,8 @@ def prepared(synthetic_raw, tmp_path_factory):
         ("potsdam_irrg", "potsdam", "irrg", []),
         ("vaihingen_irrg", "vaihingen", "irrg", []),
         ("potsdam_rgb_ids", "potsdam", "rgb", ["--label-format", "train_ids"]),
+        ("potsdam_irrg_full", "potsdam", "irrg", ["--labels", "full"]),
+        ("vaihingen_irrg_full", "vaihingen", "irrg", ["--labels", "full"]),
     ]:
         stdout, stderr = io.StringIO(), io.StringIO()
         argv = ["--dataset", dataset, "--bands", bands, "--raw", str(synthetic_raw[dataset]),
@@ -270,6 +272,53 @@ def test_meta_json_describes_the_output(prepared):
     assert vaihingen["gsd_m"] == 0.09 and vaihingen["bands"] == ["NIR", "R", "G"]
     hist = meta["label_histogram"]["train"]
     assert sum(hist.values()) == meta["counts"]["train"] * 512 * 512 and hist["boundary"] > 0
+
+
+@pytest.mark.parametrize("name", ["potsdam_irrg", "vaihingen_irrg"])
+def test_full_labels_have_no_boundary_and_agree_with_the_eroded_ones(prepared, name):
+    eroded, full = prepared[name][0], prepared[f"{name}_full"][0]
+    meta, meta_full = (json.loads((d / "meta.json").read_text()) for d in (eroded, full))
+    assert (meta["labels"], meta_full["labels"]) == ("eroded", "full")
+    assert {k: v for k, v in meta_full.items() if k not in ("labels", "label_histogram")} == {
+        k: v for k, v in meta.items() if k not in ("labels", "label_histogram")}
+    for split in ("train", "val"):
+        assert meta_full["label_histogram"][split]["boundary"] == 0 < meta["label_histogram"][split]["boundary"]
+        names = sorted(p.relative_to(eroded) for p in eroded.rglob("*.png"))
+        assert names == sorted(p.relative_to(full) for p in full.rglob("*.png"))
+    for path in sorted((eroded / "ann_dir" / "train").iterdir())[:3]:
+        a, b = read_png(path), read_png(full / "ann_dir" / "train" / path.name)
+        assert 0 in a and 0 not in b and np.array_equal(a[a > 0], b[a > 0])
+        assert np.array_equal(read_png(eroded / "img_dir" / "train" / path.name),
+                              read_png(full / "img_dir" / "train" / path.name))
+
+
+def test_full_labels_need_the_complete_ground_truth_zip(synthetic_raw, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for zip_path in synthetic_raw["vaihingen"].glob("*.zip"):
+        if zip_path.name != VAIHINGEN.label_zip_name("full"):
+            (raw / zip_path.name).symlink_to(zip_path)
+    code, _, err = run_tool(capsys, "--dataset", "vaihingen", "--bands", "irrg", "--raw", raw, "--out",
+                            tmp_path / "out", "--labels", "full")
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE.zip" in err
+
+
+@pytest.mark.slow
+def test_legacy_step1_runs_on_full_labels_and_refuses_eroded_ones(prepared, tmp_path):
+    from tests.helpers import run_step, tiny_args
+
+    root = prepared["potsdam_irrg_full"][0].parent
+    legacy = ("--preset", "legacy", "--epochs", "1", "--iters-per-epoch", "1", "--refresh-max-batches", "2",
+              "--eval-max-batches", "1")
+    proc = run_step("step1", tiny_args(root, tmp_path / "full", *legacy, "--source", "potsdam_irrg_full"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = (tmp_path / "full" / "step1" / "config.yaml").read_text()
+    assert "kmeans_backend: sklearn" in config and "legacy_epoch_length: true" in config
+    refused = run_step("step1", tiny_args(root, tmp_path / "eroded", *legacy, "--source", "potsdam_irrg"))
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert "--labels full" in refused.stderr and "--proto-ignore-index true" in refused.stderr
+    assert not (tmp_path / "eroded").exists()
 
 
 def test_progress_bar_summary_and_area9_note(prepared):

@@ -31,7 +31,7 @@ def fixture_pools() -> tuple[dict, list[torch.Tensor]]:
 
 
 def assert_sklearn_close(actual: torch.Tensor, expected: torch.Tensor, fx: dict) -> None:
-    """1e-5 with the fixtures' scikit-learn version, 1e-4 with another (shared/fixtures/README.md)."""
+    """1e-5 with the fixtures' scikit-learn version, 1e-4 with another (tests/fixtures/README.md)."""
     rel = 1e-5 if sklearn.__version__ == fx["meta"]["sklearn"] else 1e-4
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * float(expected.abs().max()))
 
@@ -46,6 +46,45 @@ def test_sklearn_backend_reproduces_the_original(name):
     assert protos.shape == expected.shape and protos.dtype == torch.float32
     assert_sklearn_close(protos, expected, fx)
     assert report == {"pool_sizes": [5, 12, 23, 37, 48, 60], "kept_previous": [], "small_pools": []}
+
+
+def test_legacy_kmeans_is_sklearn_kmeans_on_standardised_centroids(monkeypatch):
+    """The legacy preset's clustering equals sklearn's KMeans(random_state=0) with its default n_init on
+    StandardScaler-ed pools (ValidateVisualization_tool.py), bit for bit: same centres, same labels."""
+    import inspect
+
+    import numpy as np
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import StandardScaler
+
+    from engine.trainer import refresh
+    from utils.config import resolve_config
+
+    cfg = resolve_config("step2", {}, preset="legacy")
+    default_n_init = inspect.signature(KMeans).parameters["n_init"].default
+    assert default_n_init == cfg["kmeans_n_init"] == "auto"  # the released code's default in sklearn >= 1.4
+    captured = {}  # what the trainer's refresh hands to the clustering under the legacy preset
+    monkeypatch.setattr("engine.trainer.refresh_prototypes", lambda *a, cluster_kwargs, **kw: captured.update(
+        cluster_kwargs))
+    refresh(type("NAPG", (), {"model": None})(), {"source_refresh": [], "target_refresh": None}, cfg, None, None,
+            torch.device("cpu"))
+    assert captured == {"backend": "sklearn", "n_init": "auto", "seed": 0}
+    _, pools = fixture_pools()
+    for x in pools:
+        for k_c in (1, 2, 4):
+            ours = cluster_class(x, k_c, **captured)
+            scaler = StandardScaler()
+            z = scaler.fit_transform(x.numpy())
+            k = k_c if k_c < 3 else k_c - 1
+            km = KMeans(k, random_state=0).fit(z)
+            centres = km.cluster_centers_
+            if k_c >= 3:
+                centres = np.concatenate([centres, KMeans(1, random_state=0).fit(z).cluster_centers_])
+            expected = torch.from_numpy(scaler.inverse_transform(centres)).float()
+            assert torch.equal(ours, expected), (x.shape, k_c)
+            ours_z = scaler.transform(ours[:k].numpy())
+            labels = ((z[:, None, :] - ours_z[None]) ** 2).sum(-1).argmin(1)
+            assert (labels == km.labels_).all()
 
 
 @pytest.mark.parametrize("name", ["k111111", "k111222"])
@@ -141,6 +180,13 @@ def test_empty_pool_keeps_previous_rows():
     prev_k1 = torch.tensor([[0.0, 0, 0], [1, 1, 1], [2, 2, 2]])
     protos, _ = build_prototypes(pools, [2, 2, 1], previous=prev_k1)
     torch.testing.assert_close(protos[2:], torch.tensor([[1.0, 1, 1], [1, 1, 1], [2, 2, 2], [2, 2, 2]]))
+    # ... and with more rows per class (a step-2 hand-off with K' = 4 starting step 3 with K = 2), rows
+    # k * K' // K: the first and the third of each class.
+    prev_k4 = torch.arange(12 * 3, dtype=torch.float32).view(12, 3)
+    protos, _ = build_prototypes(pools, [2, 2, 1], previous=prev_k4)
+    torch.testing.assert_close(protos[2:], prev_k4[[4, 6, 8, 10]])
+    with pytest.raises(ValueError, match="do not fit 3 classes"):
+        build_prototypes(pools, [2, 2, 1], previous=torch.zeros(4, 3))
     with pytest.raises(ValueError, match="no previous prototypes"):
         build_prototypes(pools, [2, 2, 1])
 

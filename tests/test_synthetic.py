@@ -23,6 +23,7 @@ from data.synthetic import (
     make_tile,
     target_look,
 )
+from tests.helpers import REAL_SAMPLES
 from tools import make_synthetic as make_synthetic_tool
 from utils.errors import UserError, run_cli
 
@@ -47,9 +48,9 @@ def rgb_to_ids(rgb):
 def test_raw_mode_writes_the_official_zips(synthetic_raw):
     potsdam, vaihingen = synthetic_raw["potsdam"], synthetic_raw["vaihingen"]
     assert {p.name for p in potsdam.iterdir()} == {
-        "2_Ortho_RGB.zip", "3_Ortho_IRRG.zip", "5_Labels_all_noBoundary.zip", SYNTHETIC_MARKER}
+        "2_Ortho_RGB.zip", "3_Ortho_IRRG.zip", "5_Labels_all_noBoundary.zip", "5_Labels_all.zip", SYNTHETIC_MARKER}
     assert {p.name for p in vaihingen.iterdir()} == {
-        "ISPRS_semantic_labeling_Vaihingen.zip",
+        "ISPRS_semantic_labeling_Vaihingen.zip", "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE.zip",
         "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE.zip", SYNTHETIC_MARKER}
     tiles = ("2_10", "2_11", "2_13")
     assert {f"2_Ortho_RGB/top_potsdam_{t}_RGB.tif" for t in tiles} < zip_members(potsdam / "2_Ortho_RGB.zip")
@@ -61,6 +62,10 @@ def test_raw_mode_writes_the_official_zips(synthetic_raw):
     assert "gts_for_participants/top_mosaic_09cm_area1.tif" in images
     assert zip_members(vaihingen / VAIHINGEN.label_zip) == {
         f"top_mosaic_09cm_area{n}_noBoundary.tif" for n in (1, 3, 2, 9)}
+    # the complete ground truth, with the official names
+    assert zip_members(potsdam / POTSDAM.label_zip_name("full")) == {f"top_potsdam_{t}_label.tif" for t in tiles}
+    assert zip_members(vaihingen / VAIHINGEN.label_zip_name("full")) == {
+        f"top_mosaic_09cm_area{n}.tif" for n in (1, 3, 2)}
     assert json.loads((potsdam / SYNTHETIC_MARKER).read_text())["seed"] == 0
 
 
@@ -130,10 +135,9 @@ def test_objects_are_rasterised_at_each_domain_gsd():
     assert 1500 < source < 4000
 
 
-def test_car_sizes_resemble_the_real_patches(synthetic_root, shared_dir):
+def test_car_sizes_resemble_the_real_patches(synthetic_root):
     for real, synthetic in (("potsdam", "potsdam_rgb"), ("vaihingen", "vaihingen_irrg")):
-        real_area = median_car_area([np.array(Image.open(p)) for p in (shared_dir / "real-samples" / real).glob(
-            "ann_dir/*.png")])
+        real_area = median_car_area([np.array(Image.open(p)) for p in (REAL_SAMPLES / real).glob("ann_dir/*.png")])
         synthetic_area = median_car_area(
             [np.array(Image.open(p)) for p in (synthetic_root / synthetic / "ann_dir").rglob("*.png")])
         assert 0.5 < synthetic_area / real_area < 2.0, (real, synthetic_area, real_area)

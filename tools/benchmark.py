@@ -49,6 +49,7 @@ from data.domains import resolve_domain
 from data.loaders import build_loader
 from data.transforms import build_transforms
 from engine.evaluate import evaluate
+from engine.handoff import check_fits, handoff_file, load_handoff
 from engine.trainer import build_data, build_napg, refresh, train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
@@ -189,7 +190,11 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data = random_data(cfg, args.random_batches) if data_root is None else build_data(cfg, device)
-    napg = build_napg(cfg, device)  # random initialisation: no weights are downloaded
+    init_state = None  # random initialisation unless --init: no weights are downloaded
+    if args.init is not None:
+        init_state = load_handoff(handoff_file(args.init))
+        check_fits(init_state, cfg, args.init)
+    napg = build_napg(cfg, device, init_state)
     model = napg.model
     epoch = args.epoch or steady_epoch(cfg)
     tau = tau_at(cfg, epoch)
@@ -372,6 +377,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     stage.add_argument("--split", default="train", help="split read by the loader benchmark")
     stage.add_argument("--synthetic-random", action="store_true", help="stage: random batches held in memory, "
                        "no data loading (isolates compute)")
+    stage.add_argument("--init", type=Path, help="start every stage from this hand-off checkpoint or finished "
+                       "run folder (e.g. a converted original checkpoint) instead of random weights")
     stage.add_argument("--random-batches", type=int, default=2, help="refresh/evaluation batches per role with "
                        "--synthetic-random")
     return parser.parse_args(argv)

@@ -1,8 +1,9 @@
 """Convert an original NAPG checkpoint (``network``/``GAN``/``GAN2``) to this project's format.
 
-Writes ``{"model": state_dict, "d1": state_dict, "d2": state_dict, "meta": {...}}`` atomically
-(``d1``/``d2`` only when the original has ``GAN``/``GAN2``); an existing output is kept unless
-``--overwrite`` is given.
+Writes a hand-off checkpoint (``engine/handoff.py``) atomically: the network, ``d1``/``d2`` when the
+original has ``GAN``/``GAN2``, no prototypes (the original never saved them), and every meta field, with
+``stage: "original"``, so that ``--init converted.pt`` starts steps 1 to 3 and ``tools/evaluate.py``
+evaluates it. An existing output is kept unless ``--overwrite`` is given.
 
     python tools/convert_original_checkpoint.py --checkpoint ORIG.pth --out OURS.pt \
         [--num-classes 6 --backbone resnet50 --per-class-sim --overwrite]
@@ -11,15 +12,13 @@ Writes ``{"model": state_dict, "d1": state_dict, "d2": state_dict, "meta": {...}
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
+from engine.handoff import ORIGINAL, handoff_meta, save_handoff
 from models import FCDiscriminatorHighMask, NAPGNet, load_original_checkpoint
 from models.napg import BACKBONES
 from models.original import read_original_checkpoint
@@ -38,17 +37,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.out.exists() and not args.overwrite:
@@ -61,20 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     d2 = FCDiscriminatorHighMask(args.num_classes) if ckpt.get("GAN2") is not None else None
     report = load_original_checkpoint(ckpt, model, d1, d2)
     loaded = report["loaded"]
-    discriminators = {name: d.state_dict() for name, d in (("d1", d1), ("d2", d2)) if d is not None}
-    save_atomic({
-        "model": model.state_dict(),
-        **discriminators,
-        "meta": {
-            "converted_from": str(args.checkpoint.resolve()),
-            "converted_by": "tools/convert_original_checkpoint.py",
-            "num_classes": args.num_classes,
-            "backbone": args.backbone,
-            "shared_similarity": not args.per_class_sim,
-            "loaded": loaded,
-            "ignored": report["ignored"],
-        },
-    }, args.out)
+    # The original feeds the network x/255 with shared BatchNorm statistics; its domain pair is unknown.
+    meta = handoff_meta(stage=ORIGINAL, source=None, target=None, num_classes=args.num_classes,
+                        backbone=args.backbone, shared_similarity=not args.per_class_sim, clusters=None,
+                        bn_stats="shared", normalize="unit", epoch=None,
+                        converted_from=str(args.checkpoint.resolve()),
+                        converted_by="tools/convert_original_checkpoint.py", loaded=loaded,
+                        ignored=report["ignored"])
+    save_handoff(args.out, model, d1, d2, None, meta)
     print(f"wrote {args.out} ({', '.join(loaded)}; ignored: {', '.join(report['ignored']) or 'nothing'})")
     return 0
 

@@ -2,8 +2,9 @@
 
     python tools/evaluate.py --checkpoint runs/demo/step2 --data-root data --domain vaihingen_irrg --split val
 
-``--checkpoint`` takes a stage folder (its model.pt), a model.pt/best.pt/last.pt file, or a converted
-original checkpoint. ``--protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1).
+``--checkpoint`` takes a finished stage folder (its model.pt), a model.pt/best.pt file, or a converted
+original checkpoint (all read by ``engine/handoff.py``); ``--normalize`` defaults to the checkpoint's.
+``--protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1).
 ``--recalibrate-bn`` first re-estimates the BatchNorm statistics on the evaluated domain's *train* images
 (no labels read; AdaBN), which is how a source-only model is given target statistics.
 """
@@ -22,8 +23,7 @@ from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import build_loader
 from data.transforms import Resize
 from engine.evaluate import PROTOCOLS, evaluate, recalibrate_bn
-from models import NAPGNet
-from utils.checkpoint import load_checkpoint
+from engine.handoff import handoff_file, handoff_network, load_handoff
 from utils.errors import UserError, run_cli
 from utils.metrics import format_table
 from utils.run import resolve_device, write_json
@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prototypes", default="auto", choices=("auto", "target", "source_target", "none"),
                         help="prototype set for the prototype branch (auto: target if present)")
     parser.add_argument("--label-format", choices=("mmseg_raw", "train_ids"))
-    parser.add_argument("--normalize", default="unit", choices=("unit", "imagenet"))
+    parser.add_argument("--normalize", choices=("unit", "imagenet"),
+                        help="input normalisation (default: the one the checkpoint was trained with)")
     parser.add_argument("--resize", type=int, help="resize patches to this side (as the run did)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -64,19 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
     """Evaluate the checkpoint ``args`` name; returns (results, what was evaluated and how)."""
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "model.pt"
-    state = load_checkpoint(path)
-    meta = state.get("meta")
-    if "model" not in state or not isinstance(meta, dict):
-        raise UserError(f"{path} is not a checkpoint of this project (convert original ones with "
-                        f"tools/convert_original_checkpoint.py)")
+    path = handoff_file(args.checkpoint, "--checkpoint")
+    state = load_handoff(path, flag="--checkpoint")
+    meta = state["meta"]
     device = resolve_device(args.device)
-    model = NAPGNet(num_classes=meta["num_classes"], backbone=meta["backbone"],
-                    shared_similarity=meta.get("shared_similarity", True),
-                    bn_stats=meta.get("bn_stats", "shared")).to(device)
-    model.load_state_dict(state["model"])
+    model = handoff_network(state, device)
     bn_domain = args.bn_domain
     if bn_domain == "auto":
         bn_domain = "target" if _is_target(meta, args.data_root, args.domain) else "source"
@@ -85,9 +78,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
         protos = protos.to(device)
 
     folder = resolve_domain(Path(args.data_root), args.domain)
-    common = {"label_format": args.label_format, "normalize": args.normalize,
+    common = {"label_format": args.label_format, "normalize": args.normalize or meta["normalize"],
               "transform": Resize(args.resize) if args.resize else None}
-    bn = f"{bn_domain} BatchNorm statistics" if meta.get("bn_stats") == "domain" else "shared BatchNorm statistics"
+    bn = f"{bn_domain} BatchNorm statistics" if meta["bn_stats"] == "domain" else "shared BatchNorm statistics"
     recalibrated = None
     if args.recalibrate_bn:
         train = SegmentationFolder(folder, "train", with_labels=False, **common)

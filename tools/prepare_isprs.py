@@ -5,10 +5,13 @@
 
 RAW holds the zips (2_Ortho_RGB.zip, 3_Ortho_IRRG.zip, 5_Labels_all_noBoundary.zip; or
 ISPRS_semantic_labeling_Vaihingen.zip and ..._ground_truth_eroded_COMPLETE.zip) or their extracted
-contents; zips are read in place. With the defaults the output equals what MMSegmentation's converters
-write, file for file and pixel for pixel: OUT/img_dir/{train,val}/*.png, OUT/ann_dir/{train,val}/*.png
-(raw ids 0..6), plus OUT/meta.json. The output is built in a hidden sibling folder and renamed into
-place at the end, so a failed run leaves nothing behind.
+contents; zips are read in place. ``--labels full`` reads the complete ground truth instead
+(5_Labels_all.zip; ..._ground_truth_COMPLETE.zip), which has no boundary (0) pixels: what the legacy
+preset's prototype loss, which has no ignore index, needs; names and layout are otherwise identical.
+With the defaults the output equals what MMSegmentation's converters write, file for file and pixel
+for pixel: OUT/img_dir/{train,val}/*.png, OUT/ann_dir/{train,val}/*.png (raw ids 0..6), plus
+OUT/meta.json. The output is built in a hidden sibling folder and renamed into place at the end, so a
+failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from data.isprs import (
     DATASETS,
     GRIDS,
     LABEL_FORMATS,
+    LABEL_KINDS,
     RAW_CLASS_NAMES,
     SYNTHETIC_MARKER,
     IsprsDataset,
@@ -127,16 +131,17 @@ def _add_unique(found: dict[str, RawFile], tile: str, raw: RawFile, what: str) -
 
 
 def find_tiles(
-    spec: IsprsDataset, bands: str, raw: Path
+    spec: IsprsDataset, bands: str, raw: Path, labels_kind: str = "eroded"
 ) -> tuple[dict[str, RawFile], dict[str, RawFile], list[str]]:
-    """Image and noBoundary label of every tile in ``raw`` (zips first, then extracted files).
+    """Image and ``labels_kind`` label (noBoundary or full) of every tile in ``raw`` (zips first, then
+    extracted files).
 
     Returns ``(images, labels, notes)``; both dicts are keyed by tile id, with dropped tiles removed.
     """
     if not raw.is_dir():
         raise UserError(
             f"raw folder {raw} does not exist; pass --raw the folder holding "
-            f"{spec.image_zips[bands]} and {spec.label_zip} (or their extracted contents)"
+            f"{spec.image_zips[bands]} and {spec.label_zip_name(labels_kind)} (or their extracted contents)"
         )
     images: dict[str, RawFile] = {}
     labels: dict[str, RawFile] = {}
@@ -147,7 +152,7 @@ def find_tiles(
             if (tile := spec.image_tile(bands, member)) is not None:
                 _add_unique(images, tile, RawFile(zip_path, member), "image")
                 n_images += 1
-            elif (tile := spec.label_tile(member)) is not None:
+            elif (tile := spec.label_tile(member, labels_kind)) is not None:
                 _add_unique(labels, tile, RawFile(zip_path, member), "label")
                 n_labels += 1
         if zip_path.name == spec.image_zips[bands] and n_images == 0:
@@ -155,9 +160,9 @@ def find_tiles(
                 f"{zip_path} holds no member named like {spec.image_pattern_text(bands)}; "
                 "is it the complete official download?"
             )
-        if zip_path.name == spec.label_zip and n_labels == 0:
+        if zip_path.name == spec.label_zip_name(labels_kind) and n_labels == 0:
             raise UserError(
-                f"{zip_path} holds no member named like {spec.label_pattern_text()}; "
+                f"{zip_path} holds no member named like {spec.label_pattern_text(labels_kind)}; "
                 "is it the complete official download?"
             )
     from_zips = (set(images), set(labels))
@@ -166,7 +171,7 @@ def find_tiles(
         relative = path.relative_to(raw).as_posix()
         for found, tile, in_zip, what in (
             (images, spec.image_tile(bands, relative), from_zips[0], "image"),
-            (labels, spec.label_tile(relative), from_zips[1], "label"),
+            (labels, spec.label_tile(relative, labels_kind), from_zips[1], "label"),
         ):
             if tile is None:
                 continue
@@ -189,8 +194,8 @@ def find_tiles(
         )
     if not labels:
         raise UserError(
-            f"no {spec.name} labels ({spec.label_pattern_text()}) in {raw}; "
-            f"put {spec.label_zip} or its extracted contents there"
+            f"no {spec.name} {labels_kind} labels ({spec.label_pattern_text(labels_kind)}) in {raw}; "
+            f"put {spec.label_zip_name(labels_kind)} or its extracted contents there"
         )
     return images, labels, notes
 
@@ -342,13 +347,15 @@ def prepare_isprs(
     target_gsd: float | None = None,
     strict_colors: bool = False,
     label_format: str = "mmseg_raw",
+    labels: str = "eroded",
     workers: int = 1,
     verbose: bool = True,
 ) -> dict:
     """Cut one ISPRS dataset/band combination into patches under ``out``; returns the meta.json dict.
 
     ``stride`` defaults to ``clip // 2`` (mmseg's 256 for 512). ``target_gsd`` resamples each tile by
-    native/target GSD before cropping. ``verbose`` shows the progress bar and notes on stderr.
+    native/target GSD before cropping. ``labels`` picks the eroded (noBoundary) or the full ground truth.
+    ``verbose`` shows the progress bar and notes on stderr.
     """
     spec = DATASETS.get(dataset)
     if spec is None:
@@ -359,6 +366,8 @@ def prepare_isprs(
         raise UserError(f"unknown grid {grid!r}; use one of {list(GRIDS)}")
     if label_format not in LABEL_FORMATS:
         raise UserError(f"unknown label format {label_format!r}; use one of {list(LABEL_FORMATS)}")
+    if labels not in LABEL_KINDS:
+        raise UserError(f"unknown labels {labels!r}; use one of {list(LABEL_KINDS)}")
     stride = max(1, clip // 2) if stride is None else stride
     if clip <= 0 or stride <= 0 or workers <= 0:
         raise UserError(f"--clip, --stride and --workers must be positive (got {clip}, {stride}, {workers})")
@@ -368,10 +377,12 @@ def prepare_isprs(
     scale = spec.gsd_m / gsd
     raw, out = Path(raw), Path(out)
     _check_output(raw, out, overwrite)
-    images, labels, notes = find_tiles(spec, bands, raw)
-    if missing := sorted(set(images) - set(labels)):
-        raise UserError(f"no label for image tile(s) {', '.join(missing)} (expected {spec.label_pattern_text()})")
-    if missing := sorted(set(labels) - set(images)):
+    images, label_files, notes = find_tiles(spec, bands, raw, labels)
+    if missing := sorted(set(images) - set(label_files)):
+        raise UserError(
+            f"no label for image tile(s) {', '.join(missing)} (expected {spec.label_pattern_text(labels)})"
+        )
+    if missing := sorted(set(label_files) - set(images)):
         raise UserError(
             f"no image for label tile(s) {', '.join(missing)} (expected {spec.image_pattern_text(bands)})"
         )
@@ -392,7 +403,7 @@ def prepare_isprs(
                 (staging / kind / split).mkdir(parents=True)
         jobs = [
             TileJob(
-                tile, spec.split_of(tile), images[tile], labels[tile], staging,
+                tile, spec.split_of(tile), images[tile], label_files[tile], staging,
                 clip, grid, stride, scale, strict_colors, label_format,
             )
             for tile in tiles
@@ -405,6 +416,7 @@ def prepare_isprs(
             "bands": list(spec.bands[bands]),
             "gsd_m": gsd,
             "label_format": label_format,
+            "labels": labels,
             "color_decoding": "strict" if strict_colors else "mmseg",
             "clip": clip,
             "grid": grid,
@@ -460,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-gsd", type=float, default=None, help="resample tiles to this GSD in m first")
     parser.add_argument("--strict-colors", action="store_true", help="decode only exact palette colours")
     parser.add_argument("--label-format", choices=LABEL_FORMATS, default="mmseg_raw")
+    parser.add_argument("--labels", choices=LABEL_KINDS, default="eroded",
+                        help="eroded (noBoundary, the benchmark's) or full ground truth (no ignored pixels)")
     parser.add_argument("--workers", type=int, default=1, help="tiles converted in parallel processes")
     return parser
 
@@ -478,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_gsd=args.target_gsd,
         strict_colors=args.strict_colors,
         label_format=args.label_format,
+        labels=args.labels,
         workers=args.workers,
     )
     for line in summary_lines(meta):

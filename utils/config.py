@@ -35,6 +35,15 @@ class Option:
     choices: tuple | None = None
 
 
+def int_or_auto(value: Any) -> int | str:
+    """A count >= 1, or "auto" (scikit-learn's ``n_init="auto"``: one run for k-means++ seeding)."""
+    if str(value).lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()) or int(value) < 1:
+        raise ValueError(value)
+    return int(value)
+
+
 def _o(default, typ, help, *, is_list=False, nullable=False, choices=None) -> Option:
     return Option(default, typ, help, is_list, nullable, choices)
 
@@ -69,6 +78,7 @@ OPTIONS: dict[str, Option] = {
     "weight_decay": _o(0.0, float, "segmenter weight decay"),
     "epochs": _o(30, int, "epochs of this stage"),
     "iters_per_epoch": _o(None, int, "cap on iterations per epoch (smoke runs)", nullable=True),
+    "legacy_epoch_length": _o(False, bool, "an epoch is one batch short of a pass over the data (released code)"),
     # --- prototypes ---
     "clusters": _o([1, 1, 1, 1, 1, 1], int, "k-means groups per class (K = max; K_c must divide K)",
                    is_list=True),
@@ -76,13 +86,15 @@ OPTIONS: dict[str, Option] = {
     "auto_k_max": _o(4, int, "K for high-variance classes with --auto-k"),
     "auto_k_threshold": _o(0.5, float, "normalised-variance threshold of --auto-k"),
     "kmeans_backend": _o("torch", str, "k-means implementation", choices=("torch", "sklearn")),
-    "kmeans_n_init": _o(10, int, "k-means restarts"),
-    "kmeans_seed": _o(0, int, "k-means seed"),
+    "kmeans_n_init": _o(10, int_or_auto, "k-means restarts, or 'auto' (scikit-learn's default since 1.4: "
+                        "1 run with k-means++)"),
+    "kmeans_seed": _o(0, int, "k-means seed (scikit-learn's random_state)"),
     "tgt_proto_start": _o(1, int, "first epoch whose prototypes use target pseudo-labels (0 = never)"),
     "tau_start": _o(0.9, float, "confidence threshold at epoch tgt_proto_start"),
     "tau_step": _o(0.01, float, "decrease of the threshold per epoch"),
     "tau_min": _o(0.0, float, "lower bound of the threshold"),
-    "refresh": _o("clean", str, "prototype refresh pass", choices=("clean", "legacy")),
+    "refresh": _o("clean", str, "prototype refresh pass: every image once, or the released code's lock-step "
+                  "loop over a shuffled source loader (seeded by --seed and the epoch)", choices=("clean", "legacy")),
     "refresh_max_batches": _o(None, int, "cap on refresh batches per role (smoke runs)", nullable=True),
     "refresh_balance": _o(True, bool, "weight source and target equally in each class's refresh pool"),
     # --- losses ---
@@ -151,7 +163,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "legacy": {"legacy_d2_gen": True, "legacy_d2_step1@step1": True, "w_gnce@step2": 0.0,
                "proto_ignore_index": False, "refresh": "legacy", "legacy_geometry": True,
-               "kd_normalize": "all", "bn_stats": "shared", "refresh_balance": False},
+               "kd_normalize": "all", "legacy_epoch_length": True, "kmeans_backend": "sklearn",
+               "kmeans_n_init": "auto", "bn_stats": "shared", "refresh_balance": False},
 }
 
 
@@ -192,7 +205,7 @@ def _coerce_scalar(key: str, value: Any, opt: Option, where: str) -> Any:
                 raise ValueError(value)
             out = float(value)
         else:
-            out = str(value)
+            out = opt.type(value)
     except (TypeError, ValueError):
         raise UserError(f"{where}: '{key}' must be {opt.type.__name__}, got {value!r}") from None
     if opt.choices is not None and out not in opt.choices:
