@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DATA ?= data_synthetic
 DEMO_RUN  ?= runs/demo
 
-.PHONY: venv test test-fast lint demo data-demo gpu-check clean
+.PHONY: venv test test-fast lint demo data-demo validate gpu-check clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,14 @@ data-demo: $(STAMP)
 	$(PY) tools/prepare_isprs.py --dataset vaihingen --bands irrg --raw $(DEMO_DATA)/raw/vaihingen --out $(DEMO_DATA)/vaihingen_irrg --overwrite
 
 demo: data-demo
-	$(PY) tools/run_pipeline.py --config configs/demo.yaml --work-dir $(DEMO_RUN) --overwrite
+	$(PY) tools/run_pipeline.py --config configs/demo.yaml --work-dir $(DEMO_RUN) --overwrite --warm-start
+
+# The validity study on the data seeds nothing was tuned on (about 30 minutes per data seed on 2 cores).
+VALIDATE_DATA_SEEDS ?= 1 2
+validate: $(STAMP)
+	for d in $(VALIDATE_DATA_SEEDS); do \
+		$(PY) tools/validity.py --data-seed $$d --seeds 0 1 2 --out runs/validity_d$$d || exit 2; \
+	done
 
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py

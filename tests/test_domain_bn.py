@@ -140,3 +140,14 @@ def test_balanced_pool_gives_both_domains_equal_weight():
     uneven = balanced_pool(torch.randn(5, 4), tgt, gen)
     assert uneven.shape == (24, 4)  # 12 source rows (2 x 5 + 2 drawn) and 12 target rows
     assert torch.equal(balanced_pool(None, tgt, gen), tgt) and torch.equal(balanced_pool(src, None, gen), src)
+
+
+def test_target_statistics_survive_syncbatchnorm_conversion(trained):
+    model, _, ref_tgt = trained
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert isinstance(synced.backbone.bn1, torch.nn.SyncBatchNorm)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad(), synced.domain("target"):
+        got = synced(x)["logits"]
+    assert torch.equal(got, ref_tgt(x)["logits"])
+    assert set(synced.state_dict()) == set(model.state_dict())

@@ -24,8 +24,6 @@ device: cpu
 iters_per_epoch: 2
 refresh_max_batches: 2
 progress: false
-step0:
-  epochs: 1
 step1:
   epochs: 1
   tgt_proto_start: 1
@@ -38,7 +36,7 @@ step3:
 
 def _study(tmp_path, *flags):
     cmd = [sys.executable, "tools/validity.py", "--data-seed", "3", "--size", "small", "--out", str(tmp_path / "study"),
-           "--config", str(tmp_path / "tiny.yaml"), *flags]
+           "--config", str(tmp_path / "tiny.yaml"), "--warm-epochs", "1", *flags]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 

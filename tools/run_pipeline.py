@@ -29,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", required=True, help="pipeline folder; stages go to <work-dir>/<stage>")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
     parser.add_argument("--overwrite", action="store_true", help="retrain stages that are already finished")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="step 1 starts from this pipeline's step 0 (the stand-in for ImageNet weights when "
+                             "there are none; step 0 is then also the source-only row of the table)")
     args, extra = parser.parse_known_args(argv)
     work_dir = Path(args.work_dir)
     for stage in args.stages:
@@ -37,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{stage}: finished run found in {run_dir}, kept")
             continue
         stage_argv = ["--config", args.config, "--work-dir", str(work_dir), *extra]
+        if stage == "step1" and args.warm_start:
+            stage_argv += ["--init", str(work_dir / "step0")]
         if (run_dir / "manifest.json").exists():
             stage_argv.append("--overwrite")
         elif (run_dir / "last.pt").exists():

@@ -58,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="study folder (data, runs, validity.json)")
     parser.add_argument("--config", default="configs/validity.yaml", help="stage config of every run")
     parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="synthetic data set size")
-    parser.add_argument("--warm-epochs", type=int, default=None,
-                        help="epochs of the warm start (default: the config's step0 epochs)")
+    parser.add_argument("--warm-epochs", type=int, default=120, help="epochs of the warm start")
+    parser.add_argument("--warm-lr", type=float, default=5e-4, help="learning rate of the warm start")
     parser.add_argument("--with-step3", action="store_true", help="also run and report step 3")
     parser.add_argument("--ablate", action="store_true", help="add NAPG runs with one component off")
     args, extra = parser.parse_known_args(argv)
@@ -81,25 +81,26 @@ class Study:
         self.args, self.extra, self.out = args, extra, args.out
         self.data_root = self.out / "data"
         yaml_data = load_yaml(args.config)
-        cfg = {s: resolve_config(s, yaml_data, yaml_name=args.config) for s in ("step0", "step1", "step2")}
+        cfg = {s: resolve_config(s, yaml_data, yaml_name=args.config) for s in ("step1", "step2")}
         self.source, self.target = cfg["step1"]["source"], cfg["step1"]["target"]
         self.batch_size, self.resize = cfg["step1"]["batch_size"], cfg["step1"]["resize"]
         self.iters_cap = cfg["step1"]["iters_per_epoch"]
-        self.warm_epochs = args.warm_epochs or cfg["step0"]["epochs"]
         # Equal budgets: the source-only and oracle runs train as many iterations as steps 1 + 2 together.
         self.napg_epochs = cfg["step1"]["epochs"] + cfg["step2"]["epochs"]
 
     # ------------------------------------------------------------------ runs
     def run(self) -> dict[str, Any]:
         self._data()
-        warm = self._stage("step0", self.out / "warm_start", ["--seed", "0", "--epochs", str(self.warm_epochs)])
+        warm = self._stage("step0", self.out / "warm_start", ["--seed", "0", "--epochs", str(self.args.warm_epochs),
+                                                               "--lr", str(self.args.warm_lr)])
         results: dict[str, Any] = {"data_seed": self.args.data_seed, "size": self.args.size,
                                    "config": str(self.args.config), "extra_flags": self.extra,
                                    "warm_start": self._scores(warm / "step0"), "runs": {}}
         n_src, n_tgt = (self._batches(d) for d in (self.source, self.target))
         oracle_epochs = max(1, round(self.napg_epochs * n_src / n_tgt))
         results["budget"] = {"iterations": self.napg_epochs * n_src, "source_only_epochs": self.napg_epochs,
-                             "oracle_epochs": oracle_epochs, "warm_start_epochs": self.warm_epochs}
+                             "oracle_epochs": oracle_epochs, "warm_start_epochs": self.args.warm_epochs,
+                             "warm_start_lr": self.args.warm_lr}
         for seed in self.args.seeds:
             folder, s = self.out / f"seed{seed}", ["--seed", str(seed), "--init", str(warm / "step0")]
             run: dict[str, Any] = {}
