@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="synthetic data set size")
     parser.add_argument("--warm-epochs", type=int, default=120, help="epochs of the warm start")
     parser.add_argument("--warm-lr", type=float, default=5e-4, help="learning rate of the warm start")
+    parser.add_argument("--warm-start", type=Path,
+                        help="a finished step-0 run folder to start from instead of training one (e.g. the "
+                             "warm_start/step0 of another study on the same --data-seed)")
     parser.add_argument("--with-step3", action="store_true", help="also run and report step 3")
     parser.add_argument("--ablate", action="store_true", help="add NAPG runs with one component off")
     args, extra = parser.parse_known_args(argv)
@@ -91,18 +94,23 @@ class Study:
     # ------------------------------------------------------------------ runs
     def run(self) -> dict[str, Any]:
         self._data()
-        warm = self._stage("step0", self.out / "warm_start", ["--seed", "0", "--epochs", str(self.args.warm_epochs),
-                                                               "--lr", str(self.args.warm_lr)])
+        if self.args.warm_start is not None:
+            warm_run = self.args.warm_start
+            if not (warm_run / "manifest.json").exists():
+                raise UserError(f"--warm-start {warm_run}: not a finished run folder (no manifest.json)")
+        else:
+            warm_run = self._stage("step0", self.out / "warm_start", [
+                "--seed", "0", "--epochs", str(self.args.warm_epochs), "--lr", str(self.args.warm_lr)]) / "step0"
         results: dict[str, Any] = {"data_seed": self.args.data_seed, "size": self.args.size,
                                    "config": str(self.args.config), "extra_flags": self.extra,
-                                   "warm_start": self._scores(warm / "step0"), "runs": {}}
+                                   "warm_start": {"run": str(warm_run), **self._scores(warm_run)}, "runs": {}}
         n_src, n_tgt = (self._batches(d) for d in (self.source, self.target))
         oracle_epochs = max(1, round(self.napg_epochs * n_src / n_tgt))
         results["budget"] = {"iterations": self.napg_epochs * n_src, "source_only_epochs": self.napg_epochs,
                              "oracle_epochs": oracle_epochs, "warm_start_epochs": self.args.warm_epochs,
                              "warm_start_lr": self.args.warm_lr}
         for seed in self.args.seeds:
-            folder, s = self.out / f"seed{seed}", ["--seed", str(seed), "--init", str(warm / "step0")]
+            folder, s = self.out / f"seed{seed}", ["--seed", str(seed), "--init", str(warm_run)]
             run: dict[str, Any] = {}
             src_only = self._stage("step0", folder / "source_only", [*s, "--epochs", str(self.napg_epochs)])
             run["source_only"] = self._scores(src_only / "step0")
