@@ -23,6 +23,7 @@ num_workers: 0
 device: cpu
 iters_per_epoch: 2
 refresh_max_batches: 2
+eval_max_batches: 2
 progress: false
 step1:
   epochs: 1
