@@ -144,6 +144,10 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.pass_index, self.batch_index = int(state["pass"]), int(state["batch"])
+        if self.batch_index >= self.batches_per_pass:
+            # Saved right after the last batch of a pass: the next batch is the first of the next pass,
+            # as it would have been without the interruption (and an empty remainder fills no loader).
+            self.pass_index, self.batch_index = self.pass_index + 1, 0
         self._iterator = None
 
 
