@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,10 +17,15 @@ from utils.errors import UserError
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: torch already seeds each worker (base seed + id); numpy and
-    ``random`` get the same seed so any use of them in a dataset is reproducible too."""
+    ``random`` get the same seed so any use of them in a dataset is reproducible too. Workers ignore
+    SIGINT and SIGTERM."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    # The main process decides when to stop (engine/safety.py) and shuts its workers down itself; a worker
+    # killed by the terminal's Ctrl-C or a scheduler's SIGTERM would fail the batch being loaded.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler[int]):

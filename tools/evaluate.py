@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    _check_args(args)
 
     path = Path(args.checkpoint)
     if path.is_dir():
@@ -73,6 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(Path(args.json), {"checkpoint": str(path), "domain": args.domain, "split": args.split,
                                      "protocol": args.protocol, **results})
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """One line per impossible value, before anything is read."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.resize is not None and (args.resize < 32 or args.resize % 32):
+        raise UserError(f"--resize must be a multiple of 32, got {args.resize}")
 
 
 def _pick_prototypes(protos: dict | None, which: str) -> torch.Tensor | None:

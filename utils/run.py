@@ -38,10 +38,17 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device '{name}' (use cpu, cuda, cuda:N or auto)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{name}' (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available (use --device cpu)")
     return device
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """Where ``--overwrite`` trains the run that replaces ``run_dir`` once it is finished."""
+    return run_dir.with_name(run_dir.name + ".new")
 
 
 def git_hash() -> str:
