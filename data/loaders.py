@@ -18,14 +18,14 @@ from utils.errors import UserError
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: torch already seeds each worker (base seed + id); numpy and
     ``random`` get the same seed so any use of them in a dataset is reproducible too. Workers ignore
-    SIGINT and SIGTERM."""
+    SIGINT."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    # The main process decides when to stop (engine/safety.py) and shuts its workers down itself; a worker
-    # killed by the terminal's Ctrl-C or a scheduler's SIGTERM would fail the batch being loaded.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    # Ctrl-C reaches every process of the terminal's group: the main process decides when to stop
+    # (engine/safety.py) and shuts its workers down itself, and a worker stopped by it would fail the batch
+    # being loaded. SIGTERM keeps its default, which multiprocessing uses to end workers at exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler[int]):

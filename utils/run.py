@@ -43,6 +43,9 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device '{name}' (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s) "
+                        f"(use cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
