@@ -11,6 +11,7 @@ import argparse
 import errno
 import hashlib
 import os
+import re
 import shutil
 import types
 from collections.abc import Callable
@@ -174,6 +175,8 @@ def _fail_once(main: Callable, argv: list[str], capsys) -> str:
     assert code == 2, err[-2000:]
     assert "Traceback" not in err and 1 <= len(lines) <= 2, err[-2000:]
     assert lines[-1].startswith("error: ")
+    # Hints name only flags that exist, and never invite an unsafe load.
+    assert "weights_only" not in err and not re.search(r"--[a-z]+_", err), lines[-1]
     return lines[-1]
 
 

@@ -54,6 +54,10 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, buffer.getbuffer())
 
 
+_DAMAGED = ("cannot read checkpoint {path}: the file is damaged, truncated or not a PyTorch checkpoint; point to "
+            "a complete .pt file written by this project")
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; unreadable files are user errors."""
     path = Path(path)
@@ -61,13 +65,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise UserError(f"checkpoint {path} not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # what weights_only loading raises for objects other than tensors
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a refused object: bytes that are no pickle at all
+            raise UserError(_DAMAGED.format(path=path)) from None
         raise UserError(f"checkpoint {path} holds Python objects that a safe load refuses, so it was not written "
                         f"by this project; original NAPG checkpoints are converted with "
                         f"tools/convert_original_checkpoint.py") from None
     except Exception:  # torch raises several types for truncated or foreign files
-        raise UserError(f"cannot read checkpoint {path}: the file is damaged, truncated or not a PyTorch "
-                        f"checkpoint; point to a complete .pt file written by this project") from None
+        raise UserError(_DAMAGED.format(path=path)) from None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
