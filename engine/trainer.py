@@ -75,9 +75,8 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     if resume:
         epoch, iteration, global_step, protos, best = _resume(out_dir, cfg, napg, data, device)
     elif dist.is_main():
-        if out_dir.exists():  # a staging folder of an earlier --overwrite, or a run that never saved a checkpoint
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
+        _clear_untrained(out_dir, staging=out_dir != run_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
         write_json(out_dir / "env.json", {"seed": cfg["seed"], "init": init_source, "world_size": dist.world_size(),
                                           **environment_info()})
@@ -371,6 +370,20 @@ def _complete_swap(run_dir: Path) -> None:
     if dist.is_main() and (staging / "manifest.json").exists() and not run_dir.exists():
         _swap_in(staging, run_dir)
     dist.barrier()
+
+
+def _clear_untrained(folder: Path, staging: bool) -> None:
+    """Empty a staging folder of an earlier --overwrite, or remove what a run that never saved a checkpoint
+    wrote (only the run's own files: a folder may hold other things of the user's)."""
+    if staging:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "eval.json", "best.pt", "tb"):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _diverged_message(err: NonFiniteError, cfg: dict[str, Any], epoch: int, iteration: int, out_dir: Path) -> str:
