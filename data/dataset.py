@@ -78,7 +78,7 @@ def list_split(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
                 raise UserError(f"{folder} holds two files with the stem {path.stem!r}; keep only one")
             files[path.stem] = path
     if not files:
-        raise UserError(f"{folder} holds no {'/'.join(suffixes)} files; check --data_root and the split name")
+        raise UserError(f"{folder} holds no {'/'.join(suffixes)} files; check --data-root and the split name")
     return dict(sorted(files.items()))
 
 
@@ -145,7 +145,7 @@ def scan_label_format(ann_dir: Path) -> str:
     found = "both a 6 and a 255" if has6 else "neither a 6 (clutter, mmseg_raw) nor a 255 (ignore, train_ids)"
     raise UserError(
         f"cannot tell the label format of {ann_dir}: the labels hold {found}. Pass it explicitly "
-        "(label_format / --label_format 'mmseg_raw' or 'train_ids') or set \"label_format\" in meta.json"
+        "(label_format / --label-format 'mmseg_raw' or 'train_ids') or set \"label_format\" in meta.json"
     )
 
 
@@ -157,7 +157,7 @@ def to_train_ids(raw: np.ndarray, label_format: str, path: Path) -> np.ndarray:
         allowed = "0..6" if label_format == "mmseg_raw" else "0..5 and 255"
         raise UserError(
             f"{path}: label value(s) {bad[:_SHOW]} not allowed in label_format {label_format!r} (allowed: "
-            f"{allowed}); check the label format (meta.json / --label_format) or re-run the prepare tool"
+            f"{allowed}); check the label format (meta.json / --label-format) or re-run the prepare tool"
         )
     return ids
 

@@ -64,10 +64,10 @@ def resolve_domain(data_root: str | Path | None, name: str | Path) -> Path:
         if (cand / "img_dir").is_dir():
             return cand
     if not candidates:
-        raise UserError(f"domain {text!r} is a registered name but no data root was given; pass --data_root")
+        raise UserError(f"domain {text!r} is a registered name but no data root was given; pass --data-root")
     looked = ", ".join(f"{c} ({'exists but has no img_dir/' if c.is_dir() else 'missing'})" for c in candidates)
     raise UserError(
         f"domain {text!r} not found; looked for {looked}. A domain folder holds img_dir/{{train,val}} and "
-        f"ann_dir/{{train,val}}: prepare one with tools/prepare_isprs.py, or fix --data_root / the domain name "
+        f"ann_dir/{{train,val}}: prepare one with tools/prepare_isprs.py, or fix --data-root / the domain name "
         f"(registered: {', '.join(DOMAINS)}; aliases: {', '.join(_ALIASES)})"
     )

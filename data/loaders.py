@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,10 +17,15 @@ from utils.errors import UserError
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: torch already seeds each worker (base seed + id); numpy and
-    ``random`` get the same seed so any use of them in a dataset is reproducible too."""
+    ``random`` get the same seed so any use of them in a dataset is reproducible too. Workers ignore
+    SIGINT."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    # Ctrl-C reaches every process of the terminal's group: the main process decides when to stop
+    # (engine/safety.py) and shuts its workers down itself, and a worker stopped by it would fail the batch
+    # being loaded. SIGTERM keeps its default, which multiprocessing uses to end workers at exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler[int]):
@@ -144,6 +150,10 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.pass_index, self.batch_index = int(state["pass"]), int(state["batch"])
+        if self.batch_index >= self.batches_per_pass:
+            # Saved right after the last batch of a pass: the next batch is the first of the next pass,
+            # as it would have been without the interruption (and an empty remainder fills no loader).
+            self.pass_index, self.batch_index = self.pass_index + 1, 0
         self._iterator = None
 
 

@@ -12,6 +12,7 @@ A stage writes ``<work_dir>/<stage>/``::
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from engine.evaluate import evaluate
 from engine.handoff import handoff_meta, handoff_prototypes, resolve_init, save_handoff
 from engine.logger import RunLogger, panel
 from engine.refresh import RefreshResult, refresh_prototypes
+from engine.safety import StopSignals, require_finite_weights
 from engine.uda import NAPG, _unwrap
 from losses import self_information
 from models import FCDiscriminatorHighMask, NAPGNet
@@ -35,9 +37,17 @@ from models.napg import weights_record
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from utils.config import dump_config, tau_at
-from utils.errors import UserError
+from utils.errors import NonFiniteError, StageInterrupted, UserError
 from utils.metrics import format_table
-from utils.run import environment_info, resolve_device, rng_state, seed_everything, set_rng_state, write_json
+from utils.run import (
+    environment_info,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    staging_dir,
+    write_json,
+)
 
 # Options that must not change when a stage is resumed.
 RESUME_FIXED = ("source", "target", "num_classes", "backbone", "batch_size", "img_size", "resize", "clusters",
@@ -51,34 +61,37 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     device = dist.init_from_env(resolve_device(cfg["device"]))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg["deterministic"]
-    replace_old_run = _check_run_dir(run_dir, cfg)
+    if cfg["amp"] == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA-only), this run is on {device}; "
+                        f"use --amp bf16 or --amp off")
+    out_dir, resume = _check_run_dir(run_dir, cfg)
     init_state, init_source = resolve_init(cfg)
     seed_everything(cfg["seed"], cfg["deterministic"])
 
     data = build_data(cfg, device)
     napg = build_napg(cfg, device, init_state)
-    if replace_old_run and dist.is_main():  # only now that every input has been checked
-        shutil.rmtree(run_dir)
-    dist.barrier()
 
     epoch, iteration, global_step = 1, 0, 0
     # The previous stage's prototypes: the fallback for classes without samples at the first refresh.
     protos = handoff_prototypes(init_state, device)
     best: dict[str, Any] | None = None
-    if cfg["resume"]:
-        epoch, iteration, global_step, protos, best = _resume(run_dir, cfg, napg, data, device)
+    if resume:
+        epoch, iteration, global_step, protos, best = _resume(out_dir, cfg, napg, data, device)
     elif dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "env.json", {"seed": cfg["seed"], "init": init_source, "world_size": dist.world_size(),
+        _clear_untrained(out_dir, staging=out_dir != run_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+        write_json(out_dir / "env.json", {"seed": cfg["seed"], "init": init_source, "world_size": dist.world_size(),
                                           "pretrained": weights_record(_unwrap(napg.model).pretrained_path),
                                           **environment_info()})
+    dist.barrier()
 
-    logger = RunLogger(run_dir, enabled=dist.is_main())
+    logger = RunLogger(out_dir, enabled=dist.is_main())
     iters = _iters_per_epoch(cfg, data)
     stop = False
     invocation_iters = 0
     start_time = time.time()
+    signals = StopSignals()
     try:
         while epoch <= cfg["epochs"]:
             tau = tau_at(cfg, epoch)
@@ -89,7 +102,11 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
             bar = tqdm(range(iteration, iters), total=iters, initial=iteration, disable=not cfg["progress"],
                        desc=f"{stage} epoch {epoch}/{cfg['epochs']}", dynamic_ncols=True)
             for iteration in bar:
-                logs = train_iteration(napg, data, protos, epoch, tau)
+                try:
+                    logs = train_iteration(napg, data, protos, epoch, tau)
+                    require_finite_weights(napg)
+                except NonFiniteError as err:
+                    raise UserError(_diverged_message(err, cfg, epoch, iteration + 1, out_dir)) from None
                 global_step += 1
                 invocation_iters += 1
                 done = iteration + 1
@@ -100,28 +117,38 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
                         logs["lr_d"] = napg.opt_d1.param_groups[0]["lr"]
                     logger.scalars(global_step, logs, prefix="train/", epoch=epoch, iteration=done, kind="train")
                 if cfg["eval_every"] and global_step % cfg["eval_every"] == 0 and done < iters:
-                    best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, run_dir, best)
+                    best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, out_dir, best)
                 if cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0 and done < iters:
-                    _save_last(run_dir, napg, protos, data, epoch, done, global_step, best, cfg)
+                    _save_last(out_dir, napg, protos, data, epoch, done, global_step, best, cfg)
                 stop = cfg["stop_after"] is not None and invocation_iters >= cfg["stop_after"]
-                if stop:
+                if stop or signals.poll():
                     break
             bar.close()
-            if done < iters:  # stopped inside the epoch
-                _save_last(run_dir, napg, protos, data, epoch, done, global_step, best, cfg)
+            if done < iters or signals.poll():  # stopped inside the epoch (a signal skips the epoch's evaluation)
+                _save_last(out_dir, napg, protos, data, epoch, done, global_step, best, cfg)
                 break
             if not cfg["eval_every"] or global_step % cfg["eval_every"] == 0:
-                best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, run_dir, best)
+                best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, out_dir, best)
             epoch, iteration = epoch + 1, 0
-            _save_last(run_dir, napg, protos, data, epoch, 0, global_step, best, cfg)
-            if stop:
+            _save_last(out_dir, napg, protos, data, epoch, 0, global_step, best, cfg)
+            if stop or signals.poll():
                 break
     finally:
         logger.close()
+        signals.restore()
+    if signals.poll():
+        raise StageInterrupted(f"{stage}: {signal.Signals(signals.poll()).name} received; saved "
+                               f"{out_dir / 'last.pt'} after {invocation_iters} iterations of this run; continue "
+                               f"with the same command and --resume", signals.poll())
     if epoch <= cfg["epochs"]:
         print(f"{stage}: stopped after {invocation_iters} iterations; continue with --resume")
         return {"stopped": True}
-    return _finish(run_dir, napg, protos, data, cfg, init_source, time.time() - start_time)
+    require_finite_weights(napg, protos)  # the hand-off never carries a diverged network
+    results = _finish(out_dir, napg, protos, data, cfg, init_source, time.time() - start_time)
+    if out_dir != run_dir and dist.is_main():
+        _swap_in(out_dir, run_dir)
+    dist.barrier()
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -334,25 +361,84 @@ def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger:
 
 
 # ---------------------------------------------------------------------------------------------- run folder
-def _check_run_dir(run_dir: Path, cfg: dict[str, Any]) -> bool:
-    """Refuse to touch an existing run folder unless asked; True when ``--overwrite`` replaces one."""
+def _check_run_dir(run_dir: Path, cfg: dict[str, Any]) -> tuple[Path, bool]:
+    """The folder this invocation trains in, and whether it resumes there; refuses to touch finished work.
+
+    ``--overwrite`` of a folder holding a checkpoint trains in a staging folder (``<stage>.new``) that
+    replaces the old run only once the new one is finished, so no failure of the new run loses the old
+    one; ``--resume`` continues such an interrupted replacement. A folder without a checkpoint was never
+    trained (killed or stopped by an error early): it is simply started again.
+    """
+    _complete_swap(run_dir)
+    staging = staging_dir(run_dir)
     finished = (run_dir / "manifest.json").exists()
-    started = (run_dir / "last.pt").exists() or (run_dir / "config.yaml").exists()
+    has_checkpoint = (run_dir / "last.pt").exists()
     if cfg["resume"]:
+        if (staging / "last.pt").exists():
+            return staging, True
         if finished:
             raise UserError(f"{run_dir} is already finished; nothing to resume (to train it again, drop --resume "
                             f"and pass --overwrite)")
-        if not (run_dir / "last.pt").exists():
-            raise UserError(f"--resume: no checkpoint {run_dir / 'last.pt'} to continue from")
-        return False
-    if finished or started:
-        if not cfg["overwrite"]:
-            what = "a finished" if finished else "an unfinished"
-            hint = "" if finished else " continue it with --resume, or"
-            raise UserError(f"{run_dir} holds {what} {cfg['stage']} run;{hint} pass --overwrite to replace it, "
-                            f"or choose another --work-dir")
-        return True
-    return False
+        if has_checkpoint:
+            return run_dir, True
+        if not run_dir.exists():
+            raise UserError(f"--resume: no run {run_dir} to continue (check --work-dir, or drop --resume to start "
+                            f"the stage)")
+        print(f"{run_dir} has no checkpoint yet (it stopped before its first one); starting it again")
+        return run_dir, False
+    if finished or has_checkpoint:
+        if cfg["overwrite"]:
+            return staging, False
+        what = "a finished" if finished else "an unfinished"
+        hint = "" if finished else " continue it with --resume, or"
+        if (staging / "last.pt").exists():
+            hint = f" continue the interrupted replacement in {staging} with --resume, or"
+        raise UserError(f"{run_dir} holds {what} {cfg['stage']} run;{hint} pass --overwrite to replace it, "
+                        f"or choose another --work-dir")
+    return run_dir, False
+
+
+def _swap_in(staging: Path, run_dir: Path) -> None:
+    """Replace ``run_dir`` by the finished run in ``staging`` (two renames; see :func:`_complete_swap`)."""
+    old = run_dir.with_name(run_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if run_dir.exists():
+        run_dir.rename(old)
+    staging.rename(run_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _complete_swap(run_dir: Path) -> None:
+    """Finish a :func:`_swap_in` that a crash cut short between its renames."""
+    staging = staging_dir(run_dir)
+    if dist.is_main() and (staging / "manifest.json").exists() and not run_dir.exists():
+        _swap_in(staging, run_dir)
+    dist.barrier()
+
+
+def _clear_untrained(folder: Path, staging: bool) -> None:
+    """Empty a staging folder of an earlier --overwrite, or remove what a run that never saved a checkpoint
+    wrote (only the run's own files: a folder may hold other things of the user's)."""
+    if staging:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "eval.json", "best.pt", "tb"):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _diverged_message(err: NonFiniteError, cfg: dict[str, Any], epoch: int, iteration: int, out_dir: Path) -> str:
+    last = out_dir / "last.pt"
+    kept = f"{last} keeps the last good state" if last.exists() else "no checkpoint was written yet"
+    again = "continue with --resume" if last.exists() else "start it again"
+    amp = "" if cfg["amp"] == "off" else ", or use --amp off"
+    return (f"{cfg['stage']} diverged at epoch {epoch}, iteration {iteration}: {err} is not finite; stopped, {kept}. "
+            f"Lower --lr (now {cfg['lr']}) or --lr-d (now {cfg['lr_d']}){amp}, and {again}")
 
 
 def _save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], epoch: int, iteration: int,

@@ -8,6 +8,7 @@ adversarial losses, discriminator losses, optimiser steps. ``NAPG.distill_step``
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from losses import (
     self_information,
 )
 from models.prototypes import resize_labels
-from utils.errors import UserError
+from utils.errors import NonFiniteError, UserError
 
 
 def amp_dtype(name: str) -> torch.dtype | None:
@@ -196,6 +197,7 @@ class NAPG:
 
     def _backward_generator(self, loss: torch.Tensor, logs: dict[str, float]) -> None:
         logs["loss_total"] = loss.item()
+        require_finite(logs)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
 
@@ -205,6 +207,7 @@ class NAPG:
 
     def _generator_adversarial(self, ent: dict[str, torch.Tensor], logs: dict[str, float]) -> torch.Tensor:
         cfg = self.cfg
+        require_finite(logs, ent)  # before the BCE, which rejects NaN inputs with an unreadable error
         # The frozen discriminators are called unwrapped: under DDP a wrapped call whose parameters get no
         # gradient would leave its reducer waiting.
         l_d1, l_d2 = generator_adv_losses(_unwrap(self.d1), _unwrap(self.d2), ent["t_cls"], ent["s_proto"],
@@ -262,6 +265,15 @@ class NAPG:
             self.opt_d2.load_state_dict(state["opt_d2"])
         if self.teacher is not None and "teacher" in state:
             self.teacher.load_state_dict(state["teacher"])
+
+
+def require_finite(logs: dict[str, float], maps: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming the first NaN/infinite loss term in ``logs`` (or ``maps``)."""
+    for name, value in logs.items():
+        if name.startswith("loss") and not math.isfinite(value):
+            raise NonFiniteError(f"{name} = {value}")
+    if maps and not bool(torch.stack([m.isfinite().all() for m in maps.values()]).all()):
+        raise NonFiniteError("the entropy maps fed to the discriminators")
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -68,7 +68,7 @@ def test_resolve_domain_missing_lists_candidates(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "potsdam_irrg") in msg and "no img_dir" in msg
     assert str(tmp_path / "potsdamIRRG6") in msg and "missing" in msg
-    with pytest.raises(UserError, match="data_root"):
+    with pytest.raises(UserError, match="--data-root"):
         resolve_domain(None, "potsdam_rgb")
 
 

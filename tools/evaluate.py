@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="re-estimate the BatchNorm statistics on --domain's train images before evaluating")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    _check_args(args)
     results, info = evaluate_checkpoint(args)
     for branch, metrics in results.items():
         print(f"{branch} branch, {args.domain}/{args.split}, protocol {args.protocol}, {info['bn']}:")
@@ -102,6 +103,16 @@ def _is_target(meta: dict, data_root: str, domain: str) -> bool:
         return resolve_domain(Path(data_root), meta["target"]) == resolve_domain(Path(data_root), domain)
     except UserError:
         return str(meta["target"]) == str(domain)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """One line per impossible value, before anything is read."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.resize is not None and (args.resize < 32 or args.resize % 32):
+        raise UserError(f"--resize must be a multiple of 32, got {args.resize}")
 
 
 def _pick_prototypes(protos: dict | None, which: str) -> torch.Tensor | None:

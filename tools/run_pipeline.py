@@ -2,8 +2,9 @@
 
     python tools/run_pipeline.py --config configs/demo.yaml --work-dir runs/demo [--flag value ...]
 
-Extra flags are passed to every stage. Finished stages are kept (``--overwrite`` retrains them) and an
-interrupted stage is resumed, so re-running the same command continues the pipeline. Writes
+Extra flags are passed to every stage. Finished stages are kept (``--overwrite`` retrains every stage,
+unfinished ones included), an interrupted stage is resumed from its checkpoint and one stopped before
+its first checkpoint starts again, so re-running the same command continues the pipeline. Writes
 ``<work-dir>/results.json``: for each stage the target-val metrics of the classifier branch and its
 source-val mIoU.
 """
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import stage_main
 from utils.errors import UserError, run_cli
-from utils.run import read_json, write_json
+from utils.run import read_json, staging_dir, write_json
 
 STAGES = ("step0", "step1", "step2", "step3")
 METRICS = ("miou", "mf1", "oa", "miou5", "mf1_5")
@@ -36,16 +37,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = Path(args.work_dir)
     for stage in args.stages:
         run_dir = work_dir / stage
-        if (run_dir / "manifest.json").exists() and not args.overwrite:
+        # A checkpoint here is an interrupted --overwrite of a finished or unfinished run.
+        replacing = (staging_dir(run_dir) / "last.pt").exists()
+        if (run_dir / "manifest.json").exists() and not args.overwrite and not replacing:
             print(f"{stage}: finished run found in {run_dir}, kept")
             continue
         stage_argv = ["--config", args.config, "--work-dir", str(work_dir), *extra]
         if stage == "step1" and args.warm_start:
             stage_argv += ["--init", str(work_dir / "step0")]
-        if (run_dir / "manifest.json").exists():
+        if args.overwrite:
             stage_argv.append("--overwrite")
-        elif (run_dir / "last.pt").exists():
+        elif replacing or (run_dir / "last.pt").exists():
             stage_argv.append("--resume")
+        # Otherwise the stage starts afresh (a folder without a checkpoint was never trained).
         print(f"== {stage} ==", flush=True)
         stage_main(stage, stage_argv)
         if not (run_dir / "manifest.json").exists():

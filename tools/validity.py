@@ -154,8 +154,8 @@ class Study:
             return work_dir
         argv = ["--config", str(self.args.config), "--data-root", str(self.data_root), "--work-dir", str(work_dir),
                 *flags, *self.extra]
-        if run_dir.exists():
-            argv.append("--overwrite")  # an interrupted run: train it again from the start
+        if (run_dir / "last.pt").exists():
+            argv.append("--resume")  # an interrupted run continues (one without a checkpoint starts again)
         print(f"== {run_dir} ==", flush=True)
         stage_main(stage, argv)
         return work_dir

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from data.isprs import NUM_CLASSES
 from utils.errors import UserError
 
 STAGES = ("step0", "step1", "step2", "step3")
@@ -168,6 +171,26 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+INF = float("inf")
+# Allowed range (inclusive) of every numeric option, checked for each value of a list; None passes.
+RANGES: dict[str, tuple[float, float]] = {
+    "num_classes": (1, INF), "img_size": (32, INF), "resize": (32, INF), "batch_size": (2, INF),
+    "eval_batch_size": (1, INF), "num_workers": (0, INF), "lr": (1e-12, INF), "lr_d": (1e-12, INF),
+    "betas": (0.0, 0.999999), "betas_d": (0.0, 0.999999), "weight_decay": (0.0, INF), "epochs": (1, INF),
+    "iters_per_epoch": (1, INF), "clusters": (1, INF), "auto_k_max": (1, INF), "auto_k_threshold": (0.0, INF),
+    "kmeans_n_init": (1, INF), "kmeans_seed": (0, 2**32 - 1), "tgt_proto_start": (0, INF),
+    "tau_start": (0.0, 1.0), "tau_step": (0.0, 1.0), "tau_min": (0.0, 1.0), "refresh_max_batches": (1, INF),
+    "w_ce": (0.0, INF), "w_proto": (0.0, INF), "w_adv_d1": (0.0, INF), "w_adv_d2": (0.0, INF),
+    "w_gnce": (0.0, INF), "gnce_start_epoch": (0, INF), "gnce_windows": (0, INF), "gnce_target_weight": (0.0, INF),
+    "w_kd": (0.0, INF), "kd_temperature": (1e-6, INF), "w_ce_src": (0.0, INF), "ema_momentum": (0.0, 1.0),
+    "weak_scale": (1e-3, INF), "hflip": (0.0, 1.0), "randaug_n": (0, INF), "randaug_m": (2, 10),
+    "cutout_frac": (0.0, 1.0), "eval_every": (0, INF), "eval_max_batches": (1, INF), "seed": (0, 2**32 - 1),
+    "stop_after": (1, INF), "checkpoint_every": (0, INF), "log_every": (1, INF),
+}
+# Options that hold a fixed number of values.
+LENGTHS = {"betas": 2, "betas_d": 2, "weak_scale": 2}
+
+
 def _coerce(key: str, value: Any, where: str) -> Any:
     opt = OPTIONS[key]
     if opt.nullable and isinstance(value, str) and value.lower() in ("null", "none"):
@@ -266,8 +289,12 @@ def resolve_config(stage: str, yaml_data: dict[str, Any] | None = None, override
 
 
 def validate(cfg: dict[str, Any]) -> None:
-    """Cross-option checks that a single type check cannot do."""
+    """Ranges, list lengths and cross-option checks: each mistake is one :class:`UserError`."""
+    _check_ranges(cfg)
     c = cfg["num_classes"]
+    if c != NUM_CLASSES:
+        raise UserError(f"'num_classes' must be {NUM_CLASSES}: the data's labels are the {NUM_CLASSES} ISPRS classes "
+                        f"(train ids 0..{NUM_CLASSES - 1}), got {c}")
     for key in ("clusters", "gnce_windows"):
         if len(cfg[key]) != c:
             raise UserError(f"'{key}' needs {c} values (one per class), got {len(cfg[key])}")
@@ -282,8 +309,28 @@ def validate(cfg: dict[str, Any]) -> None:
     if cfg["batch_size"] < 2:
         raise UserError("'batch_size' must be >= 2 per process: the ASPP image-pooling branch's BatchNorm "
                         "needs two samples in training mode")
-    if cfg["epochs"] < 1:
-        raise UserError("'epochs' must be >= 1")
+    if cfg["weak_scale"][0] > cfg["weak_scale"][1]:
+        raise UserError(f"'weak_scale' is a range low high, got {cfg['weak_scale']}")
+    if cfg["tau_min"] > cfg["tau_start"]:
+        raise UserError(f"'tau_min' ({cfg['tau_min']}) must not exceed 'tau_start' ({cfg['tau_start']})")
+    device = cfg["device"]
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise UserError(f"'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _check_ranges(cfg: dict[str, Any]) -> None:
+    for key, length in LENGTHS.items():
+        if len(cfg[key]) != length:
+            raise UserError(f"'{key}' needs {length} values, got {len(cfg[key])}: {cfg[key]}")
+    for key, (low, high) in RANGES.items():
+        values = cfg[key] if OPTIONS[key].is_list else [cfg[key]]
+        for value in values:
+            if value is None or value == "auto":  # unset, or kmeans_n_init's scikit-learn choice
+                continue
+            # Written so that NaN fails too.
+            if not (low <= value <= high and math.isfinite(value)):
+                span = f">= {low:g}" if high == INF else f"in {low:g}..{high:g}"
+                raise UserError(f"'{key}' must be {span}, got {value}")
 
 
 def tau_at(cfg: dict[str, Any], epoch: int) -> float | None:

@@ -38,10 +38,20 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device '{name}' (use cpu, cuda, cuda:N or auto)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{name}' (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s) "
+                        f"(use cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """Where ``--overwrite`` trains the run that replaces ``run_dir`` once it is finished."""
+    return run_dir.with_name(run_dir.name + ".new")
 
 
 def git_hash() -> str:

@@ -1,0 +1,72 @@
+"""Guards of the training loop: a graceful stop on SIGTERM/SIGINT and a check for diverged weights.
+
+Schedulers (Slurm, Kubernetes) send SIGTERM some time before they kill a job, and Ctrl-C sends SIGINT.
+Instead of dying mid-iteration, the stage records the signal, finishes the current iteration, writes
+``last.pt`` and exits with 128 + the signal number. A second signal of either kind acts at once, for
+an impatient user. Under torchrun every rank learns of a signal any rank received, so they all stop
+after the same iteration.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+
+from engine.uda import NAPG, _unwrap
+from utils import dist
+from utils.errors import NonFiniteError
+
+HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """Records SIGTERM/SIGINT while installed; :meth:`poll` says whether (and which) one arrived."""
+
+    def __init__(self) -> None:
+        self._received = 0
+        self._agreed = 0
+        self._previous: dict[int, Any] = {}
+        # Python only lets the main thread install handlers (a stage run from another thread keeps the defaults).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in HANDLED}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Only a flag: the handler may run in the middle of a checkpoint write, which must complete.
+        self._received = self._received or signum
+        self.restore()  # a second signal gets the default behaviour: stop at once
+
+    def poll(self) -> int:
+        """The signal number that stops the stage (0: none); the same on every rank."""
+        if not self._agreed:
+            flag = self._received
+            if dist.is_dist():
+                tensor = torch.tensor([flag], dtype=torch.int64)
+                if torch.distributed.get_backend() == "nccl":
+                    tensor = tensor.cuda()
+                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+                flag = int(tensor.item())
+            self._agreed = flag
+        return self._agreed
+
+    def restore(self) -> None:
+        """Put back the handlers that were installed before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+@torch.no_grad()
+def require_finite_weights(napg: NAPG, protos: Any = None) -> None:
+    """Raise :class:`NonFiniteError` when a network weight (or a prototype) is NaN or infinite."""
+    tensors = [p for m in (napg.model, napg.d1, napg.d2) if m is not None for p in _unwrap(m).parameters()]
+    if protos is not None:
+        tensors += [t for t in (protos.source_target, protos.target) if t is not None]
+    # One reduction per tensor and a single host sync: the largest magnitude is NaN/inf exactly when one is.
+    peaks = torch.stack([t.detach().abs().amax().float() for t in tensors])
+    if not bool(peaks.isfinite().all()):
+        raise NonFiniteError("the weights after the update (an exploding gradient)" if protos is None
+                             else "the final weights or prototypes")
