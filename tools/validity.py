@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="study folder (data, runs, validity.json)")
     parser.add_argument("--config", default="configs/validity.yaml", help="stage config of every run")
     parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="synthetic data set size")
-    parser.add_argument("--warm-epochs", type=int, default=200, help="epochs of the warm start")
+    parser.add_argument("--warm-epochs", type=int, default=160, help="epochs of the warm start")
     parser.add_argument("--warm-lr", type=float, default=5e-4, help="learning rate of the warm start")
     parser.add_argument("--warm-start", type=Path,
                         help="a finished step-0 run folder to start from instead of training one (e.g. the "
