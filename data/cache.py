@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data.dataset import (
+from data.files import (
     IMAGE_SUFFIXES,
     LABEL_FORMATS,
     LABEL_SUFFIXES,

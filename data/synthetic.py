@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from data.isprs import POTSDAM, SYNTHETIC_MARKER, VAIHINGEN, IsprsDataset, encode_label
-from tools.prepare_isprs import prepare_isprs
+from data.prepare import prepare_isprs
 from utils.errors import UserError
 
 Vec4 = tuple[float, float, float, float]  # reflectance or gain per band, order (B, G, R, NIR)

@@ -40,3 +40,50 @@ def test_every_flag_named_in_a_message_exists():
     assert len(named) > 20  # the scan sees the messages
     unknown = {flag: sorted(files) for flag, files in named.items() if flag not in defined | FOREIGN}
     assert not unknown, f"messages name flags that no parser defines: {unknown}"
+
+
+LIBRARIES = ("data", "engine", "losses", "models", "utils")
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Modules of this project that ``path`` imports, anywhere in the file (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        found |= {n for n in names if n.split(".")[0] in (*LIBRARIES, "tools") and _is_module(n)}
+    return found
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def test_libraries_import_downward_without_cycles():
+    graph = {}
+    for package in LIBRARIES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            graph[name] = _project_imports(path) - {name}
+    assert len(graph) > 30
+    upward = {m: sorted(i for i in deps if i.startswith("tools")) for m, deps in graph.items()}
+    assert not {m: d for m, d in upward.items() if d}, "library modules must not import tools/"
+
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == "open":
+                raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(dep):], dep]))
+            if dep not in state:
+                visit(dep, [*trail, dep])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])

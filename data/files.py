@@ -1,0 +1,168 @@
+"""Reading a prepared domain folder's files: meta.json, split listings, images, labels and their format.
+
+Shared by the dataset (``data/dataset.py``) and the uint8 cache (``data/cache.py``), which both build on
+these readers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from data.isprs import IGNORE_INDEX, LABEL_FORMATS, NUM_CLASSES
+from utils.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# Labels must be lossless; JPEG would smear the ids.
+LABEL_SUFFIXES = (".png", ".tif", ".tiff")
+_SHOW = 5
+
+
+def _lut(label_format: str) -> np.ndarray:
+    """Raw file value -> train id (int64 [256]); -1 marks values the format does not allow."""
+    lut = np.full(256, -1, dtype=np.int64)
+    if label_format == "mmseg_raw":
+        lut[0] = IGNORE_INDEX
+        lut[1 : NUM_CLASSES + 1] = np.arange(NUM_CLASSES)
+    else:
+        lut[:NUM_CLASSES] = np.arange(NUM_CLASSES)
+        lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut
+
+
+_LUTS = {fmt: _lut(fmt) for fmt in LABEL_FORMATS}
+
+
+def _names(paths: list[str]) -> str:
+    more = f", ... (+{len(paths) - _SHOW} more)" if len(paths) > _SHOW else ""
+    return ", ".join(paths[:_SHOW]) + more
+
+
+def read_meta(root: Path) -> dict[str, Any]:
+    """``<root>/meta.json`` as a dict ({} when absent)."""
+    path = root / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {err}; fix or delete the file") from err
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} must hold a JSON object, found {type(meta).__name__}")
+    return meta
+
+
+def list_split(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Files of one split folder keyed by stem, sorted by stem."""
+    if not folder.is_dir():
+        siblings = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) if folder.parent.is_dir() else []
+        hint = f" (splits present: {', '.join(siblings)})" if siblings else ""
+        raise UserError(f"{folder} does not exist{hint}; expected <domain>/{folder.parent.name}/<split>/*.png")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in suffixes:
+            if path.stem in files:
+                raise UserError(f"{folder} holds two files with the stem {path.stem!r}; keep only one")
+            files[path.stem] = path
+    if not files:
+        raise UserError(f"{folder} holds no {'/'.join(suffixes)} files; check --data-root and the split name")
+    return dict(sorted(files.items()))
+
+
+def pair_by_stem(images: dict[str, Path], labels: dict[str, Path], img_dir: Path, ann_dir: Path) -> list[str]:
+    """The shared stems; UserError naming unpaired files when the two sets differ."""
+    lonely_img = sorted(set(images) - set(labels))
+    lonely_ann = sorted(set(labels) - set(images))
+    if lonely_img or lonely_ann:
+        parts = []
+        if lonely_img:
+            parts.append(f"{len(lonely_img)} image(s) in {img_dir} without a label: {_names(lonely_img)}")
+        if lonely_ann:
+            parts.append(f"{len(lonely_ann)} label(s) in {ann_dir} without an image: {_names(lonely_ann)}")
+        raise UserError(
+            "images and labels do not pair by file name ("
+            + f"{len(images)} images, {len(labels)} labels): "
+            + "; ".join(parts)
+            + ". Remove the strays or re-run the prepare tool"
+        )
+    return list(images)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 [H, W, 3] in the file's slot order (R,G,B slots; NIR,R,G for IRRG data)."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if bgr is None:
+        raise UserError(f"cannot decode image {path}; the file is damaged or not an image")
+    if bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
+        raise UserError(
+            f"{path}: expected an 8-bit 3-channel image, found dtype {bgr.dtype} with shape {bgr.shape}; "
+            "convert it to 8-bit RGB (the prepare tool writes such PNGs)"
+        )
+    return bgr[:, :, ::-1]
+
+
+def read_label(path: Path) -> np.ndarray:
+    """uint8 [H, W] ids as stored (Pillow keeps palette indices, which OpenCV would expand to colours)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise UserError(
+                    f"{path}: expected a single-channel 8-bit label image, found mode {im.mode}; colour-coded "
+                    "ISPRS labels must be converted to ids first (tools/prepare_isprs.py)"
+                )
+            return np.asarray(im)
+    except OSError as err:
+        raise UserError(f"cannot decode label {path}: {err}") from err
+
+
+def scan_label_format(ann_dir: Path) -> str:
+    """Infer the format from every label under ``ann_dir/*/``: a 6 means mmseg_raw, a 255 train_ids."""
+    has6 = has255 = False
+    files = sorted(p for split in ann_dir.glob("*") if split.is_dir() for p in split.iterdir())
+    for path in files:
+        if path.suffix.lower() not in LABEL_SUFFIXES:
+            continue
+        counts = np.bincount(read_label(path).ravel(), minlength=256)
+        has6 |= bool(counts[NUM_CLASSES])
+        has255 |= bool(counts[IGNORE_INDEX])
+        if has6 and has255:
+            break
+    if has6 != has255:
+        return "mmseg_raw" if has6 else "train_ids"
+    found = "both a 6 and a 255" if has6 else "neither a 6 (clutter, mmseg_raw) nor a 255 (ignore, train_ids)"
+    raise UserError(
+        f"cannot tell the label format of {ann_dir}: the labels hold {found}. Pass it explicitly "
+        "(label_format / --label-format 'mmseg_raw' or 'train_ids') or set \"label_format\" in meta.json"
+    )
+
+
+def to_train_ids(raw: np.ndarray, label_format: str, path: Path) -> np.ndarray:
+    """Map stored ids to train ids (int64 [H, W], 255 = ignore); UserError on values the format forbids."""
+    ids = _LUTS[label_format][raw]
+    if ids.min() < 0:
+        bad = np.unique(raw[ids < 0]).tolist()
+        allowed = "0..6" if label_format == "mmseg_raw" else "0..5 and 255"
+        raise UserError(
+            f"{path}: label value(s) {bad[:_SHOW]} not allowed in label_format {label_format!r} (allowed: "
+            f"{allowed}); check the label format (meta.json / --label-format) or re-run the prepare tool"
+        )
+    return ids
+
+
+def resolve_label_format(root: Path, meta: dict[str, Any], label_format: str | None) -> str:
+    """meta.json's ``label_format``, else the argument, else a scan of all labels; they must agree."""
+    declared = meta.get("label_format")
+    for source, value in (("meta.json", declared), ("label_format", label_format)):
+        if value is not None and value not in LABEL_FORMATS:
+            raise UserError(f"{source} gives label format {value!r}; use one of {', '.join(LABEL_FORMATS)}")
+    if declared is not None and label_format is not None and declared != label_format:
+        raise UserError(
+            f"{root / 'meta.json'} says label_format {declared!r} but {label_format!r} was passed; "
+            "drop the flag or fix meta.json"
+        )
+    return declared or label_format or scan_label_format(root / "ann_dir")
