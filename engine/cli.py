@@ -6,21 +6,12 @@ import argparse
 from collections.abc import Sequence
 
 from utils.config import add_config_arguments, config_from_args
-
-# The step script of each stage (at the repository root).
-STAGE_SCRIPTS = {"step0": "step0-source-only.py", "step1": "step1-warm-up.py", "step2": "step2-UDA-training.py",
-                 "step3": "step3-teacher-student.py"}
-DESCRIPTIONS = {
-    "step0": "Source-only baseline: classifier CE + prototype NLL on the source, no adaptation.",
-    "step1": "Warm-up: single-prototype groups (K=1), GNCE on the source, entropy adversarial training.",
-    "step2": "UDA with multi-prototype groups (K_c per class) from source + confident target features.",
-    "step3": "Teacher-student: frozen step-2 teacher, weak/strong target views, masked feature distillation.",
-}
+from utils.stages import STAGES
 
 
 def build_parser(stage: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=DESCRIPTIONS[stage],
+        description=STAGES[stage].description,
         epilog="Options resolve as: built-in defaults < stage defaults < --preset < --config YAML "
                "(top level, then its '" + stage + ":' section) < flags.")
     add_config_arguments(parser)

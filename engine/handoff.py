@@ -24,18 +24,8 @@ from engine.refresh import RefreshResult
 from models import NAPGNet
 from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from utils.errors import UserError
+from utils.stages import ORIGINAL, STAGES
 
-ORIGINAL = "original"  # meta["stage"] of a checkpoint converted from the released code
-# The checkpoints each stage accepts as --init, in one place: a warm start from a finished step-0 run
-# for steps 0 and 1, the previous stage for steps 2 and 3, and a converted original for steps 1 to 3.
-ACCEPTED_INIT: dict[str, frozenset[str]] = {
-    "step0": frozenset({"step0"}),
-    "step1": frozenset({"step0", ORIGINAL}),
-    "step2": frozenset({"step1", ORIGINAL}),
-    "step3": frozenset({"step2", ORIGINAL}),
-}
-# The run a stage looks for under its --work-dir when no --init is given (steps 0 and 1 start afresh).
-PREVIOUS_STAGE = {"step2": "step1", "step3": "step2"}
 # meta fields that older checkpoints may lack, with the value they were written under.
 META_DEFAULTS = {"shared_similarity": True, "bn_stats": "shared", "normalize": "unit"}
 
@@ -80,7 +70,7 @@ def handoff_file(path: str | Path, flag: str = "--init") -> Path:
 def load_handoff(path: str | Path, expected_stage: str | None = None, flag: str = "--init") -> dict[str, Any]:
     """Read a hand-off checkpoint (a file, or a finished run folder's model.pt) and check its kind.
 
-    ``expected_stage``: the stage that will start from it; its stage must be in ``ACCEPTED_INIT``.
+    ``expected_stage``: the stage that will start from it, which must accept its kind (``Stage.accepts_init``).
     None accepts any stage (evaluation). Missing optional meta fields get ``META_DEFAULTS``.
     Every problem is a one-line UserError that names ``flag``.
     """
@@ -91,18 +81,19 @@ def load_handoff(path: str | Path, expected_stage: str | None = None, flag: str 
         raise UserError(f"{flag} {path}: not a stage checkpoint of this project (no 'model'/'meta'); original "
                         f"NAPG checkpoints are converted with tools/convert_original_checkpoint.py")
     got = meta.get("stage")
-    if got not in {*ACCEPTED_INIT, ORIGINAL}:
+    if got not in {*STAGES, ORIGINAL}:
         raise UserError(f"{flag} {path}: its meta names no stage (written by an older converter?); convert the "
                         f"original checkpoint again with tools/convert_original_checkpoint.py")
-    if expected_stage is not None and got not in ACCEPTED_INIT[expected_stage]:
-        want = " or ".join(_kind(s) for s in sorted(ACCEPTED_INIT[expected_stage]))
+    if expected_stage is not None and got not in STAGES[expected_stage].accepts_init:
+        want = " or ".join(_kind(s) for s in sorted(STAGES[expected_stage].accepts_init))
         raise UserError(f"{flag} {path} is {_kind(got)}, but {expected_stage} starts from {want}")
     state["meta"] = {**META_DEFAULTS, **meta}
     return state
 
 
-def _kind(stage: str) -> str:
-    return "a converted original checkpoint" if stage == ORIGINAL else f"a {stage} checkpoint"
+def _kind(kind: str) -> str:
+    """How a message names a checkpoint whose meta says ``kind`` (a stage, or ORIGINAL)."""
+    return "a converted original checkpoint" if kind == ORIGINAL else f"a {kind} checkpoint"
 
 
 def check_fits(state: dict[str, Any], cfg: dict[str, Any], path: str | Path, flag: str = "--init") -> None:
@@ -121,7 +112,7 @@ def resolve_init(cfg: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, 
     """
     stage, init = cfg["stage"], cfg["init"]
     if init is None:
-        expected = PREVIOUS_STAGE.get(stage)
+        expected = STAGES[stage].previous
         if expected is None:
             return None, None
         candidate = Path(cfg["work_dir"]) / expected

@@ -36,7 +36,7 @@ from models import FCDiscriminatorHighMask, NAPGNet
 from models.napg import weights_record
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-from utils.config import dump_config, tau_at
+from utils.config import dump_config
 from utils.errors import NonFiniteError, StageInterrupted, UserError
 from utils.metrics import format_table
 from utils.run import (
@@ -48,6 +48,7 @@ from utils.run import (
     staging_dir,
     write_json,
 )
+from utils.stages import STAGES, tau_at
 
 # Options that must not change when a stage is resumed.
 RESUME_FIXED = ("source", "target", "num_classes", "backbone", "batch_size", "img_size", "resize", "clusters",
@@ -159,7 +160,7 @@ def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, 
                     shared_similarity=cfg["shared_similarity"], head_impl=cfg["head_impl"],
                     bn_stats=bn_stats_of(cfg)).to(device)
     d1 = d2 = None
-    if cfg["stage"] != "step0":
+    if STAGES[cfg["stage"]].adversarial:
         d1 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
         d2 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
     if init_state is not None:
@@ -172,8 +173,8 @@ def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, 
 
 
 def bn_stats_of(cfg: dict[str, Any]) -> str:
-    """The stage's BatchNorm statistics: step 0 never sees a target image, so it has one set."""
-    return "shared" if cfg["stage"] == "step0" else cfg["bn_stats"]
+    """The stage's BatchNorm statistics: its own fixed mode (step 0 never sees a target image), else the flag."""
+    return STAGES[cfg["stage"]].bn_stats or cfg["bn_stats"]
 
 
 def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -199,9 +200,10 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
         "source_val": eval_loader(SegmentationFolder(src_dir, "val", transform=eval_tf, **common), ebs, **loader_kw),
         "target": None, "target_refresh": None, "target_val": None,
     }
-    if cfg["stage"] != "step0" or cfg["target"]:
+    stage = STAGES[cfg["stage"]]
+    if stage.adversarial or cfg["target"]:
         tgt_dir = resolve_domain(root, cfg["target"])
-        tgt_tf = strong_tf if cfg["stage"] == "step3" else train_tf
+        tgt_tf = strong_tf if stage.target_view == "weak_strong" else train_tf
         tgt_train = SegmentationFolder(tgt_dir, "train", transform=tgt_tf, with_labels=False, **common)
         tgt_refresh = SegmentationFolder(tgt_dir, "train", transform=eval_tf, with_labels=False, **common)
         tgt_val = SegmentationFolder(tgt_dir, cfg["target_eval_split"], transform=eval_tf, **common)
@@ -212,7 +214,7 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _iters_per_epoch(cfg: dict[str, Any], data: dict[str, Any]) -> int:
-    role = "target" if cfg["stage"] == "step3" else "source"
+    role = STAGES[cfg["stage"]].epoch_role
     n = data[role].batches_per_pass - int(cfg["legacy_epoch_length"])  # the released loops: len(loader) - 1
     if n < 1:
         raise UserError(f"--legacy-epoch-length leaves no iteration: the {role} data fill only one batch of "
@@ -245,7 +247,7 @@ def train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epo
     src = next(data["source"])
     tgt = next(data["target"]) if data["target"] is not None and napg.uses_target else None
     data_time = time.perf_counter() - start
-    if napg.stage == "step3":
+    if STAGES[napg.stage].teacher:
         student_protos = protos.target if protos.target is not None else protos.source_target
         logs = napg.distill_step(src, tgt, protos.source_target, student_protos)
     else:

@@ -26,6 +26,7 @@ from losses import (
 )
 from models.prototypes import resize_labels
 from utils.errors import NonFiniteError, UserError
+from utils.stages import STAGES, gnce_weight_at
 
 
 def amp_dtype(name: str) -> torch.dtype | None:
@@ -65,7 +66,7 @@ class NAPG:
         # fp16 needs loss scaling; bf16 has float32's range and does not.
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
         self.teacher: nn.Module | None = None
-        if self.stage == "step3":
+        if STAGES[self.stage].teacher:
             self.teacher = copy.deepcopy(_unwrap(model)).eval()
             set_requires_grad(self.teacher, False)
 
@@ -110,7 +111,7 @@ class NAPG:
         loss = cfg["w_ce"] * loss_ce + cfg["w_proto"] * loss_proto
         logs.update(loss_ce=loss_ce.item(), loss_proto=loss_proto.item())
 
-        w_gnce = cfg["w_gnce"] if epoch >= cfg["gnce_start_epoch"] else 0.0
+        w_gnce = gnce_weight_at(cfg, epoch)
         if w_gnce > 0:
             loss_gnce = gnce_loss(out_s["proto_max"].float(), out_s["features"].float(), cfg["gnce_windows"])
             logs["loss_gnce_src"] = loss_gnce.item()

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cli import STAGE_SCRIPTS
+from utils.stages import STAGES
+
+STAGE_SCRIPTS = {name: stage.script for name, stage in STAGES.items()}
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"  # computed by the original code (tests/fixtures/README.md)

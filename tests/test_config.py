@@ -3,8 +3,9 @@
 import pytest
 
 from engine.cli import build_parser
-from utils.config import OPTIONS, PRESETS, STAGE_DEFAULTS, config_from_args, resolve_config, tau_at
+from utils.config import OPTIONS, PRESETS, config_from_args, resolve_config
 from utils.errors import UserError
+from utils.stages import STAGES, tau_at
 
 
 def test_precedence_of_every_layer():
@@ -12,7 +13,7 @@ def test_precedence_of_every_layer():
     cfg = resolve_config("step2", yaml_data, {"lr": "5e-4"})
     assert cfg["lr"] == 5e-4  # flag beats YAML
     assert cfg["epochs"] == 9  # stage section beats the top level
-    assert cfg["clusters"] == STAGE_DEFAULTS["step2"]["clusters"]
+    assert cfg["clusters"] == STAGES["step2"].defaults["clusters"]
     assert resolve_config("step1", yaml_data)["epochs"] == 7
 
 

@@ -12,9 +12,7 @@ import torch
 import tools.convert_original_checkpoint as convert
 import tools.evaluate as evaluate_tool
 from engine.handoff import (
-    ACCEPTED_INIT,
     META_DEFAULTS,
-    ORIGINAL,
     handoff_meta,
     handoff_prototypes,
     load_handoff,
@@ -26,6 +24,9 @@ from models import NAPGNet
 from tests.helpers import fixture_path, run_step, tiny_args
 from utils.config import resolve_config
 from utils.errors import UserError, run_cli
+from utils.stages import ORIGINAL, STAGES
+
+ACCEPTED_INIT = {name: stage.accepts_init for name, stage in STAGES.items()}
 
 KINDS = ("step0", "step1", "step2", "step3", ORIGINAL)
 

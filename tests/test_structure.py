@@ -87,3 +87,11 @@ def test_libraries_import_downward_without_cycles():
     for module in graph:
         if module not in state:
             visit(module, [module])
+
+
+def test_stage_names_are_tested_only_in_the_stage_table():
+    pattern = re.compile(r'== "step|!= "step|\bstage ==|\bstage !=')
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for package in ("engine", "tools", "utils")
+                 for path in sorted((ROOT / package).rglob("*.py")) if path.name != "stages.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, f"test a Stage field (utils/stages.py) instead: {offenders}"

@@ -53,9 +53,10 @@ from engine.handoff import check_fits, handoff_file, load_handoff
 from engine.trainer import build_data, build_napg, refresh, train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
-from utils.config import STAGES, resolve_config, tau_at
+from utils.config import resolve_config
 from utils.errors import UserError, run_cli
 from utils.run import seed_everything
+from utils.stages import STAGE_NAMES, STAGES, steady_epoch, tau_at
 
 IMPLS = ("reference", "fast")
 DATA_ROLES = ("source", "target", "source_refresh", "target_refresh", "target_val")
@@ -142,14 +143,6 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
-def steady_epoch(cfg: dict[str, Any]) -> int:
-    """The first epoch in which every loss term and the target pseudo-labels of the stage are on."""
-    epoch = max(1, cfg["tgt_proto_start"])
-    if cfg["w_gnce"] > 0:
-        epoch = max(epoch, cfg["gnce_start_epoch"])
-    return epoch
-
-
 def stage_config(stage: str, args: argparse.Namespace, data_root: Path | None) -> dict[str, Any]:
     """The resolved config of ``stage`` with the benchmark's flags."""
     overrides = {"img_size": args.size, "resize": args.resize, "batch_size": args.batch,
@@ -176,7 +169,8 @@ def random_data(cfg: dict[str, Any], batches: int) -> dict[str, Any]:
             samples.append(transform(sample) if transform is not None else sample)
         return default_collate(samples)
 
-    src, tgt = batch(train_tf, True), batch(strong_tf if cfg["stage"] == "step3" else train_tf, False)
+    target_tf = strong_tf if STAGES[cfg["stage"]].target_view == "weak_strong" else train_tf
+    src, tgt = batch(train_tf, True), batch(target_tf, False)
     return {"source": iter(lambda: src, None), "target": iter(lambda: tgt, None),
             "source_refresh": [batch(eval_tf, True) for _ in range(batches)],
             "target_refresh": [batch(eval_tf, False) for _ in range(batches)],
@@ -362,7 +356,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations (loader: passes) first")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     stage = parser.add_argument_group("stage and loader benchmarks")
-    stage.add_argument("--stages", nargs="+", default=["step1", "step2"], choices=STAGES)
+    stage.add_argument("--stages", nargs="+", default=["step1", "step2"], choices=STAGE_NAMES)
     stage.add_argument("--head-impl", default="fast", choices=IMPLS)
     stage.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     stage.add_argument("--cache", action="store_true", help="read patches from the uint8 cache")

@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.handoff import ORIGINAL, handoff_meta, save_handoff
+from engine.handoff import handoff_meta, save_handoff
 from models import FCDiscriminatorHighMask, NAPGNet, load_original_checkpoint
 from models.napg import BACKBONES
 from models.original import read_original_checkpoint
 from utils.errors import UserError, run_cli
+from utils.stages import ORIGINAL
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from data.synthetic import make_synthetic
-from engine.cli import STAGE_SCRIPTS
 from utils.errors import UserError, run_cli
+from utils.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_chain(launcher: list[str], work: Path, common: list[str],
-               stages: Sequence[str] = tuple(STAGE_SCRIPTS)) -> None:
+               stages: Sequence[str] = tuple(STAGES)) -> None:
     for stage in stages:
-        proc = subprocess.run([*launcher, STAGE_SCRIPTS[stage], *common, "--work-dir", str(work), "--overwrite"],
+        proc = subprocess.run([*launcher, STAGES[stage].script, *common, "--work-dir", str(work), "--overwrite"],
                               cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise UserError(f"{stage} failed ({' '.join(launcher[-1:])}): {proc.stderr.strip().splitlines()[-1:]}")

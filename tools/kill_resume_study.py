@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from engine.cli import STAGE_SCRIPTS
 from utils.errors import UserError, run_cli
+from utils.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FLAGS = ["--source", "potsdam_irrg", "--target", "vaihingen_irrg", "--backbone", "resnet18", "--resize", "64",
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(work: Path, flags: list[str], resume: bool = False) -> list[str]:
-    return [sys.executable, STAGE_SCRIPTS["step1"], "--work-dir", str(work), *flags, *(["--resume"] if resume else [])]
+    return [sys.executable, STAGES["step1"].script, "--work-dir", str(work), *flags, *(["--resume"] if resume else [])]
 
 
 def _kill_at(command: list[str], metrics: Path, moment: int, delay: float) -> int:

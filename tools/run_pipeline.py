@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.cli import stage_main
 from utils.errors import UserError, run_cli
 from utils.run import read_json, staging_dir, write_json
+from utils.stages import STAGE_NAMES, STAGES
 
-STAGES = ("step0", "step1", "step2", "step3")
 METRICS = ("miou", "mf1", "oa", "miou5", "mf1_5")
 
 
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config of the pair (configs/*.yaml)")
     parser.add_argument("--work-dir", required=True, help="pipeline folder; stages go to <work-dir>/<stage>")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
+    parser.add_argument("--stages", nargs="+", default=list(STAGE_NAMES), choices=STAGE_NAMES, help="stages to run")
     parser.add_argument("--overwrite", action="store_true", help="retrain stages that are already finished")
     parser.add_argument("--warm-start", action="store_true",
                         help="step 1 starts from this pipeline's step 0 (the stand-in for ImageNet weights when "
@@ -43,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{stage}: finished run found in {run_dir}, kept")
             continue
         stage_argv = ["--config", args.config, "--work-dir", str(work_dir), *extra]
-        if stage == "step1" and args.warm_start:
-            stage_argv += ["--init", str(work_dir / "step0")]
+        warm_start = STAGES[stage].warm_start
+        if args.warm_start and warm_start is not None:
+            stage_argv += ["--init", str(work_dir / warm_start)]
         if args.overwrite:
             stage_argv.append("--overwrite")
         elif replacing or (run_dir / "last.pt").exists():
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def collect_results(work_dir: Path) -> dict:
     """Target-val classifier metrics of every finished stage under ``work_dir``."""
     results = {}
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         path = work_dir / stage / "eval.json"
         if path.exists():
             ev = read_json(path)
@@ -75,11 +76,10 @@ def collect_results(work_dir: Path) -> dict:
 
 
 def results_table(results: dict) -> str:
-    names = {"step0": "source only", "step1": "warm-up", "step2": "MPG UDA", "step3": "teacher-student"}
     lines = [f"{'stage':<24}{'mIoU':>8}{'mF1':>8}{'OA':>8}{'mIoU-5':>8}{'mF1-5':>8}{'src mIoU':>10}"]
     for stage, m in results.items():
         source = m.get("source_val_miou")
-        lines.append(f"{stage + ' ' + names[stage]:<24}" + "".join(f"{100 * m[k]:>8.2f}" for k in METRICS)
+        lines.append(f"{stage + ' ' + STAGES[stage].title:<24}" + "".join(f"{100 * m[k]:>8.2f}" for k in METRICS)
                      + (f"{100 * source:>10.2f}" if source is not None else f"{'-':>10}"))
     split = next(iter(results.values()))["split"] if results else "target-val"
     lines.append(f"({split}, classifier branch, 6 classes incl. clutter; -5 = clutter excluded from the mean; "

@@ -2,7 +2,7 @@
 
 Resolution order (later wins)::
 
-    OPTIONS defaults -> STAGE_DEFAULTS[stage] -> PRESETS[preset] -> YAML top level -> YAML[stage] -> flags
+    OPTIONS defaults -> STAGES[stage].defaults -> PRESETS[preset] -> YAML top level -> YAML[stage] -> flags
 
 Every option is a command-line flag (``lr_d`` -> ``--lr-d``). Unknown keys in a YAML file, unknown
 presets and values of the wrong type are user errors. ``paper`` is the method as the paper describes it
@@ -24,8 +24,7 @@ import yaml
 
 from data.isprs import NUM_CLASSES
 from utils.errors import UserError
-
-STAGES = ("step0", "step1", "step2", "step3")
+from utils.stages import STAGES
 
 
 @dataclass(frozen=True)
@@ -152,16 +151,6 @@ OPTIONS: dict[str, Option] = {
     "progress": _o(True, bool, "tqdm progress bars"),
 }
 
-# What differs from OPTIONS per stage: the original's schedules (stage-local epochs, §7.12 of the spec).
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "step0": {"epochs": 30, "tgt_proto_start": 0, "w_adv_d1": 0.0, "w_adv_d2": 0.0},
-    "step1": {"epochs": 30, "tgt_proto_start": 20, "tau_start": 0.89, "w_gnce": 0.1, "gnce_start_epoch": 2},
-    "step2": {"epochs": 31, "clusters": [2, 2, 2, 2, 4, 4], "tau_start": 0.90, "tau_min": 0.80,
-              "w_gnce": 0.1, "gnce_windows": [2, 2, 2, 2, 1, 0], "gnce_target_weight": 0.5},
-    "step3": {"epochs": 16, "clusters": [1, 1, 1, 2, 2, 2], "tau_start": 0.80, "lr": 2e-5,
-              "w_ce": 0.0, "w_proto": 0.0},
-}
-
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "legacy": {"legacy_d2_gen": True, "legacy_d2_step1@step1": True, "w_gnce@step2": 0.0,
@@ -277,7 +266,7 @@ def resolve_config(stage: str, yaml_data: dict[str, Any] | None = None, override
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
     cfg = {k: opt.default for k, opt in OPTIONS.items()}
-    _apply(cfg, STAGE_DEFAULTS[stage], stage, "stage defaults")
+    _apply(cfg, STAGES[stage].defaults, stage, "stage defaults")
     _apply(cfg, PRESETS[preset], stage, f"preset {preset}")
     _apply(cfg, yaml_data, stage, yaml_name)
     _apply(cfg, stage_sections.get(stage, {}), stage, f"{yaml_name} [{stage}]")
@@ -331,14 +320,6 @@ def _check_ranges(cfg: dict[str, Any]) -> None:
             if not (low <= value <= high and math.isfinite(value)):
                 span = f">= {low:g}" if high == INF else f"in {low:g}..{high:g}"
                 raise UserError(f"'{key}' must be {span}, got {value}")
-
-
-def tau_at(cfg: dict[str, Any], epoch: int) -> float | None:
-    """Confidence threshold of the target pseudo-labels at 1-based ``epoch``, None before target use."""
-    start = cfg["tgt_proto_start"]
-    if start < 1 or epoch < start:
-        return None
-    return max(cfg["tau_min"], cfg["tau_start"] - cfg["tau_step"] * (epoch - start))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,83 @@
+"""The four stages of NAPG, one definition each (docs/method.md §5).
+
+Everything that differs between stages is a field here: the trainer, the training step, the command
+line, the hand-off checks and the tools read this table instead of testing stage names. Adding a stage
+means adding one entry (and its step script).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ORIGINAL = "original"  # meta["stage"] of a checkpoint converted from the released code
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # "step0".."step3": the run folder and the config section
+    title: str  # a short human name for tables
+    script: str  # the step script at the repository root
+    description: str  # its --help text
+    # The stage whose run folder under --work-dir starts this one when no --init is given (None: afresh).
+    previous: str | None
+    # meta["stage"] of the checkpoints that --init accepts.
+    accepts_init: frozenset[str]
+    adversarial: bool  # trains with target images, D1 and D2
+    teacher: bool  # a teacher network and the distillation step (NAPG.distill_step) instead of NAPG.train_step
+    epoch_role: str  # whose training data set the length of an epoch: "source" or "target"
+    target_view: str  # transform of the target training batches: "plain" or "weak_strong"
+    # The BatchNorm statistics mode every run of this stage uses whatever --bn-stats says (None: the flag).
+    bn_stats: str | None
+    # The stage whose finished run starts this one under `tools/run_pipeline.py --warm-start` (None: none).
+    warm_start: str | None = None
+    # The original's schedules for this stage, over OPTIONS's defaults (stage-local epochs).
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+STAGE_LIST: tuple[Stage, ...] = (
+    Stage("step0", "source only", "step0-source-only.py",
+          "Source-only baseline: classifier CE + prototype NLL on the source, no adaptation.",
+          previous=None, accepts_init=frozenset({"step0"}), adversarial=False, teacher=False,
+          epoch_role="source", target_view="plain", bn_stats="shared",  # never sees a target image
+          defaults={"epochs": 30, "tgt_proto_start": 0, "w_adv_d1": 0.0, "w_adv_d2": 0.0}),
+    Stage("step1", "warm-up", "step1-warm-up.py",
+          "Warm-up: single-prototype groups (K=1), GNCE on the source, entropy adversarial training.",
+          previous=None, accepts_init=frozenset({"step0", ORIGINAL}), adversarial=True, teacher=False,
+          epoch_role="source", target_view="plain", bn_stats=None, warm_start="step0",
+          defaults={"epochs": 30, "tgt_proto_start": 20, "tau_start": 0.89, "w_gnce": 0.1, "gnce_start_epoch": 2}),
+    Stage("step2", "MPG UDA", "step2-UDA-training.py",
+          "UDA with multi-prototype groups (K_c per class) from source + confident target features.",
+          previous="step1", accepts_init=frozenset({"step1", ORIGINAL}), adversarial=True, teacher=False,
+          epoch_role="source", target_view="plain", bn_stats=None,
+          defaults={"epochs": 31, "clusters": [2, 2, 2, 2, 4, 4], "tau_start": 0.90, "tau_min": 0.80,
+                    "w_gnce": 0.1, "gnce_windows": [2, 2, 2, 2, 1, 0], "gnce_target_weight": 0.5}),
+    Stage("step3", "teacher-student", "step3-teacher-student.py",
+          "Teacher-student: frozen step-2 teacher, weak/strong target views, masked feature distillation.",
+          previous="step2", accepts_init=frozenset({"step2", ORIGINAL}), adversarial=True, teacher=True,
+          epoch_role="target", target_view="weak_strong", bn_stats=None,
+          defaults={"epochs": 16, "clusters": [1, 1, 1, 2, 2, 2], "tau_start": 0.80, "lr": 2e-5,
+                    "w_ce": 0.0, "w_proto": 0.0}),
+)
+STAGES: dict[str, Stage] = {stage.name: stage for stage in STAGE_LIST}
+STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def tau_at(cfg: dict[str, Any], epoch: int) -> float | None:
+    """Confidence threshold of the target pseudo-labels at 1-based ``epoch``, None before target use."""
+    start = cfg["tgt_proto_start"]
+    if start < 1 or epoch < start:
+        return None
+    return max(cfg["tau_min"], cfg["tau_start"] - cfg["tau_step"] * (epoch - start))
+
+
+def gnce_weight_at(cfg: dict[str, Any], epoch: int) -> float:
+    """Weight of the GNCE term at 1-based ``epoch`` (0 before ``gnce_start_epoch``)."""
+    return cfg["w_gnce"] if epoch >= cfg["gnce_start_epoch"] else 0.0
+
+
+def steady_epoch(cfg: dict[str, Any]) -> int:
+    """The first epoch at which every schedule of the stage has reached its steady form (target
+    prototypes on, GNCE on): what a throughput measurement should time."""
+    return max(1, cfg["tgt_proto_start"], cfg["gnce_start_epoch"] if cfg["w_gnce"] > 0 else 1)
