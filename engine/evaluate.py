@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.uda import amp_dtype, autocast
-from models.prototypes import resize_labels
+from models.labels import resize_labels
 from utils import dist
 from utils.errors import UserError
 from utils.metrics import ConfusionMatrix

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from engine.uda import amp_dtype, autocast
+from models.labels import pseudo_labels, resize_labels
 from models.prototypes import (
     CentroidPool,
     auto_clusters,
     build_prototypes,
     class_centroids,
-    pseudo_labels,
-    resize_labels,
 )
 from utils import dist
 

@@ -24,7 +24,7 @@ from losses import (
     prototype_nll,
     self_information,
 )
-from models.prototypes import resize_labels
+from models.labels import resize_labels
 from utils.errors import NonFiniteError, UserError
 from utils.stages import STAGES, gnce_weight_at
 

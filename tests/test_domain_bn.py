@@ -10,7 +10,8 @@ import torch
 from engine.evaluate import evaluate, recalibrate_bn
 from engine.refresh import balanced_pool, refresh_prototypes
 from models import NAPGNet
-from models.prototypes import class_centroids, pseudo_labels, resize_labels
+from models.labels import pseudo_labels, resize_labels
+from models.prototypes import class_centroids
 
 
 def _batches(seed: int, n: int, shift: float = 0.0, size: int = 64) -> list[dict[str, torch.Tensor]]:

@@ -111,7 +111,8 @@ def test_bf16_autocast_stays_close_to_float32():
 
 def test_refresh_with_auto_k_follows_the_variance_rule():
     from engine.refresh import refresh_prototypes
-    from models.prototypes import auto_clusters, class_centroids, resize_labels
+    from models.labels import resize_labels
+    from models.prototypes import auto_clusters, class_centroids
 
     torch.manual_seed(0)
     model = NAPGNet(backbone="resnet18").eval()

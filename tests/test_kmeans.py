@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from models.prototypes import _update_centers, kmeans
+from models.kmeans import _update_centers, kmeans
 
 
 def blobs(seed: int, k: int, n_per: int = 20, d: int = 6) -> torch.Tensor:

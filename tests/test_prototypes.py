@@ -11,14 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from models.labels import pseudo_labels, resize_labels
 from models.prototypes import (
     CentroidPool,
     auto_clusters,
     build_prototypes,
     class_centroids,
     cluster_class,
-    pseudo_labels,
-    resize_labels,
 )
 from tests.helpers import load_fixture
 
@@ -89,16 +88,16 @@ def test_legacy_kmeans_is_sklearn_kmeans_on_standardised_centroids(monkeypatch):
 
 @pytest.mark.parametrize("name", ["k111111", "k111222"])
 def test_tool2_padding_where_it_has_equal_blocks(name):
+    # The original's step-3 padding (_tool2) pads only K_c == 1 classes: where every K_c is 1 or K it is ours.
     fx, pools = fixture_pools()
-    protos, _ = build_prototypes(pools, LISTS[name], padding="tool2", backend="sklearn", n_init="auto")
+    protos, _ = build_prototypes(pools, LISTS[name], backend="sklearn", n_init="auto")
     assert_sklearn_close(protos, fx[f"{name}_tool2"], fx)
 
 
-def test_tool2_padding_with_unequal_blocks_is_refused():
-    fx, pools = fixture_pools()
-    with pytest.raises(ValueError, match="unequal class blocks"):
-        build_prototypes(pools, LISTS["k222244"], padding="tool2", backend="sklearn", n_init="auto")
-    # What tool2 gives there: the 2-centre classes unpadded, i.e. every other row of the repeat padding.
+def test_tool2_padding_with_unequal_blocks_differs():
+    fx, _ = fixture_pools()
+    # What tool2 gives there: the 2-centre classes unpadded, i.e. every other row of the repeat padding,
+    # which the grouped head cannot represent.
     repeat = fx["k222244_tool"].view(6, 4, -1)
     tool2 = fx["k222244_tool2"]
     assert tool2.shape == (16, 128)
@@ -197,8 +196,6 @@ def test_build_prototypes_argument_errors():
         build_prototypes(pools, [3, 4, 1])
     with pytest.raises(ValueError, match="3 cluster counts"):
         build_prototypes(pools[:2], [1, 1, 1])
-    with pytest.raises(ValueError, match="padding"):
-        build_prototypes(pools, [1, 1, 1], padding="zeros")
 
 
 def spread_pool(a: float, n_dims: int = 3) -> torch.Tensor:

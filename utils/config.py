@@ -13,7 +13,6 @@ spec's decision table); a preset is only a set of option values.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -349,7 +348,3 @@ def config_from_args(stage: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def dump_config(cfg: dict[str, Any], path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
-def config_json(cfg: dict[str, Any]) -> str:
-    return json.dumps(cfg, sort_keys=True)
