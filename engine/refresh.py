@@ -1,4 +1,4 @@
-"""The prototype refresh run before every epoch (CDR-MPG, method-model.md §2).
+"""The prototype refresh run before every epoch (CDR-MPG, docs/method.md §3).
 
 Image-level class centroids of the features ``f`` are pooled per class from the source (ground truth)
 and, once target pseudo-labels are switched on, from confident target pixels; each pool is clustered

@@ -1,4 +1,4 @@
-"""Entropy-map adversarial losses with the two discriminators D1, D2 (method-model.md §3.3-3.4).
+"""Entropy-map adversarial losses with the two discriminators D1, D2 (docs/method.md §4.3-4.4).
 
 Discriminators are callables ``d(x [B, C, H, W]) -> [B, 1, H, W]`` sigmoid probabilities; label 0 is
 the source ("real"), 1 the target ("fake"). D1 sees classifier self-information maps; D2 separates the

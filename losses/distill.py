@@ -1,4 +1,4 @@
-"""Step-3 feature distillation (method-model.md §3.6, method-training.md §5)."""
+"""Step-3 feature distillation (docs/method.md §4.6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GNCE neighbourhood loss (the original ``compute_gradient_map_weight2``, method-model.md §3.5).
+"""GNCE neighbourhood loss (the original ``compute_gradient_map_weight2``, docs/method.md §4.5).
 
 For the four directions d (up, down, left, right; unit step delta_d) and each class c with window
 n_c > 0:

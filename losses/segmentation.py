@@ -1,4 +1,4 @@
-"""Supervised losses on the source domain (method-model.md §3.1-3.2)."""
+"""Supervised losses on the source domain (docs/method.md §4.1-4.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Entropy-map discriminator ``FCDiscriminatorHighMask`` (spec: method-model.md §4).
+"""Entropy-map discriminator ``FCDiscriminatorHighMask`` (docs/method.md §4.3).
 
 Four stride-2 3x3 convs (C -> ndf -> 2ndf -> 4ndf -> 8ndf), each followed by LeakyReLU(0.2), a 1x1
 conv to one channel, bilinear upsampling back to the input size and a sigmoid. No normalisation.

@@ -1,4 +1,4 @@
-"""Prototype-similarity head of NAPG (spec: method-model.md §1, "Prototype-similarity branch").
+"""Prototype-similarity head of NAPG (docs/method.md §2).
 
 For every prototype ``p_j`` (rows of ``P`` [C*K, D], class-major: row ``c*K + k``) the original computes
 

@@ -1,4 +1,4 @@
-"""The NAPG segmentation network (spec: method-model.md §1, §8).
+"""The NAPG segmentation network (docs/method.md §1).
 
 ResNet at output stride 32 -> ASPP (rates 6/12/18 + image pooling, no 1x1 branch) -> ConvTranspose x2
 + BN + ReLU giving the 128-channel features ``f`` at H/16 -> a 1x1 classifier (``logits`` at H/16,

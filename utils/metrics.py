@@ -1,4 +1,4 @@
-"""Global confusion matrix and the segmentation scores derived from it (spec: data-and-evaluation §3.4).
+"""Global confusion matrix and the segmentation scores derived from it (docs/method.md §7).
 
 Undefined per-class entries (and means over no defined entry) are ``None`` so results are valid JSON.
 """
