@@ -6,7 +6,7 @@ Resolution order (later wins)::
 
 Every option is a command-line flag (``lr_d`` -> ``--lr-d``). Unknown keys in a YAML file, unknown
 presets and values of the wrong type are user errors. ``paper`` is the method as the paper describes it
-with the released code's bugs fixed; ``legacy`` reproduces the released code's arithmetic (see the
+with the released code's bugs fixed; ``legacy`` reproduces the released code's arithmetic (docs/method.md
 §8); a preset is only a set of option values.
 """
 
