@@ -26,9 +26,11 @@ from data.files import (
     resolve_label_format,
     to_train_ids,
 )
+from utils.config import OPTIONS
 from utils.errors import UserError
 
-NORMALIZATIONS = ("unit", "imagenet")
+NORMALIZATIONS = OPTIONS["normalize"].choices
+
 # mmseg's ImageNet statistics in 0..255 units, applied in slot order (R,G,B or NIR,R,G).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)

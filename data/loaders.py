@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from utils.dist import is_dist
 from utils.errors import UserError
 
 
@@ -169,7 +170,7 @@ class _ListSampler(Sampler[int]):
 
 
 def _distributed() -> tuple[int, int] | None:
-    if dist.is_available() and dist.is_initialized():
+    if is_dist():
         return dist.get_world_size(), dist.get_rank()
     return None
 

@@ -13,9 +13,7 @@ from engine.uda import amp_dtype, autocast
 from models.labels import resize_labels
 from utils import dist
 from utils.errors import UserError
-from utils.metrics import ConfusionMatrix
-
-PROTOCOLS = ("standard", "napg_legacy")
+from utils.metrics import PROTOCOLS, ConfusionMatrix
 
 
 @torch.no_grad()

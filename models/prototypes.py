@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.kmeans import kmeans
+from utils.dist import is_dist
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class CentroidPool:
     def gather(self) -> list[torch.Tensor | None]:
         """Concatenate the pools of all torch.distributed ranks (in rank order) so that every rank
         clusters identical data; the pool then holds the gathered rows. A no-op in a single process."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not is_dist() or dist.get_world_size() == 1:
             return self.pools
         pools = self.pools
         local = next((p for p in pools if p is not None), None)

@@ -53,7 +53,7 @@ from engine.handoff import check_fits, handoff_file, load_handoff
 from engine.trainer import build_data, build_napg, refresh, train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
-from utils.config import resolve_config
+from utils.config import OPTIONS, resolve_config
 from utils.errors import UserError, run_cli
 from utils.run import seed_everything
 from utils.stages import STAGE_NAMES, STAGES, steady_epoch, tau_at
@@ -358,7 +358,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     stage = parser.add_argument_group("stage and loader benchmarks")
     stage.add_argument("--stages", nargs="+", default=["step1", "step2"], choices=STAGE_NAMES)
     stage.add_argument("--head-impl", default="fast", choices=IMPLS)
-    stage.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    stage.add_argument("--amp", default="off", choices=OPTIONS["amp"].choices)
     stage.add_argument("--cache", action="store_true", help="read patches from the uint8 cache")
     stage.add_argument("--workers", type=int, default=0, help="data-loader processes (loader: also runs 0)")
     stage.add_argument("--resize", type=int, help="resize every patch to this side first (as the config option)")

@@ -22,10 +22,11 @@ from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import build_loader
 from data.transforms import Resize
-from engine.evaluate import PROTOCOLS, evaluate, recalibrate_bn
+from engine.evaluate import evaluate, recalibrate_bn
 from engine.handoff import handoff_file, handoff_network, load_handoff
+from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
-from utils.metrics import format_table
+from utils.metrics import PROTOCOLS, format_table
 from utils.run import resolve_device, write_json
 
 
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prototypes", default="auto", choices=("auto", "target", "source_target", "none"),
                         help="prototype set for the prototype branch (auto: target if present)")
     parser.add_argument("--label-format", choices=("mmseg_raw", "train_ids"))
-    parser.add_argument("--normalize", choices=("unit", "imagenet"),
+    parser.add_argument("--normalize", choices=OPTIONS["normalize"].choices,
                         help="input normalisation (default: the one the checkpoint was trained with)")
     parser.add_argument("--resize", type=int, help="resize patches to this side (as the run did)")
     parser.add_argument("--batch-size", type=int, default=8)

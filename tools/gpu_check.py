@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from data.synthetic import make_synthetic
+from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 from utils.stages import STAGES
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--amp", default="bf16", choices=("off", "bf16", "fp16"))
+    parser.add_argument("--amp", default="bf16", choices=OPTIONS["amp"].choices)
     parser.add_argument("--work-dir", help="where to write the data and runs (default: a temporary folder)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

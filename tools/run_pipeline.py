@@ -18,10 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import stage_main
 from utils.errors import UserError, run_cli
+from utils.metrics import SUMMARY_KEYS as METRICS
 from utils.run import read_json, staging_dir, write_json
 from utils.stages import STAGE_NAMES, STAGES
-
-METRICS = ("miou", "mf1", "oa", "miou5", "mf1_5")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils.dist import is_dist
+
 PROTOCOLS = ("standard", "napg_legacy")
+# The scalar scores that tables, logs and run summaries report, in their order.
+SUMMARY_KEYS = ("miou", "mf1", "oa", "miou5", "mf1_5")
 
 
 def _as_tensor(x: Any, device: torch.device | None) -> torch.Tensor:
@@ -106,7 +110,7 @@ class ConfusionMatrix:
         """Sum the counts over all ranks when torch.distributed is initialised; no-op otherwise.
 
         Every rank must call it, also one that saw no data."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_dist():
             return
         nccl = dist.get_backend() == "nccl"
         if self._counts is None:
