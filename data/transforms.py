@@ -23,6 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from data.domains import IGNORE_INDEX
+from utils.errors import UserError
 
 # The released code re-warped the teacher's 128-px map (1/4 of the 512-px view); see warp_to_strong.
 LEGACY_MAP_STRIDE = 4
@@ -73,7 +74,8 @@ def _sample(maps: Tensor, grid: Tensor, valid: Tensor, mode: str, fill: float) -
     # points outside are overwritten through ``valid`` anyway.
     out = F.grid_sample(maps.float(), grid, mode=mode, padding_mode="border", align_corners=False)
     out = torch.where(valid[:, None], out, torch.full((), fill, dtype=out.dtype, device=out.device))
-    return out.to(maps.dtype)
+    # Integer maps (labels, uint8 images) round: a weight of 1 - 1e-7 must not truncate 127 to 126.
+    return out.to(maps.dtype) if maps.is_floating_point() else out.round().to(maps.dtype)
 
 
 def weak_to_full(weak_params: dict[str, Tensor]) -> Tensor:
@@ -373,6 +375,20 @@ def warp_to_strong(
     return warped, valid
 
 
+class RejectIgnored:
+    """Refuse a sample whose ``label`` has ignored (255) pixels: the legacy prototype NLL has no ignore index.
+
+    Checked here, on the loader's workers, so that the training step never reads labels back from the device.
+    """
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if "label" in sample and bool((sample["label"] == IGNORE_INDEX).any()):
+            raise UserError(f"the legacy prototype NLL has no ignore index (as released), so source labels must be "
+                            f"0..5, but {sample.get('name', 'a patch')} has ignored (255) pixels; prepare the source "
+                            f"with tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
+        return sample
+
+
 class Compose:
     """Apply sample transforms in order."""
 
@@ -390,11 +406,14 @@ def build_transforms(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
 
     Steps 0-2 use no augmentation, as the paper's scripts: training only takes a random crop of
     ``img_size`` when patches are larger. ``resize`` (the demo's small images) resizes every patch
-    first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``.
+    first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``. Without
+    ``proto_ignore_index`` (legacy) labelled training samples must have no ignored pixel.
     """
     resize = [Resize(cfg["resize"])] if cfg["resize"] else []
-    crop = WeakAugment(cfg["img_size"], scale_range=(1.0, 1.0), hflip=0.0)
+    crop = [WeakAugment(cfg["img_size"], scale_range=(1.0, 1.0), hflip=0.0)]
+    if not cfg["proto_ignore_index"]:
+        crop.append(RejectIgnored())
     strong = WeakStrongAugment(cfg["img_size"], scale_range=tuple(cfg["weak_scale"]), hflip=cfg["hflip"],
                                n_ops=cfg["randaug_n"], magnitude=cfg["randaug_m"], cutout_frac=cfg["cutout_frac"])
     eval_tf = Compose(resize) if resize else None
-    return Compose([*resize, crop]), eval_tf, Compose([*resize, strong])
+    return Compose([*resize, *crop]), eval_tf, Compose([*resize, strong])
