@@ -216,8 +216,10 @@ class SegmentationFolder(Dataset):
     is normalised: ``unit`` leaves x/255, ``imagenet`` applies mmseg's mean/std in 0..255 units.
     ``cache=True`` reads decoded patches from a memory-mapped uint8 cache (``data/cache.py``, built on
     first use, in ``cache_dir`` when the folder is read-only) instead of the files; samples are identical.
-    ``uint8=True`` keeps ``img`` uint8 [3, H, W] through the transform (which must then be exact on uint8:
-    crops and flips) and leaves the scaling and normalisation to :func:`to_model_input` on the device.
+    ``uint8=True`` keeps ``img`` uint8 [3, H, W] through the transform and leaves the scaling and
+    normalisation to :func:`to_model_input` on the device; a transform that must resample (a patch smaller
+    than the crop) returns float, normalised here as usual. A split has one patch size (the prepare tool's),
+    so a batch is all uint8 or all float.
     """
 
     def __init__(

@@ -74,8 +74,7 @@ def _sample(maps: Tensor, grid: Tensor, valid: Tensor, mode: str, fill: float) -
     # points outside are overwritten through ``valid`` anyway.
     out = F.grid_sample(maps.float(), grid, mode=mode, padding_mode="border", align_corners=False)
     out = torch.where(valid[:, None], out, torch.full((), fill, dtype=out.dtype, device=out.device))
-    # Integer maps (labels, uint8 images) round: a weight of 1 - 1e-7 must not truncate 127 to 126.
-    return out.to(maps.dtype) if maps.is_floating_point() else out.round().to(maps.dtype)
+    return out.to(maps.dtype)
 
 
 def weak_to_full(weak_params: dict[str, Tensor]) -> Tensor:
@@ -122,6 +121,8 @@ def weak_view(x: Tensor, params: dict[str, Tensor], mode: str, fill: float) -> T
         # Unscaled crop: exact slicing, no interpolation.
         out = x[..., top : top + ch, left : left + cw]
         return out.flip(-1) if bool(params["flip"]) else out.clone()
+    if x.dtype == torch.uint8:  # a uint8 image (data.dataset's uint8 samples) resamples as the float path does
+        x = x.float().div_(255.0)
     theta = weak_to_full(_batch(params))
     return _resample_one(x, theta, (ch, cw), mode, fill)
 
