@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DATA ?= data_synthetic
 DEMO_RUN  ?= runs/demo
 
-.PHONY: venv test test-fast lint demo data-demo validate gpu-check clean
+.PHONY: venv test test-fast lint demo data-demo validate gpu-check gpu-report clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,10 @@ validate: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py
+
+# The whole GPU report with the machine's own python3 (no venv, no install, no network): about 8 minutes.
+gpu-report:
+	$(PYTHON) tools/gpu_report.py --out gpu-report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(DEMO_DATA) runs/demo

@@ -6,6 +6,7 @@ Layout: ``<root>/img_dir/<split>/*.png`` (uint8, 3 channels) and ``<root>/ann_di
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,36 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
+@functools.cache
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmseg's mean and std in [0, 1] units, [3, 1, 1] each, made once per device (a copy to a GPU
+    from host memory would wait for the device every time)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / 255.0
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) / 255.0
+    return mean.to(device), std.to(device)
+
+
+def normalize_images(x: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Images [..., 3, H, W] in [0, 1] -> the network's input: ``unit`` as is, ``imagenet`` by mean/std."""
+    if normalize == "unit":
+        return x
+    mean, std = _imagenet_stats(x.device)
+    return (x - mean) / std
+
+
+def to_model_input(img: torch.Tensor, device: torch.device, normalize: str) -> torch.Tensor:
+    """A batch of images [B, 3, H, W] on ``device`` as the network takes it.
+
+    uint8 batches (``SegmentationFolder(uint8=True)``) travel as they are (a quarter of float32's bytes)
+    and are scaled and normalised on the device, giving the same values as the dataset's float path;
+    float batches are already normalised. The copy does not wait for the device (pinned memory).
+    """
+    x = img.to(device, non_blocking=True)
+    if x.dtype != torch.uint8:
+        return x
+    return normalize_images(x.float().div_(255.0), normalize)
+
+
 class SegmentationFolder(Dataset):
     """One split of a prepared domain folder.
 
@@ -45,6 +76,10 @@ class SegmentationFolder(Dataset):
     is normalised: ``unit`` leaves x/255, ``imagenet`` applies mmseg's mean/std in 0..255 units.
     ``cache=True`` reads decoded patches from a memory-mapped uint8 cache (``data/cache.py``, built on
     first use, in ``cache_dir`` when the folder is read-only) instead of the files; samples are identical.
+    ``uint8=True`` keeps ``img`` uint8 [3, H, W] through the transform and leaves the scaling and
+    normalisation to :func:`to_model_input` on the device; a transform that must resample (a patch smaller
+    than the crop) returns float, normalised here as usual. A split has one patch size (the prepare tool's),
+    so a batch is all uint8 or all float.
     """
 
     def __init__(
@@ -57,6 +92,7 @@ class SegmentationFolder(Dataset):
         with_labels: bool = True,
         cache: bool = False,
         cache_dir: str | Path | None = None,
+        uint8: bool = False,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -65,6 +101,7 @@ class SegmentationFolder(Dataset):
         self.normalize = normalize
         self.transform = transform
         self.with_labels = with_labels
+        self.uint8 = uint8
         self.meta = read_meta(self.root)
         img_dir = self.root / "img_dir" / split
         images = list_split(img_dir, IMAGE_SUFFIXES)
@@ -81,9 +118,6 @@ class SegmentationFolder(Dataset):
         self.cache = None
         if cache:
             self.cache = SplitCache(build_cache(self.root, split, self.label_format, cache_dir=cache_dir))
-        if normalize == "imagenet":
-            self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / 255.0
-            self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1) / 255.0
 
     def __len__(self) -> int:
         return len(self.names)
@@ -103,16 +137,13 @@ class SegmentationFolder(Dataset):
                         f"{path} is {raw.shape[1]}x{raw.shape[0]} but its image is {rgb.shape[1]}x{rgb.shape[0]}"
                     )
                 ids = to_train_ids(raw, self.label_format, path)
-        sample: dict[str, Any] = {
-            "img": torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0),
-            "name": self.names[index],
-        }
+        img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+        sample: dict[str, Any] = {"img": img if self.uint8 else img.float().div_(255.0), "name": self.names[index]}
         if ids is not None:
             sample["label"] = torch.from_numpy(ids)
         if self.transform is not None:
             sample = self.transform(sample)
-        if self.normalize == "imagenet":
-            for key, value in sample.items():
-                if key.startswith("img") and torch.is_tensor(value):
-                    sample[key] = (value - self._mean) / self._std
+        for key, value in sample.items():
+            if key.startswith("img") and torch.is_tensor(value) and value.is_floating_point():
+                sample[key] = normalize_images(value, self.normalize)
         return sample

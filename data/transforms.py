@@ -23,6 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from data.domains import IGNORE_INDEX
+from utils.errors import UserError
 
 # The released code re-warped the teacher's 128-px map (1/4 of the 512-px view); see warp_to_strong.
 LEGACY_MAP_STRIDE = 4
@@ -120,6 +121,8 @@ def weak_view(x: Tensor, params: dict[str, Tensor], mode: str, fill: float) -> T
         # Unscaled crop: exact slicing, no interpolation.
         out = x[..., top : top + ch, left : left + cw]
         return out.flip(-1) if bool(params["flip"]) else out.clone()
+    if x.dtype == torch.uint8:  # a uint8 image (data.dataset's uint8 samples) resamples as the float path does
+        x = x.float().div_(255.0)
     theta = weak_to_full(_batch(params))
     return _resample_one(x, theta, (ch, cw), mode, fill)
 
@@ -373,6 +376,20 @@ def warp_to_strong(
     return warped, valid
 
 
+class RejectIgnored:
+    """Refuse a sample whose ``label`` has ignored (255) pixels: the legacy prototype NLL has no ignore index.
+
+    Checked here, on the loader's workers, so that the training step never reads labels back from the device.
+    """
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if "label" in sample and bool((sample["label"] == IGNORE_INDEX).any()):
+            raise UserError(f"the legacy prototype NLL has no ignore index (as released), so source labels must be "
+                            f"0..5, but {sample.get('name', 'a patch')} has ignored (255) pixels; prepare the source "
+                            f"with tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
+        return sample
+
+
 class Compose:
     """Apply sample transforms in order."""
 
@@ -390,11 +407,14 @@ def build_transforms(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
 
     Steps 0-2 use no augmentation, as the paper's scripts: training only takes a random crop of
     ``img_size`` when patches are larger. ``resize`` (the demo's small images) resizes every patch
-    first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``.
+    first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``. Without
+    ``proto_ignore_index`` (legacy) labelled training samples must have no ignored pixel.
     """
     resize = [Resize(cfg["resize"])] if cfg["resize"] else []
-    crop = WeakAugment(cfg["img_size"], scale_range=(1.0, 1.0), hflip=0.0)
+    crop = [WeakAugment(cfg["img_size"], scale_range=(1.0, 1.0), hflip=0.0)]
+    if not cfg["proto_ignore_index"]:
+        crop.append(RejectIgnored())
     strong = WeakStrongAugment(cfg["img_size"], scale_range=tuple(cfg["weak_scale"]), hflip=cfg["hflip"],
                                n_ops=cfg["randaug_n"], magnitude=cfg["randaug_m"], cutout_frac=cfg["cutout_frac"])
     eval_tf = Compose(resize) if resize else None
-    return Compose([*resize, crop]), eval_tf, Compose([*resize, strong])
+    return Compose([*resize, *crop]), eval_tf, Compose([*resize, strong])

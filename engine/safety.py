@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.uda import NAPG, _unwrap
+from engine.uda import NAPG, Logs, _unwrap, require_finite
 from utils import dist
 from utils.errors import NonFiniteError
 
@@ -59,14 +59,33 @@ class StopSignals:
         self._previous = {}
 
 
-@torch.no_grad()
-def require_finite_weights(napg: NAPG, protos: Any = None) -> None:
-    """Raise :class:`NonFiniteError` when a network weight (or a prototype) is NaN or infinite."""
+def _peaks(napg: NAPG, protos: Any = None) -> torch.Tensor:
+    """The largest magnitude of every weight (and prototype) tensor, [N] float32 on the device: NaN or
+    infinite exactly when one of its values is. One reduction per tensor, nothing read back."""
     tensors = [p for m in (napg.model, napg.d1, napg.d2) if m is not None for p in _unwrap(m).parameters()]
     if protos is not None:
         tensors += [t for t in (protos.source_target, protos.target) if t is not None]
-    # One reduction per tensor and a single host sync: the largest magnitude is NaN/inf exactly when one is.
-    peaks = torch.stack([t.detach().abs().amax().float() for t in tensors])
-    if not bool(peaks.isfinite().all()):
-        raise NonFiniteError("the weights after the update (an exploding gradient)" if protos is None
-                             else "the final weights or prototypes")
+    return torch.stack([t.detach().abs().amax().float() for t in tensors])
+
+
+@torch.no_grad()
+def require_finite_weights(napg: NAPG, protos: Any = None) -> None:
+    """Raise :class:`NonFiniteError` when a network weight (or a prototype) is NaN or infinite."""
+    if not bool(_peaks(napg, protos).isfinite().all()):
+        raise NonFiniteError("the final weights or prototypes")
+
+
+@torch.no_grad()
+def read_back(napg: NAPG, logs: Logs) -> dict[str, float]:
+    """A step's ``logs`` as floats, read from the device in one transfer together with the weights' check.
+
+    Raises :class:`NonFiniteError` naming a NaN/infinite loss term, or the weights when one of them is.
+    """
+    names = list(logs)
+    values = torch.cat([torch.stack([logs[k].float() for k in names]), _peaks(napg).isfinite().all()[None].float()])
+    *numbers, weights_finite = values.tolist()
+    out = dict(zip(names, numbers))
+    require_finite(out)
+    if weights_finite != 1.0:
+        raise NonFiniteError("the weights after the update (an exploding gradient)")
+    return out

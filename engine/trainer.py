@@ -29,8 +29,8 @@ from engine.evaluate import evaluate
 from engine.handoff import handoff_meta, handoff_prototypes, resolve_init, save_handoff
 from engine.logger import RunLogger, panel
 from engine.refresh import RefreshResult, refresh_prototypes
-from engine.safety import StopSignals, require_finite_weights
-from engine.uda import NAPG, _unwrap
+from engine.safety import StopSignals, read_back, require_finite_weights
+from engine.uda import NAPG, Logs, _unwrap
 from losses import self_information
 from models import FCDiscriminatorHighMask, NAPGNet
 from models.napg import weights_record
@@ -102,27 +102,41 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
             done = iteration
             bar = tqdm(range(iteration, iters), total=iters, initial=iteration, disable=not cfg["progress"],
                        desc=f"{stage} epoch {epoch}/{cfg['epochs']}", dynamic_ncols=True)
+            window = _Window()
             for iteration in bar:
-                try:
-                    logs = train_iteration(napg, data, protos, epoch, tau)
-                    require_finite_weights(napg)
-                except NonFiniteError as err:
-                    raise UserError(_diverged_message(err, cfg, epoch, iteration + 1, out_dir)) from None
+                logs, data_seconds = train_iteration(napg, data, protos, epoch, tau)
                 global_step += 1
                 invocation_iters += 1
                 done = iteration + 1
-                bar.set_postfix(loss=f"{logs['loss_total']:.3f}")
-                if global_step % cfg["log_every"] == 0 or done == iters:
-                    logs.update(lr=napg.opt_g.param_groups[0]["lr"], tau=tau if tau is not None else float("nan"))
-                    if napg.opt_d1 is not None:
-                        logs["lr_d"] = napg.opt_d1.param_groups[0]["lr"]
-                    logger.scalars(global_step, logs, prefix="train/", epoch=epoch, iteration=done, kind="train")
-                if cfg["eval_every"] and global_step % cfg["eval_every"] == 0 and done < iters:
-                    best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, out_dir, best)
-                if cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0 and done < iters:
-                    _save_last(out_dir, napg, protos, data, epoch, done, global_step, best, cfg)
+                window.add(data_seconds)
+                log_now = global_step % cfg["log_every"] == 0 or done == iters
+                eval_now = cfg["eval_every"] and global_step % cfg["eval_every"] == 0 and done < iters
+                save_now = cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0 and done < iters
                 stop = cfg["stop_after"] is not None and invocation_iters >= cfg["stop_after"]
-                if stop or signals.poll():
+                stopping = stop or signals.poll()
+                # Reading the values back waits for the device, so it happens only where they are used: at
+                # log points and before anything that uses or keeps the weights (an evaluation, a checkpoint,
+                # the end of a pass or of the run). A divergence is thus found within --log-every iterations
+                # and always before a checkpoint could keep it; the losses tolerate NaN until then.
+                if not (log_now or eval_now or save_now or stopping):
+                    continue
+                try:
+                    values = read_back(napg, logs)
+                except NonFiniteError as err:
+                    raise UserError(_diverged_message(err, cfg, epoch, done, out_dir)) from None
+                if log_now:
+                    bar.set_postfix(loss=f"{values['loss_total']:.3f}")
+                    values.update(window.times(), lr=napg.opt_g.param_groups[0]["lr"],
+                                  tau=tau if tau is not None else float("nan"))
+                    if napg.opt_d1 is not None:
+                        values["lr_d"] = napg.opt_d1.param_groups[0]["lr"]
+                    logger.scalars(global_step, values, prefix="train/", epoch=epoch, iteration=done, kind="train")
+                if eval_now:
+                    best = _evaluate_and_log(napg, data, protos, cfg, logger, global_step, epoch, out_dir, best)
+                if save_now:
+                    _save_last(out_dir, napg, protos, data, epoch, done, global_step, best, cfg)
+                window = _Window()  # the next timings leave out the logging, evaluation and saving above
+                if stopping:
                     break
             bar.close()
             if done < iters or signals.poll():  # stopped inside the epoch (a signal skips the epoch's evaluation)
@@ -183,7 +197,10 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     src_dir = resolve_domain(root, cfg["source"])
     common = {"label_format": cfg["label_format"], "normalize": cfg["normalize"], "cache": cfg["cache"]}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
-    src_train = SegmentationFolder(src_dir, "train", transform=train_tf, **common)
+    # Training batches travel to the device as uint8 and are normalised there (NAPG's steps); a resize and
+    # step 3's strong views compute in float on the workers, so their samples stay float.
+    uint8 = not cfg["resize"]
+    src_train = SegmentationFolder(src_dir, "train", transform=train_tf, uint8=uint8, **common)
     if not cfg["proto_ignore_index"] and src_train.meta.get("labels") == "eroded":
         raise UserError(f"the legacy prototype NLL has no ignore index (as released), but {src_dir} holds eroded "
                         f"labels whose class borders are ignored pixels; prepare the source with "
@@ -203,8 +220,10 @@ def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     stage = STAGES[cfg["stage"]]
     if stage.adversarial or cfg["target"]:
         tgt_dir = resolve_domain(root, cfg["target"])
-        tgt_tf = strong_tf if stage.target_view == "weak_strong" else train_tf
-        tgt_train = SegmentationFolder(tgt_dir, "train", transform=tgt_tf, with_labels=False, **common)
+        strong = stage.target_view == "weak_strong"  # the strong views are augmented in float on the workers
+        tgt_tf = strong_tf if strong else train_tf
+        tgt_train = SegmentationFolder(tgt_dir, "train", transform=tgt_tf, with_labels=False,
+                                       uint8=uint8 and not strong, **common)
         tgt_refresh = SegmentationFolder(tgt_dir, "train", transform=eval_tf, with_labels=False, **common)
         tgt_val = SegmentationFolder(tgt_dir, cfg["target_eval_split"], transform=eval_tf, **common)
         data["target"] = BatchStream(tgt_train, bs, seed=seed + 1, **loader_kw)
@@ -241,20 +260,34 @@ def _prepare_modules(model, d1, d2, cfg: dict[str, Any], device: torch.device):
 
 # ---------------------------------------------------------------------------------------------- steps
 def train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epoch: int,
-                     tau: float | None) -> dict[str, float]:
-    """One iteration; also logs how much of it was spent waiting for data."""
+                    tau: float | None) -> tuple[Logs, float]:
+    """One iteration: its detached logs (device tensors, not waited for) and the seconds spent waiting for
+    the next batches."""
     start = time.perf_counter()
     src = next(data["source"])
     tgt = next(data["target"]) if data["target"] is not None and napg.uses_target else None
-    data_time = time.perf_counter() - start
+    data_seconds = time.perf_counter() - start
     if STAGES[napg.stage].teacher:
         student_protos = protos.target if protos.target is not None else protos.source_target
-        logs = napg.distill_step(src, tgt, protos.source_target, student_protos)
-    else:
-        logs = napg.train_step(src, tgt, protos.source_target, epoch, tau)
-    iter_time = time.perf_counter() - start
-    logs.update(iter_time=iter_time, data_time_fraction=data_time / max(iter_time, 1e-9))
-    return logs
+        return napg.distill_step(src, tgt, protos.source_target, student_protos), data_seconds
+    return napg.train_step(src, tgt, protos.source_target, epoch, tau), data_seconds
+
+
+class _Window:
+    """Wall time and data wait of the iterations since the last check. The device runs ahead of the host,
+    so one iteration's host time means little; over a window that ends with a read-back it is exact."""
+
+    def __init__(self) -> None:
+        self.start, self.data_seconds, self.iterations = time.perf_counter(), 0.0, 0
+
+    def add(self, data_seconds: float) -> None:
+        self.data_seconds += data_seconds
+        self.iterations += 1
+
+    def times(self) -> dict[str, float]:
+        """``iter_time`` (s per iteration) and ``data_time_fraction`` over the window."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"iter_time": elapsed / max(self.iterations, 1), "data_time_fraction": self.data_seconds / elapsed}
 
 
 def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | None,
@@ -439,7 +472,8 @@ def _diverged_message(err: NonFiniteError, cfg: dict[str, Any], epoch: int, iter
     kept = f"{last} keeps the last good state" if last.exists() else "no checkpoint was written yet"
     again = "continue with --resume" if last.exists() else "start it again"
     amp = "" if cfg["amp"] == "off" else ", or use --amp off"
-    return (f"{cfg['stage']} diverged at epoch {epoch}, iteration {iteration}: {err} is not finite; stopped, {kept}. "
+    return (f"{cfg['stage']} diverged by epoch {epoch}, iteration {iteration} (checked every --log-every "
+            f"iterations): {err} is not finite; stopped, {kept}. "
             f"Lower --lr (now {cfg['lr']}) or --lr-d (now {cfg['lr_d']}){amp}, and {again}")
 
 

@@ -3,6 +3,10 @@
 ``NAPG.train_step`` is steps 0-2: forward source, forward target, segmentation / prototype / GNCE /
 adversarial losses, discriminator losses, optimiser steps. ``NAPG.distill_step`` is step 3: a frozen
 (or EMA) teacher, weak/strong target views and masked feature distillation.
+
+A step never waits for the device: its losses and monitored values come back as detached 0-dim tensors,
+which the trainer reads (and checks for NaN) once every ``--log-every`` iterations. Images may arrive as
+uint8 and are converted and normalised on the device (``data.dataset.to_model_input``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.dataset import to_model_input
 from data.transforms import warp_to_strong
 from losses import (
     classifier_ce,
@@ -25,8 +30,10 @@ from losses import (
     self_information,
 )
 from models.labels import resize_labels
-from utils.errors import NonFiniteError, UserError
+from utils.errors import NonFiniteError
 from utils.stages import STAGES, gnce_weight_at
+
+Logs = dict[str, torch.Tensor]  # name -> detached 0-dim tensor on the training device
 
 
 def amp_dtype(name: str) -> torch.dtype | None:
@@ -89,10 +96,12 @@ class NAPG:
 
     # ------------------------------------------------------------------ steps 0-2
     def train_step(self, src: dict[str, Any], tgt: dict[str, Any] | None, prototypes: torch.Tensor,
-                   epoch: int, tau: float | None) -> dict[str, float]:
+                   epoch: int, tau: float | None) -> Logs:
+        """One iteration on a source batch (``img`` [B, 3, H, W] uint8 or float, ``label`` [B, H, W]) and a
+        target batch (``img``; None in step 0); returns the detached losses and monitored values."""
         cfg, model = self.cfg, self.model
         device = prototypes.device
-        x_s = src["img"].to(device, non_blocking=True)
+        x_s = to_model_input(src["img"], device, cfg["normalize"])
         y_s = src["label"].to(device, non_blocking=True)
         set_requires_grad(self.d1, False)
         set_requires_grad(self.d2, False)
@@ -100,25 +109,23 @@ class NAPG:
         out_s = self.forward(model, x_s, prototypes, "source")
         y_up = resize_labels(y_s, out_s["logits_up"].shape[-2:])
         y_feat = resize_labels(y_s, out_s["features"].shape[-2:])
-        logs: dict[str, float] = {}
+        logs: Logs = {}
         loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
-        if not cfg["proto_ignore_index"] and bool((y_feat == 255).any()):
-            raise UserError("the legacy prototype NLL has no ignore index (as released), so source labels must be "
-                            "0..5, but this batch has ignored (255) pixels; prepare the source with "
-                            "tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
+        # Without an ignore index a 255 label would index out of range: the data pipeline rejects such
+        # labels (data.transforms.RejectIgnored), so the step need not look at them.
         loss_proto = prototype_nll(out_s["proto_prob"].float(), y_feat,
                                    ignore_index=255 if cfg["proto_ignore_index"] else None)
         loss = cfg["w_ce"] * loss_ce + cfg["w_proto"] * loss_proto
-        logs.update(loss_ce=loss_ce.item(), loss_proto=loss_proto.item())
+        logs.update(loss_ce=loss_ce.detach(), loss_proto=loss_proto.detach())
 
         w_gnce = gnce_weight_at(cfg, epoch)
         if w_gnce > 0:
             loss_gnce = gnce_loss(out_s["proto_max"].float(), out_s["features"].float(), cfg["gnce_windows"])
-            logs["loss_gnce_src"] = loss_gnce.item()
+            logs["loss_gnce_src"] = loss_gnce.detach()
             loss = loss + w_gnce * loss_gnce
 
         if self.uses_target and tgt is not None:
-            x_t = tgt["img"].to(device, non_blocking=True)
+            x_t = to_model_input(tgt["img"], device, cfg["normalize"])
             out_t = self.forward(model, x_t, prototypes, "target")
             if w_gnce > 0 and cfg["gnce_target_weight"] > 0:
                 mask = None
@@ -127,7 +134,7 @@ class NAPG:
                     mask = (conf > tau).float()
                 loss_gnce_t = gnce_loss(out_t["proto_max"].float(), out_t["features"].float(),
                                         cfg["gnce_windows"], mask=mask)
-                logs["loss_gnce_tgt"] = loss_gnce_t.item()
+                logs["loss_gnce_tgt"] = loss_gnce_t.detach()
                 loss = loss + w_gnce * cfg["gnce_target_weight"] * loss_gnce_t
             ent = self._entropies(out_s["logits_up"], out_s["proto_prob"], out_t["logits_up"], out_t["proto_prob"])
             loss = loss + self._generator_adversarial(ent, logs)
@@ -140,16 +147,16 @@ class NAPG:
 
     # ------------------------------------------------------------------ step 3
     def distill_step(self, src: dict[str, Any], tgt: dict[str, Any], proto_teacher: torch.Tensor,
-                     proto_student: torch.Tensor) -> dict[str, float]:
+                     proto_student: torch.Tensor) -> Logs:
         """Frozen teacher on the source and the full target tile, student on the full and strong views."""
         cfg, model, teacher = self.cfg, self.model, self.teacher
         device = proto_student.device
-        x_s = src["img"].to(device, non_blocking=True)
-        x_t = tgt["img"].to(device, non_blocking=True)
-        x_strong = tgt["img_strong"].to(device, non_blocking=True)
+        x_s = to_model_input(src["img"], device, cfg["normalize"])
+        x_t = to_model_input(tgt["img"], device, cfg["normalize"])
+        x_strong = to_model_input(tgt["img_strong"], device, cfg["normalize"])
         set_requires_grad(self.d1, False)
         set_requires_grad(self.d2, False)
-        logs: dict[str, float] = {}
+        logs: Logs = {}
 
         with torch.no_grad():
             t_src = self.forward(teacher, x_s, proto_teacher, "source")
@@ -167,14 +174,14 @@ class NAPG:
         loss_kd = feature_kd_loss(f_student, f_teacher, valid, T=cfg["kd_temperature"],
                                   normalize=cfg["kd_normalize"])
         loss = loss + cfg["w_kd"] * loss_kd
-        logs["loss_kd"] = loss_kd.item()
-        logs["kd_valid_fraction"] = valid.float().mean().item()
+        logs["loss_kd"] = loss_kd.detach()
+        logs["kd_valid_fraction"] = valid.float().mean()
         if cfg["w_ce_src"] > 0:
             out_s = self.forward(model, x_s, proto_student, "source")
-            y_up = resize_labels(src["label"].to(device), out_s["logits_up"].shape[-2:])
+            y_up = resize_labels(src["label"].to(device, non_blocking=True), out_s["logits_up"].shape[-2:])
             loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
             loss = loss + cfg["w_ce_src"] * loss_ce
-            logs["loss_ce"] = loss_ce.item()
+            logs["loss_ce"] = loss_ce.detach()
         # Keeps every parameter in the graph (the legacy D2 term gives the similarity conv no gradient),
         # which DistributedDataParallel requires; adds exactly zero.
         loss = loss + 0.0 * out_strong["proto_logits"].float().sum()
@@ -196,9 +203,8 @@ class NAPG:
             "t_proto": self_information(proto_prob_t.float()),
         }
 
-    def _backward_generator(self, loss: torch.Tensor, logs: dict[str, float]) -> None:
-        logs["loss_total"] = loss.item()
-        require_finite(logs)
+    def _backward_generator(self, loss: torch.Tensor, logs: Logs) -> None:
+        logs["loss_total"] = loss.detach()
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
 
@@ -206,21 +212,23 @@ class NAPG:
         self.scaler.step(self.opt_g)
         self.scaler.update()
 
-    def _generator_adversarial(self, ent: dict[str, torch.Tensor], logs: dict[str, float]) -> torch.Tensor:
+    def _generator_adversarial(self, ent: dict[str, torch.Tensor], logs: Logs) -> torch.Tensor:
         cfg = self.cfg
-        require_finite(logs, ent)  # before the BCE, which rejects NaN inputs with an unreadable error
+        # 1 while every entropy map is finite; checked with the losses (the BCE itself tolerates NaN).
+        logs["entropy_maps_finite"] = torch.stack([m.detach().isfinite().all() for m in ent.values()]).all().float()
         # The frozen discriminators are called unwrapped: under DDP a wrapped call whose parameters get no
         # gradient would leave its reducer waiting.
         l_d1, l_d2 = generator_adv_losses(_unwrap(self.d1), _unwrap(self.d2), ent["t_cls"], ent["s_proto"],
                                           ent["t_proto"], legacy_d2_gen=cfg["legacy_d2_gen"])
-        logs.update(loss_adv_d1=l_d1.item(), loss_adv_d2=l_d2.item())
+        logs.update(loss_adv_d1=l_d1.detach(), loss_adv_d2=l_d2.detach())
         return cfg["w_adv_d1"] * l_d1 + cfg["w_adv_d2"] * l_d2
 
-    def _discriminator_step(self, ent: dict[str, torch.Tensor], logs: dict[str, float], legacy_step1: bool) -> None:
+    def _discriminator_step(self, ent: dict[str, torch.Tensor], logs: Logs, legacy_step1: bool) -> None:
         set_requires_grad(self.d1, True)
         set_requires_grad(self.d2, True)
         detached = {k: v.detach() for k, v in ent.items()}
-        l_D1, l_D2 = discriminator_losses(self.d1, self.d2, detached["s_cls"], detached["t_cls"],
+        # ``means``: the mean "target" probability of each discriminator call (before this update), logged.
+        l_D1, l_D2, means = discriminator_losses(self.d1, self.d2, detached["s_cls"], detached["t_cls"],
                                           detached["s_proto"], detached["t_proto"],
                                           legacy_d2_step1=legacy_step1)
         self.opt_d1.zero_grad(set_to_none=True)
@@ -228,12 +236,7 @@ class NAPG:
         (l_D1 + l_D2).backward()
         self.opt_d1.step()
         self.opt_d2.step()
-        logs.update(loss_d1=l_D1.item(), loss_d2=l_D2.item())
-        with torch.no_grad():  # mean "target" probability each discriminator assigns, for monitoring
-            d1, d2 = _unwrap(self.d1), _unwrap(self.d2)
-            logs.update(d1_source=d1(detached["s_cls"]).mean().item(), d1_target=d1(detached["t_cls"]).mean().item(),
-                        d2_source_proto=d2(detached["s_proto"]).mean().item(),
-                        d2_target_proto=d2(detached["t_proto"]).mean().item())
+        logs.update(loss_d1=l_D1.detach(), loss_d2=l_D2.detach(), **means)
 
     @torch.no_grad()
     def _update_teacher(self, momentum: float) -> None:
@@ -268,12 +271,12 @@ class NAPG:
             self.teacher.load_state_dict(state["teacher"])
 
 
-def require_finite(logs: dict[str, float], maps: dict[str, torch.Tensor] | None = None) -> None:
-    """Raise :class:`NonFiniteError` naming the first NaN/infinite loss term in ``logs`` (or ``maps``)."""
-    for name, value in logs.items():
+def require_finite(values: dict[str, float]) -> None:
+    """Raise :class:`NonFiniteError` naming the first NaN/infinite loss term of read-back ``values``."""
+    for name, value in values.items():
         if name.startswith("loss") and not math.isfinite(value):
             raise NonFiniteError(f"{name} = {value}")
-    if maps and not bool(torch.stack([m.isfinite().all() for m in maps.values()]).all()):
+    if values.get("entropy_maps_finite", 1.0) != 1.0:
         raise NonFiniteError("the entropy maps fed to the discriminators")
 
 

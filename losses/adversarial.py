@@ -29,7 +29,13 @@ def self_information(prob: torch.Tensor) -> torch.Tensor:
 
 
 def bce(prob_map: torch.Tensor, target: float) -> torch.Tensor:
-    """Mean binary cross-entropy of a probability map against a constant label."""
+    """Mean binary cross-entropy of a probability map against a constant label.
+
+    A NaN probability is read as 0.5 (values in [0, 1] are untouched, gradients included): the BCE kernel
+    rejects NaN with an unreadable error on the CPU and a fatal device assert on CUDA, and the trainer
+    finds a diverged run from its losses and weights at its next check, without a host sync per step.
+    """
+    prob_map = prob_map.nan_to_num(nan=0.5)
     return F.binary_cross_entropy(prob_map, torch.full_like(prob_map, target))
 
 
@@ -50,18 +56,30 @@ def generator_adv_losses(d1: Discriminator, d2: Discriminator, ent_t_cls: torch.
 
 def discriminator_losses(d1: Discriminator, d2: Discriminator, ent_s_cls: torch.Tensor, ent_t_cls: torch.Tensor,
                          ent_s_proto: torch.Tensor, ent_t_proto: torch.Tensor,
-                         legacy_d2_step1: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Discriminator side on detached maps:
+                         legacy_d2_step1: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Discriminator side on detached maps, and the detached mean output of each discriminator call:
 
     l_D1 = BCE(D1(I_s^cls), 0) + BCE(D1(I_t^cls), 1)
     l_D2 = BCE(D2(I_s^cls), 0) + ½[BCE(D2(I_s^proto), 1) + BCE(D2(I_t^proto), 1)]
 
     ``legacy_d2_step1`` is the released step 1, whose second half uses the source map twice
     (= BCE(D2(I_s^proto), 1); ``ent_t_proto`` is ignored).
+
+    The means (``d1_source``, ``d1_target``, ``d2_source``, ``d2_source_proto``, ``d2_target_proto``; the last
+    one not with ``legacy_d2_step1``) are 0-dim tensors for monitoring, taken from these very calls so that
+    no second discriminator pass is needed.
     """
-    l_D1 = bce(d1(ent_s_cls.detach()), SOURCE_LABEL) + bce(d1(ent_t_cls.detach()), TARGET_LABEL)
-    l_proto = bce(d2(ent_s_proto.detach()), TARGET_LABEL)
+    means: dict[str, torch.Tensor] = {}
+
+    def call(d: Discriminator, name: str, ent: torch.Tensor) -> torch.Tensor:
+        out = d(ent.detach())
+        means[name] = out.detach().mean()
+        return out
+
+    # The calls run in the order the released code makes them (gradient sums stay bit for bit the same).
+    l_D1 = bce(call(d1, "d1_source", ent_s_cls), SOURCE_LABEL) + bce(call(d1, "d1_target", ent_t_cls), TARGET_LABEL)
+    l_proto = bce(call(d2, "d2_source_proto", ent_s_proto), TARGET_LABEL)
     if not legacy_d2_step1:
-        l_proto = 0.5 * (l_proto + bce(d2(ent_t_proto.detach()), TARGET_LABEL))
-    l_D2 = bce(d2(ent_s_cls.detach()), SOURCE_LABEL) + l_proto
-    return l_D1, l_D2
+        l_proto = 0.5 * (l_proto + bce(call(d2, "d2_target_proto", ent_t_proto), TARGET_LABEL))
+    l_D2 = bce(call(d2, "d2_source", ent_s_cls), SOURCE_LABEL) + l_proto
+    return l_D1, l_D2, means

@@ -63,9 +63,9 @@ def test_step1_iteration_matches_the_released_arithmetic(preset):
     logs = napg.train_step({"img": x_s, "label": y_s}, {"img": x_t}, P, epoch=1, tau=None)
 
     g_loss, dd1, dd2 = original_iteration(ref_model, ref_d1, ref_d2, x_s, y_s, x_t, P, legacy=preset == "legacy")
-    assert logs["loss_total"] == pytest.approx(g_loss.item(), rel=1e-5)
-    assert logs["loss_d1"] == pytest.approx(dd1.item(), rel=1e-5)
-    assert logs["loss_d2"] == pytest.approx(dd2.item(), rel=1e-5)
+    assert logs["loss_total"].item() == pytest.approx(g_loss.item(), rel=1e-5)
+    assert logs["loss_d1"].item() == pytest.approx(dd1.item(), rel=1e-5)
+    assert logs["loss_d2"].item() == pytest.approx(dd2.item(), rel=1e-5)
     # Gradients left by the step equal the released code's gradients of each loss.
     pairs = ((model, ref_model, g_loss), (d1, ref_d1, dd1), (d2, ref_d2, dd2))
     for ours, ref, loss in pairs:
@@ -103,7 +103,7 @@ def test_bf16_autocast_stays_close_to_float32():
                                                                                             generator=gen)}
             tgt = {"img": torch.rand(2, 3, 128, 128, generator=gen)}
             logs = napg.train_step(src, tgt, P, epoch=1, tau=0.9)
-            per_step.append([logs[k] for k in ("loss_ce", "loss_proto", "loss_gnce_src", "loss_d1", "loss_d2")])
+            per_step.append([logs[k].item() for k in ("loss_ce", "loss_proto", "loss_gnce_src", "loss_d1", "loss_d2")])
         losses[amp] = torch.tensor(per_step)
     assert torch.isfinite(losses["bf16"]).all()
     torch.testing.assert_close(losses["bf16"], losses["off"], rtol=0.05, atol=0.01)

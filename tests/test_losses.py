@@ -138,6 +138,20 @@ def test_bce_formula():
     torch.testing.assert_close(bce(p, 1.0), -p.log().mean())
 
 
+def test_bce_reads_nan_as_one_half_and_leaves_the_rest_bit_for_bit():
+    p = (torch.rand(2, 1, 4, 4) * 0.98 + 0.01).requires_grad_(True)
+    assert torch.equal(bce(p, 1.0), F.binary_cross_entropy(p, torch.ones_like(p)))
+    bce(p, 1.0).backward()
+    plain = p.detach().clone().requires_grad_(True)
+    F.binary_cross_entropy(plain, torch.ones_like(plain)).backward()
+    assert torch.equal(p.grad, plain.grad)
+    with_nan = p.detach().clone()
+    with_nan[0, 0, 0, 0] = float("nan")
+    half = with_nan.clone()
+    half[0, 0, 0, 0] = 0.5
+    assert torch.equal(bce(with_nan, 0.0), bce(half, 0.0))
+
+
 class ConvD(nn.Module):
     """A small random discriminator [B, 6, H, W] -> sigmoid [B, 1, H, W]."""
 
@@ -177,8 +191,8 @@ def test_discriminator_losses(legacy):
     torch.manual_seed(0)
     d1, d2 = ConvD(), ConvD()
     e = entropy_maps(1)
-    l_D1, l_D2 = discriminator_losses(d1, d2, e["s_cls"], e["t_cls"], e["s_proto"], e["t_proto"],
-                                      legacy_d2_step1=legacy)
+    l_D1, l_D2, means = discriminator_losses(d1, d2, e["s_cls"], e["t_cls"], e["s_proto"], e["t_proto"],
+                                             legacy_d2_step1=legacy)
 
     def b(out, y):
         return F.binary_cross_entropy(out, torch.full_like(out, y))
@@ -187,6 +201,14 @@ def test_discriminator_losses(legacy):
     second = e["s_proto"] if legacy else e["t_proto"]
     expected_d2 = b(d2(e["s_cls"]), 0.0) + 0.5 * (b(d2(e["s_proto"]), 1.0) + b(d2(second), 1.0))
     torch.testing.assert_close(l_D2, expected_d2)
+    # The monitoring means come from the same calls: each equals a fresh call's mean.
+    calls = {"d1_source": (d1, "s_cls"), "d1_target": (d1, "t_cls"), "d2_source": (d2, "s_cls"),
+             "d2_source_proto": (d2, "s_proto"), "d2_target_proto": (d2, "t_proto")}
+    if legacy:
+        del calls["d2_target_proto"]
+    assert set(means) == set(calls)
+    for name, (d, key) in calls.items():
+        torch.testing.assert_close(means[name], d(e[key]).mean(), msg=name)
     (l_D1 + l_D2).backward()
     assert all(v.grad is None for v in e.values())  # the maps are detached for the D update
     assert d1.conv.weight.grad is not None and d2.conv.weight.grad is not None

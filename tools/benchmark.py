@@ -130,12 +130,13 @@ def bench_network(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return _rows("network", time_steps(steps, device, args.repeats, args.warmup))
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait until ``device`` has finished its queued work (CUDA runs asynchronously; the CPU does not)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """(peak MiB, what it measures) since the last ``torch.cuda.reset_peak_memory_stats`` on CUDA."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
@@ -198,28 +199,29 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
 
     def iteration() -> tuple[float, float]:
-        _sync(device)
-        logs = train_iteration(napg, data, protos, epoch, tau)
-        _sync(device)
-        return logs["data_time_fraction"] * logs["iter_time"], logs["iter_time"]
+        sync(device)
+        start = time.perf_counter()
+        _, data_seconds = train_iteration(napg, data, protos, epoch, tau)
+        sync(device)
+        return data_seconds, time.perf_counter() - start
 
     for _ in range(args.warmup):
         iteration()
     data_times, iter_times = zip(*(iteration() for _ in range(args.repeats)))
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     protos = refresh(napg, data, cfg, tau, protos, device)
-    _sync(device)
+    sync(device)
     refresh_s = time.perf_counter() - start
     eval_s = float("nan")
     if data["target_val"] is not None:
         prototypes = protos.target if protos.target is not None else protos.source_target
         start = time.perf_counter()
         evaluate(model, data["target_val"], prototypes, device, cfg["num_classes"])
-        _sync(device)
+        sync(device)
         eval_s = time.perf_counter() - start
-    peak, peak_kind = _peak_memory_mb(device)
+    peak, peak_kind = peak_memory_mb(device)
     images = cfg["batch_size"] * (2 if uses_target else 1)
     total = sum(iter_times)
     cache_active = data_root is not None and all(data[k].dataset.cache is not None for k in DATA_ROLES
