@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.uda import amp_dtype, autocast
+from engine.device import amp_dtype, autocast
 from models.labels import resize_labels
 from utils import dist
 from utils.errors import UserError

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.uda import amp_dtype, autocast
+from engine.device import amp_dtype, autocast
 from models.labels import pseudo_labels, resize_labels
 from models.prototypes import (
     CentroidPool,
@@ -38,6 +38,12 @@ class RefreshResult:
     clusters: list[int] = field(default_factory=list)  # K_c per class used for this refresh
     # centroids per class from each domain before balancing: {"source": [N_c], "target": [N_c]}
     pool_sizes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def for_target(self) -> torch.Tensor:
+        """The prototypes for target images: P_T once target pseudo-labels are on, else P_ST. What the
+        target evaluation and step 3's student use."""
+        return self.target if self.target is not None else self.source_target
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from engine.uda import NAPG, Logs, _unwrap, require_finite
+from engine.device import unwrap
+from engine.uda import NAPG, Logs, require_finite
 from utils import dist
 from utils.errors import NonFiniteError
 
@@ -62,7 +63,7 @@ class StopSignals:
 def _peaks(napg: NAPG, protos: Any = None) -> torch.Tensor:
     """The largest magnitude of every weight (and prototype) tensor, [N] float32 on the device: NaN or
     infinite exactly when one of its values is. One reduction per tensor, nothing read back."""
-    tensors = [p for m in (napg.model, napg.d1, napg.d2) if m is not None for p in _unwrap(m).parameters()]
+    tensors = [p for m in (napg.model, napg.d1, napg.d2) if m is not None for p in unwrap(m).parameters()]
     if protos is not None:
         tensors += [t for t in (protos.source_target, protos.target) if t is not None]
     return torch.stack([t.detach().abs().amax().float() for t in tensors])

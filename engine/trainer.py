@@ -25,12 +25,13 @@ from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import BatchStream, eval_loader, shuffled_loader
 from data.transforms import build_transforms
+from engine.device import unwrap
 from engine.evaluate import evaluate
 from engine.handoff import handoff_meta, handoff_prototypes, resolve_init, save_handoff
 from engine.logger import RunLogger, panel
 from engine.refresh import RefreshResult, refresh_prototypes
 from engine.safety import StopSignals, read_back, require_finite_weights
-from engine.uda import NAPG, Logs, _unwrap
+from engine.uda import NAPG, Logs
 from losses import self_information
 from models import FCDiscriminatorHighMask, NAPGNet
 from models.napg import weights_record
@@ -83,7 +84,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
         write_json(out_dir / "env.json", {"seed": cfg["seed"], "init": init_source, "world_size": dist.world_size(),
-                                          "pretrained": weights_record(_unwrap(napg.model).pretrained_path),
+                                          "pretrained": weights_record(unwrap(napg.model).pretrained_path),
                                           **environment_info()})
     dist.barrier()
 
@@ -268,8 +269,7 @@ def train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epo
     tgt = next(data["target"]) if data["target"] is not None and napg.uses_target else None
     data_seconds = time.perf_counter() - start
     if STAGES[napg.stage].teacher:
-        student_protos = protos.target if protos.target is not None else protos.source_target
-        return napg.distill_step(src, tgt, protos.source_target, student_protos), data_seconds
+        return napg.distill_step(src, tgt, protos.source_target, protos.for_target), data_seconds
     return napg.train_step(src, tgt, protos.source_target, epoch, tau), data_seconds
 
 
@@ -295,7 +295,7 @@ def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | 
             max_batches: int | None = None, epoch: int = 1) -> RefreshResult:
     """The prototype refresh before ``epoch`` (``max_batches`` overrides the config's cap)."""
     # Prototypes come from the network being trained (in step 3 the student, as in the original).
-    model = _unwrap(napg.model)
+    model = unwrap(napg.model)
     set_epoch = getattr(getattr(data["source_refresh"], "sampler", None), "set_epoch", None)
     if set_epoch is not None:  # the legacy refresh's shuffled source loader: a new order every epoch
         set_epoch(epoch)
@@ -324,10 +324,6 @@ def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, pr
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def _eval_prototypes(protos: RefreshResult) -> torch.Tensor:
-    return protos.target if protos.target is not None else protos.source_target
-
-
 def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
                    cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Target-val and source-val metrics of both branches, each domain with its own BN statistics.
@@ -337,10 +333,10 @@ def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
     """
     device = protos.source_target.device
     results = {}
-    for role, domain, prototypes in (("target_val", "target", _eval_prototypes(protos)),
+    for role, domain, prototypes in (("target_val", "target", protos.for_target),
                                      ("source_val", "source", protos.source_target)):
         if data[role] is not None:
-            results[role] = evaluate(_unwrap(napg.model), data[role], prototypes, device, cfg["num_classes"],
+            results[role] = evaluate(unwrap(napg.model), data[role], prototypes, device, cfg["num_classes"],
                                      max_batches=cfg["eval_max_batches"], amp=cfg["amp"], domain=domain)
     return results
 
@@ -378,7 +374,7 @@ def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, c
 def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, step: int,
                 device: torch.device) -> None:
     """Input, ground truth, prediction and entropy of the first source and target-val patches."""
-    model = _unwrap(napg.model)
+    model = unwrap(napg.model)
     was_training = model.training
     model.eval()
     for tag, dataset in (("source", data["source_refresh"].dataset),
@@ -387,7 +383,7 @@ def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger:
             continue
         sample = dataset[0]
         with model.domain(tag):
-            out = model(sample["img"][None].to(device), _eval_prototypes(protos))
+            out = model(sample["img"][None].to(device), protos.for_target)
         prob = torch.nn.functional.interpolate(out["logits_up"].float(), size=sample["img"].shape[-2:],
                                                mode="bilinear", align_corners=False).softmax(1)
         entropy = self_information(prob).sum(1)[0]
@@ -518,8 +514,8 @@ def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, 
                         num_classes=cfg["num_classes"], backbone=cfg["backbone"],
                         shared_similarity=cfg["shared_similarity"], clusters=protos.clusters,
                         bn_stats=bn_stats_of(cfg), normalize=cfg["normalize"], epoch=epoch, **extra)
-    d1, d2 = (None if d is None else _unwrap(d) for d in (napg.d1, napg.d2))
-    save_handoff(path, _unwrap(napg.model), d1, d2, _protos_state(protos), meta)
+    d1, d2 = (None if d is None else unwrap(d) for d in (napg.d1, napg.d2))
+    save_handoff(path, unwrap(napg.model), d1, d2, _protos_state(protos), meta)
 
 
 def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: dict[str, Any],
@@ -563,7 +559,7 @@ def _rank_consistency(napg: NAPG, protos: RefreshResult) -> dict[str, Any]:
         return torch.cat(sums)
 
     nets = [m for m in (napg.model, napg.d1, napg.d2) if m is not None]
-    params = checksum([p.detach() for m in nets for p in _unwrap(m).parameters()])
+    params = checksum([p.detach() for m in nets for p in unwrap(m).parameters()])
     prototypes = checksum([t for t in (protos.source_target, protos.target) if t is not None])
     result = {"world_size": dist.world_size()}
     for name, local in (("identical_parameters", params), ("identical_prototypes", prototypes)):

@@ -20,6 +20,7 @@ from torch import nn
 
 from data.dataset import to_model_input
 from data.transforms import warp_to_strong
+from engine.device import amp_dtype, autocast, unwrap
 from losses import (
     classifier_ce,
     discriminator_losses,
@@ -34,16 +35,6 @@ from utils.errors import NonFiniteError
 from utils.stages import STAGES, gnce_weight_at
 
 Logs = dict[str, torch.Tensor]  # name -> detached 0-dim tensor on the training device
-
-
-def amp_dtype(name: str) -> torch.dtype | None:
-    """``--amp`` value -> autocast dtype (None = float32)."""
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast context for the segmenter's forward passes; a no-op for float32."""
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def set_requires_grad(module: nn.Module | None, flag: bool) -> None:
@@ -74,7 +65,7 @@ class NAPG:
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
         self.teacher: nn.Module | None = None
         if STAGES[self.stage].teacher:
-            self.teacher = copy.deepcopy(_unwrap(model)).eval()
+            self.teacher = copy.deepcopy(unwrap(model)).eval()
             set_requires_grad(self.teacher, False)
 
     @property
@@ -91,7 +82,7 @@ class NAPG:
         """
         if self.cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _unwrap(model).domain(domain), autocast(x.device, self.amp_dtype):
+        with unwrap(model).domain(domain), autocast(x.device, self.amp_dtype):
             return model(x, prototypes)
 
     # ------------------------------------------------------------------ steps 0-2
@@ -218,7 +209,7 @@ class NAPG:
         logs["entropy_maps_finite"] = torch.stack([m.detach().isfinite().all() for m in ent.values()]).all().float()
         # The frozen discriminators are called unwrapped: under DDP a wrapped call whose parameters get no
         # gradient would leave its reducer waiting.
-        l_d1, l_d2 = generator_adv_losses(_unwrap(self.d1), _unwrap(self.d2), ent["t_cls"], ent["s_proto"],
+        l_d1, l_d2 = generator_adv_losses(unwrap(self.d1), unwrap(self.d2), ent["t_cls"], ent["s_proto"],
                                           ent["t_proto"], legacy_d2_gen=cfg["legacy_d2_gen"])
         logs.update(loss_adv_d1=l_d1.detach(), loss_adv_d2=l_d2.detach())
         return cfg["w_adv_d1"] * l_d1 + cfg["w_adv_d2"] * l_d2
@@ -240,7 +231,7 @@ class NAPG:
 
     @torch.no_grad()
     def _update_teacher(self, momentum: float) -> None:
-        student = _unwrap(self.model)
+        student = unwrap(self.model)
         for p_t, p_s in zip(self.teacher.parameters(), student.parameters()):
             p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
         for b_t, b_s in zip(self.teacher.buffers(), student.buffers()):
@@ -248,23 +239,23 @@ class NAPG:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": _unwrap(self.model).state_dict(), "opt_g": self.opt_g.state_dict(),
+        state = {"model": unwrap(self.model).state_dict(), "opt_g": self.opt_g.state_dict(),
                  "scaler": self.scaler.state_dict()}
         if self.d1 is not None:
-            state.update(d1=_unwrap(self.d1).state_dict(), d2=_unwrap(self.d2).state_dict(),
+            state.update(d1=unwrap(self.d1).state_dict(), d2=unwrap(self.d2).state_dict(),
                          opt_d1=self.opt_d1.state_dict(), opt_d2=self.opt_d2.state_dict())
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _unwrap(self.model).load_state_dict(state["model"])
+        unwrap(self.model).load_state_dict(state["model"])
         self.opt_g.load_state_dict(state["opt_g"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.d1 is not None:
-            _unwrap(self.d1).load_state_dict(state["d1"])
-            _unwrap(self.d2).load_state_dict(state["d2"])
+            unwrap(self.d1).load_state_dict(state["d1"])
+            unwrap(self.d2).load_state_dict(state["d2"])
             self.opt_d1.load_state_dict(state["opt_d1"])
             self.opt_d2.load_state_dict(state["opt_d2"])
         if self.teacher is not None and "teacher" in state:
@@ -278,12 +269,3 @@ def require_finite(values: dict[str, float]) -> None:
             raise NonFiniteError(f"{name} = {value}")
     if values.get("entropy_maps_finite", 1.0) != 1.0:
         raise NonFiniteError("the entropy maps fed to the discriminators")
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The bare module under DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner

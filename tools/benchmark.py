@@ -216,7 +216,7 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     refresh_s = time.perf_counter() - start
     eval_s = float("nan")
     if data["target_val"] is not None:
-        prototypes = protos.target if protos.target is not None else protos.source_target
+        prototypes = protos.for_target
         start = time.perf_counter()
         evaluate(model, data["target_val"], prototypes, device, cfg["num_classes"])
         sync(device)
