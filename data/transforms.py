@@ -232,8 +232,7 @@ class WeakStrongAugment:
     Keeps ``img`` (the full tile) and adds ``img_weak``, ``img_strong``, ``weak_params`` and
     ``strong_params``: ``affine`` [2, 3] (strong -> weak, normalised), ``translate`` [2] (the
     translation part, normalised strong-frame units), ``cutout`` [4] (x0, y0, x1, y1 normalised; an
-    empty box when off), ``flip``. With a ``label``: ``label_weak`` and ``label_strong`` (255 outside
-    the weak crop and inside the cutout).
+    empty box when off), ``flip``.
 
     Strong ops: h-flip with ``strong_hflip``; ``n_ops`` draws (with replacement) from ``pool``, each
     applied with ``op_prob`` at magnitude ``v = randint(1, magnitude) / 10`` of its maximum and a
@@ -319,9 +318,6 @@ class WeakStrongAugment:
         out = dict(sample)
         out["img_weak"] = img_weak
         out["img_strong"] = self._strong_view(img_strong, strong_params, "bilinear", GRAY)
-        if "label" in sample:
-            out["label_weak"] = weak_view(sample["label"], weak_params, "nearest", IGNORE_INDEX)
-            out["label_strong"] = self._strong_view(out["label_weak"], strong_params, "nearest", IGNORE_INDEX)
         out["weak_params"] = weak_params
         out["strong_params"] = strong_params
         return out

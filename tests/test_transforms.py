@@ -18,6 +18,7 @@ from data.transforms import (
     WeakAugment,
     WeakStrongAugment,
     warp_to_strong,
+    weak_view,
 )
 
 SIZE = 48
@@ -38,6 +39,15 @@ def sample(size: int = SIZE) -> dict:
         "label": torch.randint(0, 6, (size, size), generator=g),
         "name": "x",
     }
+
+
+def augment(aug: WeakStrongAugment, s: dict) -> dict:
+    """``aug(s)`` plus the label seen through both views (255 outside the crop and in the cutout), the
+    reference the geometry tests compare the image path and :func:`warp_to_strong` against."""
+    out = aug(s)
+    out["label_weak"] = weak_view(s["label"], out["weak_params"], "nearest", 255)
+    out["label_strong"] = aug._strong_view(out["label_weak"], out["strong_params"], "nearest", 255)
+    return out
 
 
 def cutout_mask(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -106,7 +116,7 @@ def test_weak_pads_when_scaled_tile_is_smaller_than_crop():
 def test_strong_view_keys_shapes_and_collate():
     torch.manual_seed(4)
     aug = WeakStrongAugment(32)
-    batch = default_collate([aug(sample()) for _ in range(3)])
+    batch = default_collate([augment(aug, sample()) for _ in range(3)])
     assert batch["img"].shape == (3, 3, SIZE, SIZE)
     assert batch["img_weak"].shape == batch["img_strong"].shape == (3, 3, 32, 32)
     assert batch["label_weak"].shape == batch["label_strong"].shape == (3, 32, 32)
@@ -127,9 +137,9 @@ def test_strong_view_keys_shapes_and_collate():
 def test_same_seed_same_views():
     aug = WeakStrongAugment(32, pool=PHOTOMETRIC_OPS + GEOMETRIC_OPS, op_prob=1.0)
     torch.manual_seed(5)
-    a = aug(sample())
+    a = augment(aug, sample())
     torch.manual_seed(5)
-    b = aug(sample())
+    b = augment(aug, sample())
     assert torch.equal(a["img_strong"], b["img_strong"]) and torch.equal(a["label_strong"], b["label_strong"])
 
 
@@ -138,7 +148,7 @@ def test_photometric_ops_leave_geometry_alone():
     aug = WeakStrongAugment(32, pool=PHOTOMETRIC_OPS[1:], op_prob=1.0, n_ops=3, strong_hflip=0.0, cutout_frac=0)
     changed = 0
     for _ in range(6):
-        out = aug(sample())
+        out = augment(aug, sample())
         assert torch.equal(out["strong_params"]["affine"], torch.eye(2, 3))
         assert torch.equal(out["label_strong"], out["label_weak"])
         assert 0 <= out["img_strong"].min() and out["img_strong"].max() <= 1
@@ -166,7 +176,7 @@ def test_warp_exact_for_flip_and_crop(seed):
     """No scaling, no geometric ops: warping the full tile with nearest reproduces the strong view."""
     torch.manual_seed(seed)
     aug = WeakStrongAugment(32, scale_range=(1.0, 1.0), pool=(), strong_hflip=0.5)
-    batch = default_collate([aug(sample()) for _ in range(4)])
+    batch = default_collate([augment(aug, sample()) for _ in range(4)])
     wp, sp = batch["weak_params"], batch["strong_params"]
     img, valid = warp_to_strong(batch["img"], wp, sp, (32, 32), mode="nearest")
     lab, lab_valid = warp_to_strong(batch["label"][:, None], wp, sp, (32, 32), mode="nearest", fill=255)
@@ -185,7 +195,7 @@ def test_warp_full_tile_reproduces_geometric_strong_view(seed, crop):
     torch.manual_seed(seed)
     aug = WeakStrongAugment(crop, scale_range=(1.0, 1.6), pool=GEOMETRIC_OPS, op_prob=1.0, n_ops=3)
     s = {"img": smooth_image(), "label": torch.zeros(SIZE, SIZE, dtype=torch.long)}
-    batch = default_collate([aug(s) for _ in range(4)])
+    batch = default_collate([augment(aug, s) for _ in range(4)])
     wp, sp = batch["weak_params"], batch["strong_params"]
     assert not torch.equal(sp["affine"][:, :, :2].abs(), torch.eye(2).expand(4, 2, 2))
     warped, valid = warp_to_strong(batch["img"], wp, sp, crop)
