@@ -170,7 +170,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- building blocks
 def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, Any] | None = None) -> NAPG:
     """Network, discriminators (not in step 0) and optimisers of a stage, ready on ``device``."""
-    model = NAPGNet(num_classes=cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]),
+    model = NAPGNet(num_classes=cfg["num_classes"],
                     backbone=cfg["backbone"], pretrained=cfg["pretrained"] if init_state is None else None,
                     shared_similarity=cfg["shared_similarity"], head_impl=cfg["head_impl"],
                     bn_stats=bn_stats_of(cfg)).to(device)

@@ -164,8 +164,6 @@ class NAPGNet(nn.Module):
 
     Args:
         num_classes: C.
-        prototypes_per_class: default K for callers that build prototypes; no parameter depends
-            on it, K is read from the prototypes passed to ``forward``.
         backbone: resnet18 | resnet34 | resnet50 | resnet101.
         pretrained: None (random init), ``"imagenet"`` (torchvision weights from the torch hub
             cache, never downloaded) or a path to a torchvision-format ResNet state dict.
@@ -175,16 +173,13 @@ class NAPGNet(nn.Module):
             (a second set for the target domain; affine weights stay shared, see ``domain``).
     """
 
-    def __init__(self, num_classes: int = 6, prototypes_per_class: int = 1, backbone: str = "resnet50",
+    def __init__(self, num_classes: int = 6, backbone: str = "resnet50",
                  pretrained: str | Path | None = None, shared_similarity: bool = True,
                  head_impl: str = "fast", bn_stats: str = "shared"):
         super().__init__()
-        if prototypes_per_class < 1:
-            raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class}")
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
         self.num_classes = num_classes
-        self.prototypes_per_class = prototypes_per_class
         self.backbone_name = backbone
         self.backbone = build_backbone(backbone)
         self.pretrained_path = self._load_pretrained(pretrained)

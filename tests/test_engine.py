@@ -93,7 +93,7 @@ def test_bf16_autocast_stays_close_to_float32():
     for amp in ("off", "bf16"):
         torch.manual_seed(0)
         cfg = resolve_config("step2", {"backbone": "resnet18", "amp": amp})
-        model = NAPGNet(num_classes=6, prototypes_per_class=4, backbone="resnet18")
+        model = NAPGNet(num_classes=6, backbone="resnet18")
         napg = NAPG(model, FCDiscriminatorHighMask(6), FCDiscriminatorHighMask(6), cfg)
         gen = torch.Generator().manual_seed(1)
         P = torch.randn(24, 128, generator=gen).abs()

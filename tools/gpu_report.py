@@ -97,7 +97,7 @@ def gflop_per_image(cfg: dict[str, Any], device: torch.device) -> float:
     from models import NAPGNet
     from models.napg import FEATURE_CHANNELS
 
-    model = NAPGNet(cfg["num_classes"], prototypes_per_class=max(cfg["clusters"]), backbone=cfg["backbone"])
+    model = NAPGNet(cfg["num_classes"], backbone=cfg["backbone"])
     model.to(device).train()
     images = torch.rand(2, 3, cfg["img_size"], cfg["img_size"], device=device)  # BatchNorm trains on 2+
     prototypes = torch.randn(cfg["num_classes"] * max(cfg["clusters"]), FEATURE_CHANNELS, device=device)

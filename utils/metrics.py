@@ -95,17 +95,6 @@ class ConfusionMatrix:
         """Number of pixels with an out-of-range prediction or a non-ignore out-of-range label."""
         return int(self._bins()[-1])
 
-    def merge(self, other: ConfusionMatrix) -> None:
-        """Add another matrix's counts (e.g. from another evaluation shard)."""
-        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
-            raise ValueError("cannot merge confusion matrices with different num_classes or ignore_index")
-        if other._counts is None:
-            return
-        if self._counts is None:
-            self._counts = other._counts.clone()
-        else:
-            self._counts += other._counts.to(self._counts.device)
-
     def all_reduce(self) -> None:
         """Sum the counts over all ranks when torch.distributed is initialised; no-op otherwise.
 
