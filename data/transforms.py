@@ -396,21 +396,3 @@ class Compose:
         for transform in self.transforms:
             sample = transform(sample)
         return sample
-
-
-def build_transforms(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(train, eval, strong) sample transforms of a resolved config.
-
-    Steps 0-2 use no augmentation, as the paper's scripts: training only takes a random crop of
-    ``img_size`` when patches are larger. ``resize`` (the demo's small images) resizes every patch
-    first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``. Without
-    ``proto_ignore_index`` (legacy) labelled training samples must have no ignored pixel.
-    """
-    resize = [Resize(cfg["resize"])] if cfg["resize"] else []
-    crop = [WeakAugment(cfg["img_size"], scale_range=(1.0, 1.0), hflip=0.0)]
-    if not cfg["proto_ignore_index"]:
-        crop.append(RejectIgnored())
-    strong = WeakStrongAugment(cfg["img_size"], scale_range=tuple(cfg["weak_scale"]), hflip=cfg["hflip"],
-                               n_ops=cfg["randaug_n"], magnitude=cfg["randaug_m"], cutout_frac=cfg["cutout_frac"])
-    eval_tf = Compose(resize) if resize else None
-    return Compose([*resize, *crop]), eval_tf, Compose([*resize, strong])

@@ -12,8 +12,9 @@ import functools
 import pytest
 import torch
 
+from engine.build import build_napg
 from engine.refresh import RefreshResult
-from engine.trainer import build_napg, train_iteration
+from engine.trainer import train_iteration
 from tools.benchmark import random_data
 from utils.config import resolve_config
 from utils.run import seed_everything

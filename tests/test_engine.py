@@ -132,13 +132,13 @@ def test_refresh_with_auto_k_follows_the_variance_rule():
 def test_legacy_epoch_is_one_batch_short_of_a_pass():
     from types import SimpleNamespace
 
-    from engine.trainer import _iters_per_epoch
+    from engine.build import iters_per_epoch
 
     data = {"source": SimpleNamespace(batches_per_pass=5), "target": SimpleNamespace(batches_per_pass=3)}
     for stage, paper_n in (("step1", 5), ("step3", 3)):
-        assert _iters_per_epoch(resolve_config(stage, {}), data) == paper_n
-        assert _iters_per_epoch(resolve_config(stage, {}, preset="legacy"), data) == paper_n - 1
-    assert _iters_per_epoch(resolve_config("step1", {"iters_per_epoch": 2}, preset="legacy"), data) == 2
+        assert iters_per_epoch(resolve_config(stage, {}), data) == paper_n
+        assert iters_per_epoch(resolve_config(stage, {}, preset="legacy"), data) == paper_n - 1
+    assert iters_per_epoch(resolve_config("step1", {"iters_per_epoch": 2}, preset="legacy"), data) == 2
     with pytest.raises(UserError, match="--legacy-epoch-length false") as err:
-        _iters_per_epoch(resolve_config("step1", {}, preset="legacy"), {"source": SimpleNamespace(batches_per_pass=1)})
+        iters_per_epoch(resolve_config("step1", {}, preset="legacy"), {"source": SimpleNamespace(batches_per_pass=1)})
     assert "\n" not in str(err.value)

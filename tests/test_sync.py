@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import engine.trainer as trainer
+from engine.build import build_napg
 from engine.refresh import refresh_prototypes
 from engine.safety import read_back
 from tools.benchmark import random_data
@@ -57,7 +58,7 @@ def _config(stage: str, **overrides) -> dict:
 def test_iterations_between_log_points_read_nothing_back(stage, preset, read_backs):
     cfg = _config(stage, preset=preset)
     seed_everything(0)
-    napg = trainer.build_napg(cfg, torch.device("cpu"))
+    napg = build_napg(cfg, torch.device("cpu"))
     data = random_data(cfg, batches=1)
     protos = refresh_prototypes(napg.model, data["source_refresh"], data["target_refresh"], 0.5, cfg["clusters"],
                                 torch.device("cpu"))

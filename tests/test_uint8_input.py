@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import default_collate
 
 from data.dataset import SegmentationFolder, to_model_input
-from data.transforms import build_transforms
+from engine.build import build_transforms
 from utils.config import resolve_config
 
 

@@ -47,10 +47,10 @@ from torch.utils.data import default_collate
 from data.dataset import SegmentationFolder
 from data.domains import resolve_domain
 from data.loaders import build_loader
-from data.transforms import build_transforms
+from engine.build import build_data, build_napg, build_transforms
 from engine.evaluate import evaluate
 from engine.handoff import check_fits, handoff_file, load_handoff
-from engine.trainer import build_data, build_napg, refresh, train_iteration
+from engine.trainer import refresh, train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
 from utils.config import OPTIONS, resolve_config

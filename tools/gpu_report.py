@@ -109,7 +109,8 @@ def gflop_per_image(cfg: dict[str, Any], device: torch.device) -> float:
 
 def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Training throughput of ``stage`` under ``setting`` on in-memory random batches."""
-    from engine.trainer import build_napg, refresh, train_iteration
+    from engine.build import build_napg
+    from engine.trainer import refresh, train_iteration
 
     cfg = stage_config(stage, _bench_args(scale, device, setting), None)
     cfg.update(SETTINGS[setting])
@@ -140,8 +141,9 @@ def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.
 
 def part_passes(scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """One step-2 refresh pass and one evaluation pass over a data set of the paper's size (bf16)."""
+    from engine.build import build_napg
     from engine.evaluate import evaluate
-    from engine.trainer import build_napg, refresh
+    from engine.trainer import refresh
 
     cfg = stage_config("step2", _bench_args(scale, device), None)
     cfg.update(SETTINGS["bf16-cl"], eval_batch_size=scale["batch"])

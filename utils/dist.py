@@ -48,3 +48,14 @@ def init_from_env(device: torch.device) -> torch.device:
 def shutdown() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def identical_across_ranks(tensors: list[torch.Tensor]) -> bool:
+    """Whether every rank holds bit-identical ``tensors`` (compared through per-tensor checksums: the sum,
+    the sum of squares and a position-weighted sum, in float64). Every rank must call it."""
+    local = torch.cat([torch.stack([t.double().sum(), (t.double() ** 2).sum(),
+                                    (t.double().flatten() * torch.arange(t.numel(), device=t.device)).sum()])
+                       for t in tensors])
+    gathered = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
