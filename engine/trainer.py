@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.dataset import SegmentationFolder
+from data.dataset import SegmentationFolder, read_meta
 from data.domains import CLASS_NAMES, resolve_domain
 from data.loaders import BatchStream, eval_loader, shuffled_loader
 from data.transforms import build_transforms
@@ -481,9 +481,19 @@ def _save_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, 
     meta = handoff_meta(stage=cfg["stage"], source=cfg["source"], target=cfg["target"],
                         num_classes=cfg["num_classes"], backbone=cfg["backbone"],
                         shared_similarity=cfg["shared_similarity"], clusters=protos.clusters,
-                        bn_stats=bn_stats_of(cfg), normalize=cfg["normalize"], epoch=epoch, **extra)
+                        bn_stats=bn_stats_of(cfg), normalize=cfg["normalize"], epoch=epoch,
+                        input_scale=_input_scale(cfg), **extra)
     d1, d2 = (None if d is None else _unwrap(d) for d in (napg.d1, napg.d2))
     save_handoff(path, _unwrap(napg.model), d1, d2, _protos_state(protos), meta)
+
+
+def _input_scale(cfg: dict[str, Any]) -> float:
+    """Network px per image px the weights were trained at: --resize over the source patch side."""
+    if not cfg["resize"]:
+        return 1.0
+    # Folders without meta.json come from mmseg's converters, which cut 512 px patches.
+    side = read_meta(resolve_domain(Path(cfg["data_root"]), cfg["source"])).get("clip", 512)
+    return cfg["resize"] / side
 
 
 def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: dict[str, Any],
