@@ -8,7 +8,7 @@ few window rows of float32 logits, not the whole image times the classes.
 
 ``scale`` resizes each window before the network (a window is ``crop / scale`` image px, the network
 sees ``crop`` px) and its logits back: the resolution the checkpoint was trained at, without resizing
-the whole tile.
+the whole tile. Windows whose network size is not a multiple of 32 are zero-padded (bottom, right).
 """
 
 from __future__ import annotations
@@ -67,9 +67,15 @@ def _window_logits(model: nn.Module, windows: torch.Tensor, cfg: SlideConfig, de
         x = (x - mean) / std
     if cfg.hflip:
         x = torch.cat([x, x.flip(-1)])
+    # The network takes sides that are multiples of 32: pad bottom and right with zeros (as mmseg pads a
+    # short window), then cut the padding off the logits at network resolution.
+    net_h, net_w = x.shape[-2:]
+    x = F.pad(x, (0, -net_w % 32, 0, -net_h % 32))
     with model.domain(cfg.domain), autocast(device, amp_dtype(cfg.amp)):
-        logits = model(x)["logits_up"]
-    logits = F.interpolate(logits.float(), size, mode="bilinear", align_corners=False)
+        logits = model(x)["logits_up"].float()
+    if x.shape[-2:] != (net_h, net_w):
+        logits = F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)[..., :net_h, :net_w]
+    logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
     if cfg.hflip:
         plain, flipped = logits.chunk(2)
         logits = (plain + flipped.flip(-1)) / 2

@@ -65,6 +65,15 @@ def test_one_scaled_window_equals_whole_image_inference_at_that_scale(model):
     assert_close(slide_logits(model, image, cfg, torch.device("cpu")), _whole(model, image, (64, 96)), "scaled")
 
 
+def test_short_window_equals_inference_on_the_zero_padded_image(model):
+    image = torch.rand(3, 50, 70)  # smaller than the crop, and not a multiple of 32
+    padded = F.pad(image, (0, 26, 0, 14))
+    with torch.no_grad():
+        logits = model(padded[None])["logits_up"]
+    want = F.interpolate(logits, (64, 96), mode="bilinear", align_corners=False)[0, :, :50, :70]
+    assert_close(slide_logits(model, image, SlideConfig(crop=128, stride=64), torch.device("cpu")), want, "padded")
+
+
 def test_uint8_input_equals_unit_float_input(model):
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     cfg = SlideConfig(crop=64, stride=64)
