@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.inference import SlideConfig, predict_image
 from engine.uda import amp_dtype, autocast
 from models.prototypes import resize_labels
 from utils import dist
@@ -64,6 +65,22 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
     if cm_proto is not None:
         results["prototype"] = cm_proto.compute(protocol=protocol)
     return results
+
+
+@torch.no_grad()
+def evaluate_tiles(model: nn.Module, tiles: Iterable[tuple[torch.Tensor, torch.Tensor]], cfg: SlideConfig,
+                   device: torch.device, num_classes: int = 6) -> dict[str, dict[str, Any]]:
+    """Sliding-window metrics of the classifier over whole tiles, one confusion matrix for all of them.
+
+    ``tiles`` yields (image [3, H, W] uint8 or in [0, 1], train-id label [H, W]); the prediction is made at
+    the label's full resolution (see ``engine.inference``). Returns ``{"classifier": metrics}``.
+    """
+    cm = ConfusionMatrix(num_classes)
+    for image, label in tiles:
+        cm.update(torch.from_numpy(predict_image(model, image, cfg, device).classes), label)
+    if not cm.matrix.sum():
+        raise UserError("no labelled pixels were evaluated")
+    return {"classifier": cm.compute()}
 
 
 def list_batches(loader: Iterable[dict[str, Any]], protocol: str, max_batches: int | None):

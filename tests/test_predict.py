@@ -7,13 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
 from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from engine.handoff import handoff_meta, save_handoff
-from models import NAPGNet
+from tests.helpers import random_checkpoint
 from tools.predict import TRAIN_PALETTE, main
 from utils.errors import run_cli
 
@@ -23,13 +21,7 @@ FAST = ["--crop", "128", "--stride", "96", "--device", "cpu"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    meta = handoff_meta(stage="step0", source="potsdam_irrg", target="vaihingen_irrg", num_classes=6,
-                        backbone="resnet18", shared_similarity=True, clusters=None, bn_stats="shared",
-                        normalize="unit", epoch=1, input_scale=0.25)
-    save_handoff(path, NAPGNet(num_classes=6, backbone="resnet18"), None, None, None, meta)
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", input_scale=0.25)
 
 
 CRS_UTM32 = CRS.from_epsg(32632)
