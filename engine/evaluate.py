@@ -29,7 +29,8 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
     patch of the split counts. ``napg_legacy``: the original protocol, classifier argmax at H/4 and
     prototype argmax at H/16 against nearest-downsampled labels, the last batch left out, IoU + 1.
     ``domain`` ("source" or "target") picks the BatchNorm statistics of a ``--bn-stats domain`` network.
-    Returns ``{"classifier": metrics, "prototype": metrics}`` (``prototype`` only with prototypes).
+    Returns ``{"classifier": metrics, "prototype": metrics}`` (``prototype`` only with prototypes); the
+    classifier's also hold its ``confusion`` counts [C][C] (rows = ground truth).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
@@ -61,7 +62,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
     for cm in (cm_cls, cm_proto):
         if cm is not None:
             cm.all_reduce()
-    results = {"classifier": cm_cls.compute(protocol=protocol)}
+    results = {"classifier": {**cm_cls.compute(protocol=protocol), "confusion": cm_cls.matrix.tolist()}}
     if cm_proto is not None:
         results["prototype"] = cm_proto.compute(protocol=protocol)
     return results

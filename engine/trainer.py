@@ -28,10 +28,10 @@ from data.transforms import build_transforms
 from engine.evaluate import evaluate
 from engine.handoff import handoff_meta, handoff_prototypes, resolve_init, save_handoff
 from engine.logger import RunLogger, panel
+from engine.pictures import predict_patch, write_stage_pictures
 from engine.refresh import RefreshResult, refresh_prototypes
 from engine.safety import StopSignals, require_finite_weights
 from engine.uda import NAPG, _unwrap
-from losses import self_information
 from models import FCDiscriminatorHighMask, NAPGNet
 from models.napg import weights_record
 from utils import dist
@@ -351,12 +351,8 @@ def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger:
         if dataset is None:
             continue
         sample = dataset[0]
-        with model.domain(tag):
-            out = model(sample["img"][None].to(device), _eval_prototypes(protos))
-        prob = torch.nn.functional.interpolate(out["logits_up"].float(), size=sample["img"].shape[-2:],
-                                               mode="bilinear", align_corners=False).softmax(1)
-        entropy = self_information(prob).sum(1)[0]
-        logger.image(f"panels/{tag}", step, panel(sample["img"], sample.get("label"), prob.argmax(1)[0], entropy))
+        pred, entropy = predict_patch(model, sample["img"], _eval_prototypes(protos), device, tag)
+        logger.image(f"panels/{tag}", step, panel(sample["img"], sample.get("label"), pred, entropy))
     model.train(was_training)
 
 
@@ -517,12 +513,25 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
                        for role, res in all_results.items()}}
         write_json(run_dir / "manifest.json", manifest)
         if results:
+            _write_pictures(run_dir, napg, data, protos, cfg, results["classifier"]["confusion"])
             print(f"{cfg['stage']} target-{cfg['target_eval_split']} (classifier):")
             print(format_table(results["classifier"], CLASS_NAMES))
         source_miou = all_results["source_val"]["classifier"]["miou"]
         print(f"{cfg['stage']} source-val mIoU (classifier): {100 * source_miou:.2f}")
     dist.barrier()
     return results
+
+
+def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: dict[str, Any],
+                    confusion: list[list[int]]) -> None:
+    """confusion.png and panels.png of the final target evaluation, also logged to TensorBoard (``final/``)."""
+    pictures = write_stage_pictures(run_dir, _unwrap(napg.model), data["target_val"].dataset, _eval_prototypes(protos),
+                                    protos.source_target.device, confusion,
+                                    f"{cfg['stage']} target-{cfg['target_eval_split']} (rows sum to 1)")
+    logger = RunLogger(run_dir)
+    for name, rgb in pictures.items():
+        logger.image(f"final/{name}", cfg["epochs"], rgb)
+    logger.close()
 
 
 def _rank_consistency(napg: NAPG, protos: RefreshResult) -> dict[str, Any]:

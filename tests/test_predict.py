@@ -11,8 +11,9 @@ from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from engine.logger import PALETTE
 from tests.helpers import random_checkpoint
-from tools.predict import TRAIN_PALETTE, main
+from tools.predict import main
 from utils.errors import run_cli
 
 # A quarter-scale network input keeps a 2000 x 1500 tile to a few dozen small windows.
@@ -52,7 +53,7 @@ def test_geotiff_keeps_crs_transform_and_size(checkpoint, tmp_path):
         classes = got.read(1)
     assert classes.max() < 6
     colour = np.asarray(Image.open(tmp_path / "out" / "tile_color.png").convert("RGB"))
-    assert np.array_equal(colour, TRAIN_PALETTE[classes])  # only palette colours, in the class layout
+    assert np.array_equal(colour, PALETTE[classes])  # only palette colours, in the class layout
     with rasterio.open(tmp_path / "out" / "tile_probs.tif") as probs, \
             rasterio.open(tmp_path / "out" / "tile_entropy.tif") as entropy:
         assert probs.count == 6 and probs.dtypes[0] == "uint8" and probs.transform == src.transform

@@ -30,16 +30,14 @@ from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from tqdm import tqdm
 
-from data.isprs import PALETTE
 from engine.handoff import handoff_file, handoff_network, load_handoff
 from engine.inference import Prediction, SlideConfig, predict_image
+from engine.logger import PALETTE
 from utils.checkpoint import atomic_write_bytes
 from utils.errors import UserError, run_cli
 from utils.run import resolve_device
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-# Train id k is drawn in the colour of raw id k + 1 (raw 0 is the eroded boundary).
-TRAIN_PALETTE = np.asarray(PALETTE[1:], dtype=np.uint8)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +181,7 @@ def _geotiff_bytes(bands: np.ndarray, profile: dict, **options: object) -> bytes
 def color_png_bytes(classes: np.ndarray) -> bytes:
     """Train ids [H, W] -> a paletted PNG in the ISPRS colours."""
     image = Image.fromarray(classes, mode="P")
-    image.putpalette(TRAIN_PALETTE.ravel().tolist())
+    image.putpalette(PALETTE.ravel().tolist())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""Pictures of results as PNG bytes (matplotlib without a display): confusion matrix, results chart, panels."""
+"""Pictures of results (matplotlib without a display) as uint8 RGB arrays, and PNG encoding."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
-def _figure_png(fig: plt.Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+def figure_rgb(fig: plt.Figure) -> np.ndarray:
+    """Render and close ``fig``: uint8 [H, W, 3]."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
-    return buffer.getvalue()
+    return rgb
 
 
 def image_png(rgb: np.ndarray) -> bytes:
@@ -34,7 +36,7 @@ def row_normalised(matrix: np.ndarray) -> np.ndarray:
     return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)
 
 
-def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> bytes:
+def confusion_rgb(matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> np.ndarray:
     """Row-normalised confusion matrix [C, C] (rows = ground truth) with class names and cell values."""
     norm = row_normalised(matrix)
     fig, ax = plt.subplots(figsize=(1.1 * len(class_names) + 2, 1.0 * len(class_names) + 1.5))
@@ -49,11 +51,11 @@ def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str = "
             ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center",
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     ax.set_title(title or "confusion matrix (rows sum to 1)")
-    return _figure_png(fig)
+    return figure_rgb(fig)
 
 
-def results_png(groups: Sequence[str], metrics: dict[str, tuple[Sequence[float], Sequence[float]]],
-                class_names: Sequence[str], class_iou: tuple[np.ndarray, np.ndarray]) -> bytes:
+def results_rgb(groups: Sequence[str], metrics: dict[str, tuple[Sequence[float], Sequence[float]]],
+                class_names: Sequence[str], class_iou: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Bar chart of each group's mean ± std (percent): summary metrics on the left, per-class IoU on the right.
 
     ``metrics``: name -> (means, stds), one value per group; ``class_iou``: (means, stds), [groups, C].
@@ -72,4 +74,4 @@ def results_png(groups: Sequence[str], metrics: dict[str, tuple[Sequence[float],
     left.set_title("mean ± std over runs")
     right.set_title("IoU per class")
     left.legend(fontsize=7)
-    return _figure_png(fig)
+    return figure_rgb(fig)
