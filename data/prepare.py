@@ -192,7 +192,7 @@ def find_tiles(
     return images, labels, notes
 
 
-def _decode(raw: RawFile) -> np.ndarray:
+def decode_raw(raw: RawFile) -> np.ndarray:
     # IMREAD_COLOR as mmcv.imread does: 3-channel BGR uint8, written back as BGR so slot order survives.
     image = cv2.imdecode(np.frombuffer(raw.read(), dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
@@ -209,8 +209,8 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 def convert_tile(job: TileJob) -> TileResult:
     """Decode one tile's image and label, resample if asked, and write every crop of the grid as PNG."""
-    image = _decode(job.image)
-    label_bgr = _decode(job.label)
+    image = decode_raw(job.image)
+    label_bgr = decode_raw(job.label)
     if image.shape[:2] != label_bgr.shape[:2]:
         raise UserError(
             f"label {job.label} is {label_bgr.shape[1]}x{label_bgr.shape[0]} px but image {job.image} is "

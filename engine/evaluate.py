@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.device import amp_dtype, autocast
+from engine.inference import SlideConfig, predict_image
 from models.labels import resize_labels
 from utils import dist
 from utils.errors import UserError
@@ -26,7 +27,8 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
     patch of the split counts. ``napg_legacy``: the original protocol, classifier argmax at H/4 and
     prototype argmax at H/16 against nearest-downsampled labels, the last batch left out, IoU + 1.
     ``domain`` ("source" or "target") picks the BatchNorm statistics of a ``--bn-stats domain`` network.
-    Returns ``{"classifier": metrics, "prototype": metrics}`` (``prototype`` only with prototypes).
+    Returns ``{"classifier": metrics, "prototype": metrics}`` (``prototype`` only with prototypes); the
+    classifier's also hold its ``confusion`` counts [C][C] (rows = ground truth).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
@@ -58,10 +60,26 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
     for cm in (cm_cls, cm_proto):
         if cm is not None:
             cm.all_reduce()
-    results = {"classifier": cm_cls.compute(protocol=protocol)}
+    results = {"classifier": {**cm_cls.compute(protocol=protocol), "confusion": cm_cls.matrix.tolist()}}
     if cm_proto is not None:
         results["prototype"] = cm_proto.compute(protocol=protocol)
     return results
+
+
+@torch.no_grad()
+def evaluate_tiles(model: nn.Module, tiles: Iterable[tuple[torch.Tensor, torch.Tensor]], cfg: SlideConfig,
+                   device: torch.device, num_classes: int = 6) -> dict[str, dict[str, Any]]:
+    """Sliding-window metrics of the classifier over whole tiles, one confusion matrix for all of them.
+
+    ``tiles`` yields (image [3, H, W] uint8 or in [0, 1], train-id label [H, W]); the prediction is made at
+    the label's full resolution (see ``engine.inference``). Returns ``{"classifier": metrics}``.
+    """
+    cm = ConfusionMatrix(num_classes)
+    for image, label in tiles:
+        cm.update(torch.from_numpy(predict_image(model, image, cfg, device).classes), label)
+    if not cm.matrix.sum():
+        raise UserError("no labelled pixels were evaluated")
+    return {"classifier": cm.compute()}
 
 
 def list_batches(loader: Iterable[dict[str, Any]], protocol: str, max_batches: int | None):

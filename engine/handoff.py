@@ -27,7 +27,8 @@ from utils.errors import UserError
 from utils.stages import ORIGINAL, STAGES
 
 # meta fields that older checkpoints may lack, with the value they were written under.
-META_DEFAULTS = {"shared_similarity": True, "bn_stats": "shared", "normalize": "unit"}
+# ``input_scale``: image px -> network px the weights were trained at (patches resized by --resize).
+META_DEFAULTS = {"shared_similarity": True, "bn_stats": "shared", "normalize": "unit", "input_scale": 1.0}
 
 
 def handoff_meta(*, stage: str, source: str | None, target: str | None, num_classes: int, backbone: str,
@@ -38,7 +39,8 @@ def handoff_meta(*, stage: str, source: str | None, target: str | None, num_clas
     ``source``/``target`` name the domain pair (None when unknown, as for a converted original),
     ``clusters`` the K_c per class of the stored prototypes (None without prototypes), ``bn_stats``
     the BatchNorm statistics mode, ``normalize`` the input normalisation the weights were trained with.
-    ``extra`` adds free-form provenance (oracle selection, conversion report).
+    ``extra`` adds ``input_scale`` (see ``META_DEFAULTS``) and free-form provenance (oracle selection,
+    conversion report).
     """
     return {"stage": stage, "source": source, "target": target, "num_classes": num_classes, "backbone": backbone,
             "shared_similarity": shared_similarity, "clusters": clusters,

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-# ISPRS legend of the train ids 0..5; ignore (255) is drawn black.
-PALETTE = np.array([[255, 255, 255], [0, 0, 255], [0, 255, 255], [0, 255, 0], [255, 255, 0], [255, 0, 0]],
-                   dtype=np.uint8)
+from data.isprs import PALETTE as RAW_PALETTE
+
+# ISPRS legend of the train ids 0..5 (train id k has raw id k + 1's colour); ignore (255) is drawn black.
+PALETTE = np.asarray(RAW_PALETTE[1:], dtype=np.uint8)
 
 
 class RunLogger:
@@ -56,15 +57,20 @@ def colorize(labels: torch.Tensor) -> np.ndarray:
     return out
 
 
+def image_rgb(img: torch.Tensor) -> np.ndarray:
+    """Network input [3, H, W] -> uint8 [H, W, 3], min-max rescaled per image (so normalised inputs show too)."""
+    x = img.detach().float().cpu()
+    x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+    return (x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
 def panel(img: torch.Tensor, label: torch.Tensor | None, pred: torch.Tensor, entropy: torch.Tensor) -> np.ndarray:
     """One row: input, ground truth, prediction, entropy map; each [H, W, 3] uint8 side by side.
 
     ``img`` [3, H, W] in [0, 1] (or normalised: rescaled per image), ``pred`` / ``label`` [H, W],
     ``entropy`` [H, W] in [0, 1].
     """
-    x = img.detach().float().cpu()
-    x = (x - x.min()) / (x.max() - x.min() + 1e-8)
-    tiles = [(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)]
+    tiles = [image_rgb(img)]
     tiles.append(colorize(label) if label is not None else np.zeros_like(tiles[0]))
     tiles.append(colorize(pred))
     ent = (entropy.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)

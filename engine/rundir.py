@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from data.domains import resolve_domain
+from data.files import read_meta
 from engine.build import bn_stats_of
 from engine.device import unwrap
 from engine.handoff import handoff_meta, save_handoff
@@ -163,9 +165,19 @@ def save_stage_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[
     meta = handoff_meta(stage=cfg["stage"], source=cfg["source"], target=cfg["target"],
                         num_classes=cfg["num_classes"], backbone=cfg["backbone"],
                         shared_similarity=cfg["shared_similarity"], clusters=protos.clusters,
-                        bn_stats=bn_stats_of(cfg), normalize=cfg["normalize"], epoch=epoch, **extra)
+                        bn_stats=bn_stats_of(cfg), normalize=cfg["normalize"], epoch=epoch,
+                        input_scale=_input_scale(cfg), **extra)
     d1, d2 = (None if d is None else unwrap(d) for d in (napg.d1, napg.d2))
     save_handoff(path, unwrap(napg.model), d1, d2, protos_state(protos), meta)
+
+
+def _input_scale(cfg: dict[str, Any]) -> float:
+    """Network px per image px the weights were trained at: --resize over the source patch side."""
+    if not cfg["resize"]:
+        return 1.0
+    # Folders without meta.json come from mmseg's converters, which cut 512 px patches.
+    side = read_meta(resolve_domain(Path(cfg["data_root"]), cfg["source"])).get("clip", 512)
+    return cfg["resize"] / side
 
 
 def write_start(out_dir: Path, cfg: dict[str, Any], napg: NAPG, init_source: dict[str, Any] | None) -> None:

@@ -17,6 +17,7 @@ from engine.device import unwrap
 from engine.evaluate import evaluate
 from engine.handoff import handoff_prototypes, resolve_init
 from engine.logger import RunLogger, panel
+from engine.pictures import predict_patch, write_stage_pictures
 from engine.refresh import RefreshResult, refresh_prototypes
 from engine.rundir import (
     Progress,
@@ -31,7 +32,6 @@ from engine.rundir import (
 )
 from engine.safety import StopSignals, read_back, require_finite_weights
 from engine.uda import NAPG, Logs
-from losses import self_information
 from utils import dist
 from utils.errors import NonFiniteError, StageInterrupted, UserError
 from utils.metrics import SUMMARY_KEYS, format_table
@@ -310,12 +310,8 @@ def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger:
         if dataset is None:
             continue
         sample = dataset[0]
-        with model.domain(tag):
-            out = model(sample["img"][None].to(device), protos.for_target)
-        prob = torch.nn.functional.interpolate(out["logits_up"].float(), size=sample["img"].shape[-2:],
-                                               mode="bilinear", align_corners=False).softmax(1)
-        entropy = self_information(prob).sum(1)[0]
-        logger.image(f"panels/{tag}", step, panel(sample["img"], sample.get("label"), prob.argmax(1)[0], entropy))
+        pred, entropy = predict_patch(model, sample["img"], protos.for_target, device, tag)
+        logger.image(f"panels/{tag}", step, panel(sample["img"], sample.get("label"), pred, entropy))
     model.train(was_training)
 
 
@@ -339,12 +335,25 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
         save_stage_handoff(run_dir / "model.pt", napg, protos, cfg, cfg["epochs"])
         write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks)
         if results:
+            _write_pictures(run_dir, napg, data, protos, cfg, results["classifier"]["confusion"])
             print(f"{cfg['stage']} target-{cfg['target_eval_split']} (classifier):")
             print(format_table(results["classifier"], CLASS_NAMES))
         source_miou = all_results["source_val"]["classifier"]["miou"]
         print(f"{cfg['stage']} source-val mIoU (classifier): {100 * source_miou:.2f}")
     dist.barrier()
     return results
+
+
+def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: dict[str, Any],
+                    confusion: list[list[int]]) -> None:
+    """confusion.png and panels.png of the final target evaluation, also logged to TensorBoard (``final/``)."""
+    pictures = write_stage_pictures(run_dir, unwrap(napg.model), data["target_val"].dataset, protos.for_target,
+                                    protos.source_target.device, confusion,
+                                    f"{cfg['stage']} target-{cfg['target_eval_split']} (rows sum to 1)")
+    logger = RunLogger(run_dir)
+    for name, rgb in pictures.items():
+        logger.image(f"final/{name}", cfg["epochs"], rgb)
+    logger.close()
 
 
 def _rank_consistency(napg: NAPG, protos: RefreshResult) -> dict[str, Any]:

@@ -37,6 +37,19 @@ def assert_close(actual: torch.Tensor, ref: torch.Tensor, name: str = "", rel: f
     torch.testing.assert_close(actual, ref, rtol=rel, atol=atol, msg=(lambda m: f"{name}: {m}") if name else None)
 
 
+def random_checkpoint(path: Path, input_scale: float = 1.0, backbone: str = "resnet18") -> Path:
+    """A step-0 hand-off checkpoint of a randomly initialised network (seeded), written to ``path``."""
+    from engine.handoff import handoff_meta, save_handoff
+    from models import NAPGNet
+
+    torch.manual_seed(0)
+    meta = handoff_meta(stage="step0", source="potsdam_irrg", target="vaihingen_irrg", num_classes=6,
+                        backbone=backbone, shared_similarity=True, clusters=None, bn_stats="shared",
+                        normalize="unit", epoch=1, input_scale=input_scale)
+    save_handoff(path, NAPGNet(num_classes=6, backbone=backbone), None, None, None, meta)
+    return path
+
+
 def tiny_args(data_root: Path, work_dir: Path, *extra: str) -> list[str]:
     """Step-script flags for a few CPU iterations on the small synthetic set."""
     return ["--data-root", str(data_root), "--source", "potsdam_irrg", "--target", "vaihingen_irrg",

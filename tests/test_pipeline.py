@@ -3,8 +3,10 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.helpers import REPO, STAGE_SCRIPTS, run_step, tiny_args
 
@@ -179,3 +181,25 @@ def test_warm_start_only_from_a_finished_source_only_run(chain, synthetic_root, 
     (unfinished / "config.yaml").write_text("{}\n")
     proc = run_step("step1", tiny_args(synthetic_root, tmp_path / "refused", "--init", str(unfinished)))
     assert proc.returncode == 2 and "manifest.json" in proc.stderr
+
+
+def test_stage_pictures_and_the_pipeline_panels_agree(chain):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.pictures import pipeline_panels
+
+    work, _ = chain
+    own = {}
+    for stage in STAGE_SCRIPTS:
+        with Image.open(work / stage / "confusion.png") as confusion:
+            assert confusion.size[0] > 100
+        with Image.open(work / stage / "panels.png") as panels:
+            own[stage] = np.asarray(panels.convert("RGB"))
+        assert own[stage].shape[1] == 4 * 64  # input, ground truth, prediction, entropy of 64 px patches
+    events = EventAccumulator(str(work / "step2" / "tb"), size_guidance={"images": 0}).Reload()
+    assert {"final/confusion", "final/panels"} <= set(events.Tags()["images"])
+    grid = pipeline_panels([work / s for s in STAGE_SCRIPTS], torch.device("cpu"))
+    assert grid.shape == (own["step0"].shape[0], 6 * 64, 3)
+    assert np.array_equal(grid[:, :128], own["step0"][:, :128])  # input and ground truth
+    for k, stage in enumerate(STAGE_SCRIPTS):  # each stage's model.pt predicts what the stage drew at its end
+        assert np.array_equal(grid[:, (2 + k) * 64:(3 + k) * 64], own[stage][:, 128:192]), stage

@@ -6,7 +6,8 @@ Extra flags are passed to every stage. Finished stages are kept (``--overwrite``
 unfinished ones included), an interrupted stage is resumed from its checkpoint and one stopped before
 its first checkpoint starts again, so re-running the same command continues the pipeline. Writes
 ``<work-dir>/results.json``: for each stage the target-val metrics of the classifier branch and its
-source-val mIoU.
+source-val mIoU, and ``<work-dir>/panels.png``: the first target-val patches, their ground truth and each
+finished stage's prediction side by side.
 """
 
 import argparse
@@ -16,9 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+
 from engine.cli import stage_main
+from engine.pictures import pipeline_panels
+from utils.checkpoint import atomic_write_bytes
 from utils.errors import UserError, run_cli
 from utils.metrics import SUMMARY_KEYS as METRICS
+from utils.plots import image_png
 from utils.run import read_json, staging_dir, write_json
 from utils.stages import STAGE_NAMES, STAGES
 
@@ -57,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = collect_results(work_dir)
     write_json(work_dir / "results.json", results)
     print(results_table(results))
+    finished = [work_dir / s for s in STAGES if (work_dir / s / "manifest.json").exists()]
+    if finished and results:
+        atomic_write_bytes(work_dir / "panels.png", image_png(pipeline_panels(finished, torch.device("cpu"))))
+        print(f"pictures: {work_dir / 'panels.png'} (input, ground truth, then each stage's prediction); "
+              f"confusion.png and panels.png in each stage folder")
     return 0
 
 

@@ -1,0 +1,132 @@
+"""Gather the results of many runs into one table: mean ± std per domain pair and stage.
+
+    python tools/collect_results.py runs/pot_irrg2vai_seed* runs/vai2pot_irrg_seed* --out results/
+
+Each RUN is a pipeline folder (its step0..step3 folders are read) or a finished stage folder. A stage's
+numbers are the target-val classifier metrics of its ``eval.json``; its pair and stage come from its
+``manifest.json``. Runs of the same pair and stage (seeds) are averaged: the standard deviation is the
+sample one (n - 1), "-" for a single run. Writes ``OUT/results.md`` (also printed), ``OUT/results.csv`` and
+``OUT/results.png``; existing files are replaced only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import csv
+import io
+from collections.abc import Sequence
+
+import numpy as np
+
+from data.domains import CLASS_NAMES
+from utils.checkpoint import atomic_write_bytes
+from utils.errors import UserError, run_cli
+from utils.plots import image_png, results_rgb
+from utils.run import read_json
+
+STAGES = ("step0", "step1", "step2", "step3")
+# Summary metrics: key in eval.json -> column name.
+METRICS = {"miou": "mIoU", "miou5": "mIoU-5", "mf1": "mF1", "mf1_5": "mF1-5", "oa": "OA"}
+OUTPUTS = ("results.md", "results.csv", "results.png")
+
+
+def stage_folders(run: Path) -> list[Path]:
+    """The finished stage folders of a pipeline folder, or ``run`` itself when it is one."""
+    if (run / "manifest.json").is_file():
+        return [run]
+    found = [run / s for s in STAGES if (run / s / "manifest.json").is_file()]
+    if not found:
+        raise UserError(f"{run} holds no finished stage (no manifest.json in it or in its step0..step3 folders)")
+    return found
+
+
+def gather(runs: Sequence[Path]) -> dict[tuple[str, str], list[dict]]:
+    """(pair, stage) -> the target-val classifier metrics of every run of it."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        for folder in stage_folders(run):
+            manifest = read_json(folder / "manifest.json")
+            evaluation = read_json(folder / "eval.json")
+            if "classifier" not in evaluation:
+                raise UserError(f"{folder / 'eval.json'} has no target-val metrics (the run had no target)")
+            pair = f"{manifest['source']} -> {manifest['target']}"
+            groups.setdefault((pair, manifest["stage"]), []).append(evaluation["classifier"])
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGES.index(kv[0][1]))))
+
+
+def summarise(runs: list[dict]) -> dict[str, tuple[float, float]]:
+    """Mean and sample std of each metric and each class's IoU (``iou_<class>``) over ``runs``; NaN std for one."""
+    values = {key: [r[key] for r in runs] for key in METRICS}
+    values.update({f"iou_{name}": [r["iou"][i] for r in runs] for i, name in enumerate(CLASS_NAMES)})
+    out = {}
+    for key, vals in values.items():
+        arr = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
+        out[key] = (float(np.mean(arr)), float(np.std(arr, ddof=1)) if len(arr) > 1 else float("nan"))
+    return out
+
+
+def _pm(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return "-"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if not np.isnan(std) else "")
+
+
+def markdown(groups: dict[tuple[str, str], list[dict]], stats: dict[tuple[str, str], dict]) -> str:
+    head = ["pair", "stage", "runs", *METRICS.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (pair, stage), runs in groups.items():
+        s = stats[(pair, stage)]
+        lines.append(f"| {pair} | {stage} | {len(runs)} | " + " | ".join(_pm(*s[k]) for k in METRICS) + " |")
+    head = ["pair", "stage", *CLASS_NAMES]
+    lines += ["", "IoU per class:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for pair, stage in groups:
+        s = stats[(pair, stage)]
+        lines.append(f"| {pair} | {stage} | " + " | ".join(_pm(*s[f"iou_{n}"]) for n in CLASS_NAMES) + " |")
+    lines += ["", "Target-val, classifier branch, percent; mean ± sample std over runs; -5 = clutter excluded "
+                  "from the mean."]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(groups: dict[tuple[str, str], list[dict]], stats: dict[tuple[str, str], dict]) -> str:
+    keys = [*METRICS, *(f"iou_{n}" for n in CLASS_NAMES)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["pair", "stage", "runs", *(f"{k}_{part}" for k in keys for part in ("mean", "std"))])
+    for (pair, stage), runs in groups.items():
+        s = stats[(pair, stage)]
+        writer.writerow([pair, stage, len(runs), *(f"{v:.6f}" for k in keys for v in s[k])])
+    return buffer.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="pipeline or stage folders")
+    parser.add_argument("--out", required=True, type=Path, help="folder for results.md, .csv and .png")
+    parser.add_argument("--overwrite", action="store_true", help="replace results written before")
+    args = parser.parse_args(argv)
+    existing = [args.out / name for name in OUTPUTS if (args.out / name).exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it or choose another --out")
+    groups = gather(args.runs)
+    stats = {key: summarise(runs) for key, runs in groups.items()}
+    labels = [f"{pair} {stage}" for pair, stage in groups]
+    chart = results_rgb(
+        labels, {METRICS[k]: ([stats[g][k][0] for g in groups], [stats[g][k][1] for g in groups]) for k in METRICS},
+        CLASS_NAMES, tuple(np.array([[stats[g][f"iou_{n}"][i] for n in CLASS_NAMES] for g in groups])
+                           for i in (0, 1)))
+    table = markdown(groups, stats)
+    atomic_write_bytes(args.out / "results.md", table.encode())
+    atomic_write_bytes(args.out / "results.csv", csv_text(groups, stats).encode())
+    atomic_write_bytes(args.out / "results.png", image_png(chart))
+    print(table, end="")
+    print(f"wrote {', '.join(str(args.out / n) for n in OUTPUTS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

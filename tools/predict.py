@@ -1,0 +1,206 @@
+"""Predict class maps of image tiles of any size with a trained checkpoint (sliding windows).
+
+    python tools/predict.py --checkpoint runs/demo/step2 --input tiles/ --out pred/ [--entropy] [--probs]
+
+Input: one GeoTIFF / TIFF / PNG / JPEG file or a folder of them, 8-bit, three bands picked by ``--bands``
+(1-based, in the order the network was trained on; e.g. ``4,1,2`` turns a Potsdam RGBIR tile into IRRG).
+Per input ``<stem>`` it writes ``<stem>_classes.tif`` (one uint8 band of train ids 0..5 with the input's
+CRS and transform; a plain TIFF's ``.tfw`` world file is copied next to it), ``<stem>_color.png`` (ISPRS
+palette), and on request ``<stem>_entropy.tif`` (float32, normalised entropy in [0, 1]) and
+``<stem>_probs.tif`` (one uint8 band per class, probability * 255). Existing outputs are kept unless
+``--overwrite``; a tile that cannot be read is reported and skipped, and the tool exits with 2 at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import io
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import rasterio
+import torch
+from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from tqdm import tqdm
+
+from engine.handoff import handoff_file, handoff_network, load_handoff
+from engine.inference import Prediction, SlideConfig, predict_image
+from engine.logger import PALETTE
+from utils.checkpoint import atomic_write_bytes
+from utils.errors import UserError, run_cli
+from utils.run import resolve_device
+
+SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="finished stage folder or model.pt / best.pt")
+    parser.add_argument("--input", required=True, type=Path, help="image file or folder of images")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--crop", type=int, default=512, help="window side in network px")
+    parser.add_argument("--stride", type=int, default=341, help="window step in network px")
+    parser.add_argument("--scale", type=float,
+                        help="resize factor image -> network (default: the checkpoint's training scale)")
+    parser.add_argument("--bands", default="1,2,3", help="three 1-based band numbers, e.g. 4,1,2 for IRRG")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--entropy", action="store_true", help="also write <stem>_entropy.tif")
+    parser.add_argument("--probs", action="store_true", help="also write <stem>_probs.tif (uint8 per class)")
+    parser.add_argument("--hflip", action="store_true", help="average with the horizontally flipped windows")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs written before")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bands = parse_bands(args.bands)
+    if args.crop < 32 or args.stride < 1 or args.stride > args.crop or args.batch_size < 1:
+        raise UserError(f"need --crop >= 32, 1 <= --stride <= --crop and --batch-size >= 1, got --crop {args.crop} "
+                        f"--stride {args.stride} --batch-size {args.batch_size}")
+    if args.scale is not None and not 0 < args.scale <= 8:
+        raise UserError(f"--scale must be in (0, 8], got {args.scale}")
+    tiles = list_inputs(args.input)
+    outputs = {tile: output_paths(args.out, tile, args.entropy, args.probs) for tile in tiles}
+    existing = [p for paths in outputs.values() for p in paths.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} exists ({len(existing)} outputs in all); pass --overwrite to replace them "
+                        f"or choose another --out")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; choose a folder")
+
+    path = handoff_file(args.checkpoint, "--checkpoint")
+    state = load_handoff(path, flag="--checkpoint")
+    meta = state["meta"]
+    device = resolve_device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs a CUDA device, this run is on {device}; use --amp bf16 or off")
+    model = handoff_network(state, device).eval()
+    cfg = SlideConfig(crop=args.crop, stride=args.stride, scale=args.scale or meta["input_scale"],
+                      batch_size=args.batch_size, amp=args.amp, hflip=args.hflip, normalize=meta["normalize"])
+    print(f"{path}: {meta['stage']} {meta['backbone']}, scale {cfg.scale:g}, crop {cfg.crop}, stride {cfg.stride}"
+          + (", flip TTA" if cfg.hflip else ""))
+    failed = []
+    for tile in tqdm(tiles, desc="tiles", unit="tile", disable=len(tiles) < 2):
+        try:
+            image, profile = read_tile(tile, bands)
+        except UserError as err:
+            tqdm.write(f"skipped {tile}: {err}", file=sys.stderr)
+            failed.append(tile)
+            continue
+        pred = predict_image(model, image, cfg, device, entropy=args.entropy, probs=args.probs, progress=True)
+        write_outputs(pred, profile, tile, outputs[tile])
+        tqdm.write(f"{tile} -> {outputs[tile]['classes']}")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(tiles)} tiles could not be read ({', '.join(map(str, failed))}); "
+                        f"the others were written to {args.out}")
+    return 0
+
+
+def parse_bands(text: str) -> list[int]:
+    """``"4,1,2"`` -> [4, 1, 2] (rasterio's 1-based band indexes)."""
+    try:
+        bands = [int(b) for b in text.split(",")]
+    except ValueError:
+        bands = []
+    if len(bands) != 3 or min(bands) < 1:
+        raise UserError(f"--bands takes three 1-based band numbers like 1,2,3 or 4,1,2, got {text!r}")
+    return bands
+
+
+def list_inputs(path: Path) -> list[Path]:
+    """The image files ``--input`` names (a file, or the supported files directly in a folder)."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if files:
+            return files
+        raise UserError(f"--input {path} holds no {'/'.join(SUFFIXES)} file")
+    raise UserError(f"--input {path} does not exist; pass an image file or a folder of images")
+
+
+def output_paths(out: Path, tile: Path, entropy: bool, probs: bool) -> dict[str, Path]:
+    """Where the outputs of ``tile`` go (``tfw`` only for inputs that carry a world file)."""
+    paths = {"classes": out / f"{tile.stem}_classes.tif", "color": out / f"{tile.stem}_color.png"}
+    if entropy:
+        paths["entropy"] = out / f"{tile.stem}_entropy.tif"
+    if probs:
+        paths["probs"] = out / f"{tile.stem}_probs.tif"
+    if _world_file(tile) is not None:
+        for key in ("classes", "entropy", "probs"):
+            if key in paths:
+                paths[f"{key}_tfw"] = paths[key].with_suffix(".tfw")
+    return paths
+
+
+def _world_file(tile: Path) -> Path | None:
+    for suffix in (".tfw", ".TFW", ".tifw", ".wld"):
+        candidate = tile.with_suffix(suffix)
+        if tile.suffix.lower() in (".tif", ".tiff") and candidate.is_file():
+            return candidate
+    return None
+
+
+def read_tile(path: Path, bands: list[int]) -> tuple[torch.Tensor, dict]:
+    """Bands ``bands`` of an 8-bit image as uint8 [3, H, W] and the georeference to write back."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                if max(bands) > src.count:
+                    raise UserError(f"it has {src.count} bands, --bands asks for band {max(bands)}")
+                if src.dtypes[0] != "uint8":
+                    raise UserError(f"expected 8-bit bands, found {src.dtypes[0]}; convert the image to 8 bit")
+                image = src.read(bands)
+                profile = {"crs": src.crs, "transform": src.transform, "height": src.height, "width": src.width}
+    except RasterioIOError as err:
+        raise UserError(f"cannot read it as an image ({err})") from None
+    return torch.from_numpy(image), profile
+
+
+def _geotiff_bytes(bands: np.ndarray, profile: dict, **options: object) -> bytes:
+    """A GeoTIFF of ``bands`` [N, H, W] with ``profile``'s size, CRS and transform, in memory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.MemoryFile() as memfile:
+            with memfile.open(driver="GTiff", count=bands.shape[0], dtype=bands.dtype.name, **profile,
+                              **options) as dst:
+                dst.write(bands)
+            return memfile.read()
+
+
+def color_png_bytes(classes: np.ndarray) -> bytes:
+    """Train ids [H, W] -> a paletted PNG in the ISPRS colours."""
+    image = Image.fromarray(classes, mode="P")
+    image.putpalette(PALETTE.ravel().tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_outputs(pred: Prediction, profile: dict, tile: Path, paths: dict[str, Path]) -> None:
+    """Write every output of one tile, each atomically (a temporary name, then a rename)."""
+    tiled = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    atomic_write_bytes(paths["classes"], _geotiff_bytes(pred.classes[None], profile, **tiled))
+    atomic_write_bytes(paths["color"], color_png_bytes(pred.classes))
+    if pred.entropy is not None:
+        atomic_write_bytes(paths["entropy"], _geotiff_bytes(pred.entropy[None], profile, **tiled))
+    if pred.probs is not None:
+        atomic_write_bytes(paths["probs"], _geotiff_bytes(pred.probs, profile, **tiled))
+    world = _world_file(tile)
+    for key, dest in paths.items():
+        if key.endswith("_tfw") and world is not None:
+            atomic_write_bytes(dest, world.read_bytes())
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
