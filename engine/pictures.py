@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
-from data.transforms import build_transforms
+from engine.build import build_transforms
 from engine.handoff import handoff_network, load_handoff
 from engine.logger import colorize, image_rgb, panel
 from losses import self_information

@@ -95,3 +95,18 @@ def test_stage_names_are_tested_only_in_the_stage_table():
                  for path in sorted((ROOT / package).rglob("*.py")) if path.name != "stages.py"
                  for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, f"test a Stage field (utils/stages.py) instead: {offenders}"
+
+
+def test_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    block = layout[layout.index("```") + 3:layout.index("```", layout.index("```") + 3)]
+    text: dict[str, str] = {}
+    folder = ""
+    for line in block.splitlines():  # "engine/     a.py, b.py" and indented continuation lines
+        folder = line[:12].strip().rstrip("/") or folder
+        text[folder] = text.get(folder, "") + line
+    missing = [f"{package}/{path.name}" for package in (*LIBRARIES, "tools")
+               for path in sorted((ROOT / package).glob("*.py"))
+               if path.name != "__init__.py" and path.name not in text.get(package, "")]
+    assert not missing, f"the README's layout section does not name {missing}"
