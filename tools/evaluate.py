@@ -41,7 +41,7 @@ from utils.metrics import PROTOCOLS, format_table
 from utils.run import resolve_device, write_json
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data-root")
@@ -73,7 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="re-estimate the BatchNorm statistics on --domain's train images before evaluating")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     _check_args(args)
     results, info = evaluate_checkpoint(args)
     for branch, metrics in results.items():

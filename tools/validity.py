@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.domains import resolve_domain
 from data.synthetic import SIZES, make_synthetic
 from engine.cli import stage_main
+from tools.evaluate import build_parser as evaluate_parser
 from tools.evaluate import evaluate_checkpoint
 from utils.config import load_yaml, resolve_config
 from utils.errors import UserError, run_cli
@@ -170,11 +171,11 @@ class Study:
         return {"target_val": _summary(ev), "source_val": _summary(ev["source_val"])}
 
     def _evaluate(self, run_dir: Path, domain: str, recalibrate: bool) -> dict[str, Any]:
-        ns = argparse.Namespace(checkpoint=str(run_dir), data_root=str(self.data_root), domain=domain, split="val",
-                                protocol="standard", prototypes="auto", label_format=None, normalize="unit",
-                                resize=self.resize, batch_size=self.batch_size, num_workers=0, device="auto",
-                                bn_domain="auto", recalibrate_bn=recalibrate)
-        results, _ = evaluate_checkpoint(ns)
+        argv = ["--checkpoint", str(run_dir), "--data-root", str(self.data_root), "--domain", domain,
+                "--batch-size", str(self.batch_size), "--num-workers", "0"]
+        argv += ["--resize", str(self.resize)] if self.resize else []
+        argv += ["--recalibrate-bn"] if recalibrate else []
+        results, _ = evaluate_checkpoint(evaluate_parser().parse_args(argv))
         return _summary(results)
 
 
