@@ -373,13 +373,18 @@ def warp_to_strong(
 
 
 class RejectIgnored:
-    """Refuse a sample whose ``label`` has ignored (255) pixels: the legacy prototype NLL has no ignore index.
+    """Refuse a sample whose ``label`` has ignored (255) pixels where the legacy prototype NLL, which has no
+    ignore index, reads it: every ``stride``-th pixel (the labels nearest-downsampled to the feature map).
 
     Checked here, on the loader's workers, so that the training step never reads labels back from the device.
     """
 
+    def __init__(self, stride: int):
+        self.stride = stride
+
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        if "label" in sample and bool((sample["label"] == IGNORE_INDEX).any()):
+        grid = sample["label"][..., :: self.stride, :: self.stride] if "label" in sample else None
+        if grid is not None and bool((grid == IGNORE_INDEX).any()):
             raise UserError(f"the legacy prototype NLL has no ignore index (as released), so source labels must be "
                             f"0..5, but {sample.get('name', 'a patch')} has ignored (255) pixels; prepare the source "
                             f"with tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")

@@ -17,6 +17,7 @@ from data.loaders import BatchStream, eval_loader, shuffled_loader
 from data.transforms import Compose, RejectIgnored, Resize, WeakAugment, WeakStrongAugment
 from engine.uda import NAPG
 from models import FCDiscriminatorHighMask, NAPGNet
+from models.napg import FEATURE_STRIDE
 from utils import dist
 from utils.errors import UserError
 from utils.stages import STAGES
@@ -121,12 +122,12 @@ def build_transforms(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     Steps 0-2 use no augmentation, as the paper's scripts: training only takes a random crop of
     ``img_size`` when patches are larger. ``resize`` (the demo's small images) resizes every patch
     first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``. Without
-    ``proto_ignore_index`` (legacy) labelled training samples must have no ignored pixel.
+    ``proto_ignore_index`` (legacy) the pixels that the prototype NLL reads must not be ignored ones.
     """
     resize = [Resize(cfg["resize"])] if cfg["resize"] else []
     crop = [WeakAugment(cfg["img_size"], scale_range=(1.0, 1.0), hflip=0.0)]
-    if not cfg["proto_ignore_index"]:
-        crop.append(RejectIgnored())
+    if not cfg["proto_ignore_index"] and not STAGES[cfg["stage"]].teacher:  # step 3 has no prototype NLL
+        crop.append(RejectIgnored(FEATURE_STRIDE))
     strong = WeakStrongAugment(cfg["img_size"], scale_range=tuple(cfg["weak_scale"]), hflip=cfg["hflip"],
                                n_ops=cfg["randaug_n"], magnitude=cfg["randaug_m"], cutout_frac=cfg["cutout_frac"])
     eval_tf = Compose(resize) if resize else None

@@ -132,11 +132,7 @@ def handoff_prototypes(state: dict[str, Any] | None, device: torch.device) -> Re
     """The prototypes stored in a hand-off (None if it has none): the fallback for classes that have no
     sample at the first refresh of the next stage."""
     p = None if state is None else state.get("prototypes")
-    if not p:
-        return None
-    target = p["target"]
-    return RefreshResult(p["source_target"].to(device), None if target is None else target.to(device),
-                         p["counts_source_target"], p["counts_target"], p["kept_previous"], p["clusters"])
+    return RefreshResult.from_state(p, device) if p else None
 
 
 def handoff_network(state: dict[str, Any], device: torch.device) -> NAPGNet:

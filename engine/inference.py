@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from data.dataset import normalize_images
 from engine.device import amp_dtype, autocast
 from losses.adversarial import self_information
 
@@ -61,10 +61,7 @@ def _window_logits(model: nn.Module, windows: torch.Tensor, cfg: SlideConfig, de
     if cfg.scale != 1.0:
         net_size = (max(1, round(size[0] * cfg.scale)), max(1, round(size[1] * cfg.scale)))
         x = F.interpolate(x, net_size, mode="bilinear", align_corners=False, antialias=True)
-    if cfg.normalize == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) / 255.0
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) / 255.0
-        x = (x - mean) / std
+    x = normalize_images(x, cfg.normalize)
     if cfg.hflip:
         x = torch.cat([x, x.flip(-1)])
     # The network takes sides that are multiples of 32: pad bottom and right with zeros (as mmseg pads a
@@ -120,11 +117,6 @@ def slide_bands(model: nn.Module, image: torch.Tensor, cfg: SlideConfig, device:
             bar.update(len(row_xs))
     bar.close()
     yield lo, acc / count
-
-
-def slide_logits(model: nn.Module, image: torch.Tensor, cfg: SlideConfig, device: torch.device) -> torch.Tensor:
-    """Mean window logits of the whole image: [3, H, W] -> float32 [C, H, W] (small images; tests)."""
-    return torch.cat([band for _, band in slide_bands(model, image, cfg, device)], 1)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
 from engine.build import build_transforms
-from engine.handoff import handoff_network, load_handoff
+from engine.handoff import handoff_network, handoff_prototypes, load_handoff
 from engine.logger import colorize, image_rgb, panel
 from losses import self_information
 from utils.checkpoint import atomic_write_bytes
@@ -83,10 +83,7 @@ def pipeline_panels(stage_dirs: list[Path], device: torch.device) -> np.ndarray:
     for stage_dir in stage_dirs:
         state = load_handoff(stage_dir, flag="stage folder")
         model = handoff_network(state, device).eval()
-        prototypes = state["prototypes"]
-        protos = None
-        if prototypes:
-            protos = prototypes["target"] if prototypes["target"] is not None else prototypes["source_target"]
-            protos = protos.to(device)
+        stored = handoff_prototypes(state, device)
+        protos = stored.for_target if stored is not None else None
         columns.append([colorize(predict_patch(model, s["img"], protos, device, "target")[0]) for s in samples])
     return np.concatenate([np.concatenate(row, axis=1) for row in zip(*columns)], axis=0)

@@ -45,6 +45,19 @@ class RefreshResult:
         target evaluation and step 3's student use."""
         return self.target if self.target is not None else self.source_target
 
+    def state_dict(self) -> dict[str, Any]:
+        """What checkpoints store (``last.pt``, ``model.pt``): the prototypes and their refresh report."""
+        return {"source_target": self.source_target, "target": self.target,
+                "counts_source_target": self.counts_source_target, "counts_target": self.counts_target,
+                "kept_previous": self.kept_previous, "clusters": self.clusters}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> RefreshResult:
+        """The inverse of :meth:`state_dict`, with the prototypes on ``device``."""
+        target = state["target"]
+        return cls(state["source_target"].to(device), None if target is None else target.to(device),
+                   state["counts_source_target"], state["counts_target"], state["kept_previous"], state["clusters"])
+
 
 @torch.no_grad()
 def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], target: Iterable[dict[str, Any]] | None,

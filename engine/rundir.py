@@ -89,7 +89,7 @@ def prepare_run_dir(run_dir: Path, cfg: dict[str, Any]) -> tuple[Path, bool]:
 
 
 def swap_in(staging: Path, run_dir: Path) -> None:
-    """Replace ``run_dir`` by the finished run in ``staging`` (two renames; see :func:`_complete_swap`)."""
+    """Replace ``run_dir`` by the finished run in ``staging`` (two renames; see :func:`complete_swap`)."""
     old = run_dir.with_name(run_dir.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -101,7 +101,7 @@ def swap_in(staging: Path, run_dir: Path) -> None:
 
 
 def complete_swap(run_dir: Path) -> None:
-    """Finish a :func:`_swap_in` that a crash cut short between its renames."""
+    """Finish a :func:`swap_in` that a crash cut short between its renames."""
     staging = staging_dir(run_dir)
     if dist.is_main() and (staging / "manifest.json").exists() and not run_dir.exists():
         swap_in(staging, run_dir)
@@ -130,7 +130,7 @@ def save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, 
     state = napg.state_dict()
     state.update(epoch=progress.epoch, iteration=progress.iteration, global_step=progress.global_step,
                  best=progress.best, rng=rng_state(),
-                 prototypes=protos_state(protos), config=dict(cfg),
+                 prototypes=protos.state_dict(), config=dict(cfg),
                  streams={k: data[k].state_dict() for k in ("source", "target") if data[k] is not None})
     save_checkpoint(state, run_dir / "last.pt")
 
@@ -148,16 +148,8 @@ def load_last(run_dir: Path, cfg: dict[str, Any], napg: NAPG, data: dict[str, An
     for key, stream_state in state["streams"].items():
         data[key].load_state_dict(stream_state)
     set_rng_state(state["rng"])
-    p = state["prototypes"]
-    protos = RefreshResult(p["source_target"].to(device), None if p["target"] is None else p["target"].to(device),
-                           p["counts_source_target"], p["counts_target"], p["kept_previous"], p["clusters"])
+    protos = RefreshResult.from_state(state["prototypes"], device)
     return Progress(state["epoch"], state["iteration"], state["global_step"], state["best"]), protos
-
-
-def protos_state(protos: RefreshResult) -> dict[str, Any]:
-    return {"source_target": protos.source_target, "target": protos.target,
-            "counts_source_target": protos.counts_source_target, "counts_target": protos.counts_target,
-            "kept_previous": protos.kept_previous, "clusters": protos.clusters}
 
 
 def save_stage_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, Any], epoch: int,
@@ -168,7 +160,7 @@ def save_stage_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[
                         bn_stats=bn_stats_of(cfg), normalize=cfg["normalize"], epoch=epoch,
                         input_scale=_input_scale(cfg), **extra)
     d1, d2 = (None if d is None else unwrap(d) for d in (napg.d1, napg.d2))
-    save_handoff(path, unwrap(napg.model), d1, d2, protos_state(protos), meta)
+    save_handoff(path, unwrap(napg.model), d1, d2, protos.state_dict(), meta)
 
 
 def _input_scale(cfg: dict[str, Any]) -> float:

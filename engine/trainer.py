@@ -333,9 +333,10 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
     ranks = _rank_consistency(napg, protos)
     if dist.is_main():
         save_stage_handoff(run_dir / "model.pt", napg, protos, cfg, cfg["epochs"])
-        write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks)
         if results:
             _write_pictures(run_dir, napg, data, protos, cfg, results["classifier"]["confusion"])
+        write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks)  # the manifest: last
+        if results:
             print(f"{cfg['stage']} target-{cfg['target_eval_split']} (classifier):")
             print(format_table(results["classifier"], CLASS_NAMES))
         source_miou = all_results["source_val"]["classifier"]["miou"]

@@ -47,6 +47,8 @@ BACKBONES = {
 }
 BACKBONE_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 FEATURE_CHANNELS = 128
+# Image px per feature-map px: the backbone's output stride 32, halved by the transposed conv.
+FEATURE_STRIDE = 16
 ASPP_CHANNELS = 256
 BN_STATS = ("shared", "domain")
 DOMAINS = ("source", "target")

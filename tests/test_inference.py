@@ -6,9 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.inference import SlideConfig, predict_image, slide_logits, window_origins
+from engine.inference import SlideConfig, predict_image, slide_bands, window_origins
 from models import NAPGNet
 from tests.helpers import assert_close
+
+
+def slide_logits(model, image: torch.Tensor, cfg: SlideConfig, device: torch.device) -> torch.Tensor:
+    """The whole image's mean window logits, its row bands put together: [3, H, W] -> [C, H, W]."""
+    return torch.cat([band for _, band in slide_bands(model, image, cfg, device)], 1)
 
 
 @pytest.fixture(scope="module")

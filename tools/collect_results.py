@@ -28,8 +28,8 @@ from utils.checkpoint import atomic_write_bytes
 from utils.errors import UserError, run_cli
 from utils.plots import image_png, results_rgb
 from utils.run import read_json
+from utils.stages import STAGE_NAMES
 
-STAGES = ("step0", "step1", "step2", "step3")
 # Summary metrics: key in eval.json -> column name.
 METRICS = {"miou": "mIoU", "miou5": "mIoU-5", "mf1": "mF1", "mf1_5": "mF1-5", "oa": "OA"}
 OUTPUTS = ("results.md", "results.csv", "results.png")
@@ -39,7 +39,7 @@ def stage_folders(run: Path) -> list[Path]:
     """The finished stage folders of a pipeline folder, or ``run`` itself when it is one."""
     if (run / "manifest.json").is_file():
         return [run]
-    found = [run / s for s in STAGES if (run / s / "manifest.json").is_file()]
+    found = [run / s for s in STAGE_NAMES if (run / s / "manifest.json").is_file()]
     if not found:
         raise UserError(f"{run} holds no finished stage (no manifest.json in it or in its step0..step3 folders)")
     return found
@@ -56,7 +56,7 @@ def gather(runs: Sequence[Path]) -> dict[tuple[str, str], list[dict]]:
                 raise UserError(f"{folder / 'eval.json'} has no target-val metrics (the run had no target)")
             pair = f"{manifest['source']} -> {manifest['target']}"
             groups.setdefault((pair, manifest["stage"]), []).append(evaluation["classifier"])
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGES.index(kv[0][1]))))
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGE_NAMES.index(kv[0][1]))))
 
 
 def summarise(runs: list[dict]) -> dict[str, tuple[float, float]]:

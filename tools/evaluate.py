@@ -35,6 +35,7 @@ from data.transforms import Resize
 from engine.evaluate import evaluate, evaluate_tiles, recalibrate_bn
 from engine.handoff import handoff_file, handoff_network, load_handoff
 from engine.inference import SlideConfig
+from engine.refresh import RefreshResult
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 from utils.metrics import PROTOCOLS, format_table
@@ -185,7 +186,7 @@ def _pick_prototypes(protos: dict | None, which: str) -> torch.Tensor | None:
     if not protos or which == "none":
         return None
     if which == "auto":
-        return protos["target"] if protos.get("target") is not None else protos["source_target"]
+        return RefreshResult.from_state(protos, torch.device("cpu")).for_target
     if protos.get(which) is None:
         raise UserError(f"the checkpoint has no '{which}' prototypes (use --prototypes auto)")
     return protos[which]

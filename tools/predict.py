@@ -34,6 +34,7 @@ from engine.handoff import handoff_file, handoff_network, load_handoff
 from engine.inference import Prediction, SlideConfig, predict_image
 from engine.logger import PALETTE
 from utils.checkpoint import atomic_write_bytes
+from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 from utils.run import resolve_device
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probs", action="store_true", help="also write <stem>_probs.tif (uint8 per class)")
     parser.add_argument("--hflip", action="store_true", help="average with the horizontally flipped windows")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    parser.add_argument("--amp", default="off", choices=OPTIONS["amp"].choices)
     parser.add_argument("--overwrite", action="store_true", help="replace outputs written before")
     return parser
 
