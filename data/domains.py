@@ -8,7 +8,15 @@ from pathlib import Path
 from data.isprs import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from utils.errors import UserError
 
-__all__ = ["CLASS_NAMES", "DOMAINS", "IGNORE_INDEX", "NUM_CLASSES", "Domain", "get_domain", "resolve_domain"]
+__all__ = ["CLASS_NAMES", "DOMAINS", "IGNORE_INDEX", "NUM_CLASSES", "Domain", "check_num_classes", "get_domain",
+           "resolve_domain"]
+
+
+def check_num_classes(num_classes: int) -> None:
+    """The data's labels are the ISPRS classes: a run must train that many."""
+    if num_classes != NUM_CLASSES:
+        raise UserError(f"'num_classes' must be {NUM_CLASSES}: the data's labels are the {NUM_CLASSES} ISPRS classes "
+                        f"(train ids 0..{NUM_CLASSES - 1}), got {num_classes}")
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,21 @@ from engine.uda import NAPG
 from models import FCDiscriminatorHighMask, NAPGNet
 from models.napg import FEATURE_STRIDE
 from utils import dist
+from utils.config import Config
 from utils.errors import UserError
 from utils.stages import STAGES
 
 
-def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, Any] | None = None) -> NAPG:
+def build_napg(cfg: Config, device: torch.device, init_state: dict[str, Any] | None = None) -> NAPG:
     """Network, discriminators (not in step 0) and optimisers of a stage, ready on ``device``."""
-    model = NAPGNet(num_classes=cfg["num_classes"],
-                    backbone=cfg["backbone"], pretrained=cfg["pretrained"] if init_state is None else None,
-                    shared_similarity=cfg["shared_similarity"], head_impl=cfg["head_impl"],
+    model = NAPGNet(num_classes=cfg.num_classes,
+                    backbone=cfg.backbone, pretrained=cfg.pretrained if init_state is None else None,
+                    shared_similarity=cfg.shared_similarity, head_impl=cfg.head_impl,
                     bn_stats=bn_stats_of(cfg)).to(device)
     d1 = d2 = None
-    if STAGES[cfg["stage"]].adversarial:
-        d1 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
-        d2 = FCDiscriminatorHighMask(cfg["num_classes"]).to(device)
+    if STAGES[cfg.stage].adversarial:
+        d1 = FCDiscriminatorHighMask(cfg.num_classes).to(device)
+        d2 = FCDiscriminatorHighMask(cfg.num_classes).to(device)
     if init_state is not None:
         model.load_state_dict(init_state["model"])
         for disc, key in ((d1, "d1"), (d2, "d2")):
@@ -42,81 +43,81 @@ def build_napg(cfg: dict[str, Any], device: torch.device, init_state: dict[str, 
     return NAPG(model, d1, d2, cfg)
 
 
-def bn_stats_of(cfg: dict[str, Any]) -> str:
+def bn_stats_of(cfg: Config) -> str:
     """The stage's BatchNorm statistics: its own fixed mode (step 0 never sees a target image), else the flag."""
-    return STAGES[cfg["stage"]].bn_stats or cfg["bn_stats"]
+    return STAGES[cfg.stage].bn_stats or cfg.bn_stats
 
 
-def build_data(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
     """Datasets and loaders of every role; the target's labels are read only for evaluation."""
-    root = Path(cfg["data_root"])
-    src_dir = resolve_domain(root, cfg["source"])
-    common = {"label_format": cfg["label_format"], "normalize": cfg["normalize"], "cache": cfg["cache"]}
+    root = Path(cfg.data_root)
+    src_dir = resolve_domain(root, cfg.source)
+    common = {"label_format": cfg.label_format, "normalize": cfg.normalize, "cache": cfg.cache}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
     # Training batches travel to the device as uint8 and are normalised there (NAPG's steps); a resize and
     # step 3's strong views compute in float on the workers, so their samples stay float.
-    uint8 = not cfg["resize"]
+    uint8 = not cfg.resize
     src_train = SegmentationFolder(src_dir, "train", transform=train_tf, uint8=uint8, **common)
-    if not cfg["proto_ignore_index"] and src_train.meta.get("labels") == "eroded":
+    if not cfg.proto_ignore_index and src_train.meta.get("labels") == "eroded":
         raise UserError(f"the legacy prototype NLL has no ignore index (as released), but {src_dir} holds eroded "
                         f"labels whose class borders are ignored pixels; prepare the source with "
                         f"tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
     src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
-    seed, bs, ebs = cfg["seed"], cfg["batch_size"], cfg["eval_batch_size"]
+    seed, bs, ebs = cfg.seed, cfg.batch_size, cfg.eval_batch_size
     # Workers stay alive between passes (the refresh and evaluation loaders are read every epoch).
-    loader_kw = {"num_workers": cfg["num_workers"], "pin_memory": device.type == "cuda",
-                 "persistent_workers": cfg["num_workers"] > 0}
+    loader_kw = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda",
+                 "persistent_workers": cfg.num_workers > 0}
     data: dict[str, Any] = {
         "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
-        "source_refresh": shuffled_loader(src_refresh, ebs, seed, **loader_kw) if cfg["refresh"] == "legacy"
+        "source_refresh": shuffled_loader(src_refresh, ebs, seed, **loader_kw) if cfg.refresh == "legacy"
         else eval_loader(src_refresh, ebs, **loader_kw),
         "source_val": eval_loader(SegmentationFolder(src_dir, "val", transform=eval_tf, **common), ebs, **loader_kw),
         "target": None, "target_refresh": None, "target_val": None,
     }
-    stage = STAGES[cfg["stage"]]
-    if stage.adversarial or cfg["target"]:
-        tgt_dir = resolve_domain(root, cfg["target"])
+    stage = STAGES[cfg.stage]
+    if stage.adversarial or cfg.target:
+        tgt_dir = resolve_domain(root, cfg.target)
         strong = stage.target_view == "weak_strong"  # the strong views are augmented in float on the workers
         tgt_tf = strong_tf if strong else train_tf
         tgt_train = SegmentationFolder(tgt_dir, "train", transform=tgt_tf, with_labels=False,
                                        uint8=uint8 and not strong, **common)
         tgt_refresh = SegmentationFolder(tgt_dir, "train", transform=eval_tf, with_labels=False, **common)
-        tgt_val = SegmentationFolder(tgt_dir, cfg["target_eval_split"], transform=eval_tf, **common)
+        tgt_val = SegmentationFolder(tgt_dir, cfg.target_eval_split, transform=eval_tf, **common)
         data["target"] = BatchStream(tgt_train, bs, seed=seed + 1, **loader_kw)
         data["target_refresh"] = eval_loader(tgt_refresh, ebs, **loader_kw)
         data["target_val"] = eval_loader(tgt_val, ebs, **loader_kw)
     return data
 
 
-def iters_per_epoch(cfg: dict[str, Any], data: dict[str, Any]) -> int:
+def iters_per_epoch(cfg: Config, data: dict[str, Any]) -> int:
     """Iterations in one epoch: a pass over the stage's epoch role (``Stage.epoch_role``), capped by
     ``--iters-per-epoch``."""
-    role = STAGES[cfg["stage"]].epoch_role
-    n = data[role].batches_per_pass - int(cfg["legacy_epoch_length"])  # the released loops: len(loader) - 1
+    role = STAGES[cfg.stage].epoch_role
+    n = data[role].batches_per_pass - int(cfg.legacy_epoch_length)  # the released loops: len(loader) - 1
     if n < 1:
         raise UserError(f"--legacy-epoch-length leaves no iteration: the {role} data fill only one batch of "
-                        f"{cfg['batch_size']}; lower --batch-size or pass --legacy-epoch-length false")
-    return min(n, cfg["iters_per_epoch"]) if cfg["iters_per_epoch"] else n
+                        f"{cfg.batch_size}; lower --batch-size or pass --legacy-epoch-length false")
+    return min(n, cfg.iters_per_epoch) if cfg.iters_per_epoch else n
 
 
-def prepare_modules(model, d1, d2, cfg: dict[str, Any], device: torch.device):
+def prepare_modules(model, d1, d2, cfg: Config, device: torch.device):
     """Memory format, SyncBatchNorm, DistributedDataParallel and torch.compile, as configured."""
-    if cfg["channels_last"]:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.is_dist():
-        if cfg["sync_bn"]:
+        if cfg.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
         if d1 is not None:
             d1 = DistributedDataParallel(d1, device_ids=ids)
             d2 = DistributedDataParallel(d2, device_ids=ids)
-    if cfg["compile"]:
+    if cfg.compile:
         model = torch.compile(model)
     return model, d1, d2
 
 
-def build_transforms(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
+def build_transforms(cfg: Config) -> tuple[Any, Any, Any]:
     """(train, eval, strong) sample transforms of a resolved config.
 
     Steps 0-2 use no augmentation, as the paper's scripts: training only takes a random crop of
@@ -124,11 +125,11 @@ def build_transforms(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``. Without
     ``proto_ignore_index`` (legacy) the pixels that the prototype NLL reads must not be ignored ones.
     """
-    resize = [Resize(cfg["resize"])] if cfg["resize"] else []
-    crop = [WeakAugment(cfg["img_size"], scale_range=(1.0, 1.0), hflip=0.0)]
-    if not cfg["proto_ignore_index"] and not STAGES[cfg["stage"]].teacher:  # step 3 has no prototype NLL
+    resize = [Resize(cfg.resize)] if cfg.resize else []
+    crop = [WeakAugment(cfg.img_size, scale_range=(1.0, 1.0), hflip=0.0)]
+    if not cfg.proto_ignore_index and not STAGES[cfg.stage].teacher:  # step 3 has no prototype NLL
         crop.append(RejectIgnored(FEATURE_STRIDE))
-    strong = WeakStrongAugment(cfg["img_size"], scale_range=tuple(cfg["weak_scale"]), hflip=cfg["hflip"],
-                               n_ops=cfg["randaug_n"], magnitude=cfg["randaug_m"], cutout_frac=cfg["cutout_frac"])
+    strong = WeakStrongAugment(cfg.img_size, scale_range=tuple(cfg.weak_scale), hflip=cfg.hflip,
+                               n_ops=cfg.randaug_n, magnitude=cfg.randaug_m, cutout_frac=cfg.cutout_frac)
     eval_tf = Compose(resize) if resize else None
     return Compose([*resize, *crop]), eval_tf, Compose([*resize, strong])

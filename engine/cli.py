@@ -25,7 +25,7 @@ def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         import yaml
 
-        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from engine.trainer import run_stage  # heavy imports only when training
     from utils import dist

@@ -23,6 +23,7 @@ from torch import nn
 from engine.refresh import RefreshResult
 from models import NAPGNet
 from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from utils.config import Config
 from utils.errors import UserError
 from utils.stages import ORIGINAL, STAGES
 
@@ -98,26 +99,27 @@ def _kind(kind: str) -> str:
     return "a converted original checkpoint" if kind == ORIGINAL else f"a {kind} checkpoint"
 
 
-def check_fits(state: dict[str, Any], cfg: dict[str, Any], path: str | Path, flag: str = "--init") -> None:
+def check_fits(state: dict[str, Any], cfg: Config, path: str | Path, flag: str = "--init") -> None:
     """The checkpoint's network must be the one ``cfg`` builds (classes, backbone, similarity convs)."""
     meta = state["meta"]
     for key in ("num_classes", "backbone", "shared_similarity"):
-        if meta[key] != cfg[key]:
-            raise UserError(f"{flag} {path} was trained with {key}={meta[key]}, this run has {key}={cfg[key]}; "
+        value = getattr(cfg, key)
+        if meta[key] != value:
+            raise UserError(f"{flag} {path} was trained with {key}={meta[key]}, this run has {key}={value}; "
                             f"pass --{key.replace('_', '-')} {meta[key]} or another checkpoint")
 
 
-def resolve_init(cfg: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def resolve_init(cfg: Config) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The checkpoint a stage starts from (``--init``, else the previous stage under ``--work-dir``).
 
     Returns (state, provenance for env.json/manifest.json), or (None, None) for a fresh start.
     """
-    stage, init = cfg["stage"], cfg["init"]
+    stage, init = cfg.stage, cfg.init
     if init is None:
         expected = STAGES[stage].previous
         if expected is None:
             return None, None
-        candidate = Path(cfg["work_dir"]) / expected
+        candidate = Path(cfg.work_dir) / expected
         if not (candidate / "model.pt").exists():
             raise UserError(f"{stage} starts from a finished {expected} run: pass --init <{expected} run folder or "
                             f"checkpoint> (looked for {candidate / 'model.pt'})")

@@ -7,12 +7,10 @@ of different stages and runs show the same places.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -23,6 +21,7 @@ from engine.handoff import handoff_network, handoff_prototypes, load_handoff
 from engine.logger import colorize, image_rgb, panel
 from losses import self_information
 from utils.checkpoint import atomic_write_bytes
+from utils.config import Config, load_config
 from utils.plots import confusion_rgb, image_png
 
 PANEL_PATCHES = 4
@@ -64,11 +63,11 @@ def write_stage_pictures(run_dir: Path, model: nn.Module, dataset: Dataset, prot
     return pictures
 
 
-def target_val_dataset(cfg: dict[str, Any]) -> SegmentationFolder:
+def target_val_dataset(cfg: Config) -> SegmentationFolder:
     """The target evaluation split of a stage's resolved config, read as the stage read it."""
-    folder = resolve_domain(Path(cfg["data_root"]), cfg["target"])
-    return SegmentationFolder(folder, cfg["target_eval_split"], label_format=cfg["label_format"],
-                              normalize=cfg["normalize"], transform=build_transforms(cfg)[1])
+    folder = resolve_domain(Path(cfg.data_root), cfg.target)
+    return SegmentationFolder(folder, cfg.target_eval_split, label_format=cfg.label_format,
+                              normalize=cfg.normalize, transform=build_transforms(cfg)[1])
 
 
 def pipeline_panels(stage_dirs: list[Path], device: torch.device) -> np.ndarray:
@@ -76,7 +75,7 @@ def pipeline_panels(stage_dirs: list[Path], device: torch.device) -> np.ndarray:
 
     Every stage is read from its ``model.pt`` and ``config.yaml``; the patches are the first stage's.
     """
-    cfg = yaml.safe_load((stage_dirs[0] / "config.yaml").read_text())
+    cfg = load_config(stage_dirs[0] / "config.yaml")
     dataset = target_val_dataset(cfg)
     samples = [dataset[i] for i in range(min(PANEL_PATCHES, len(dataset)))]
     columns = [[image_rgb(s["img"]) for s in samples], [colorize(s["label"]) for s in samples]]

@@ -31,7 +31,7 @@ from engine.uda import NAPG
 from models.napg import weights_record
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-from utils.config import dump_config
+from utils.config import Config, dump_config
 from utils.errors import UserError
 from utils.metrics import SUMMARY_KEYS
 from utils.run import environment_info, rng_state, set_rng_state, staging_dir, write_json
@@ -51,7 +51,7 @@ class Progress:
     best: dict[str, Any] | None = None  # the oracle selection's best so far (--select-on-target-val)
 
 
-def prepare_run_dir(run_dir: Path, cfg: dict[str, Any]) -> tuple[Path, bool]:
+def prepare_run_dir(run_dir: Path, cfg: Config) -> tuple[Path, bool]:
     """The folder this invocation trains in, and whether it resumes there; refuses to touch finished work.
 
     ``--overwrite`` of a folder holding a checkpoint trains in a staging folder (``<stage>.new``) that
@@ -63,7 +63,7 @@ def prepare_run_dir(run_dir: Path, cfg: dict[str, Any]) -> tuple[Path, bool]:
     staging = staging_dir(run_dir)
     finished = (run_dir / "manifest.json").exists()
     has_checkpoint = (run_dir / "last.pt").exists()
-    if cfg["resume"]:
+    if cfg.resume:
         if (staging / "last.pt").exists():
             return staging, True
         if finished:
@@ -77,13 +77,13 @@ def prepare_run_dir(run_dir: Path, cfg: dict[str, Any]) -> tuple[Path, bool]:
         print(f"{run_dir} has no checkpoint yet (it stopped before its first one); starting it again")
         return run_dir, False
     if finished or has_checkpoint:
-        if cfg["overwrite"]:
+        if cfg.overwrite:
             return staging, False
         what = "a finished" if finished else "an unfinished"
         hint = "" if finished else " continue it with --resume, or"
         if (staging / "last.pt").exists():
             hint = f" continue the interrupted replacement in {staging} with --resume, or"
-        raise UserError(f"{run_dir} holds {what} {cfg['stage']} run;{hint} pass --overwrite to replace it, "
+        raise UserError(f"{run_dir} holds {what} {cfg.stage} run;{hint} pass --overwrite to replace it, "
                         f"or choose another --work-dir")
     return run_dir, False
 
@@ -123,24 +123,25 @@ def clear_untrained(folder: Path, staging: bool) -> None:
 
 
 def save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], progress: Progress,
-              cfg: dict[str, Any]) -> None:
+              cfg: Config) -> None:
     """Everything needed to continue exactly here: weights, optimisers, prototypes, RNG, data position."""
     if not dist.is_main():
         return
     state = napg.state_dict()
     state.update(epoch=progress.epoch, iteration=progress.iteration, global_step=progress.global_step,
                  best=progress.best, rng=rng_state(),
-                 prototypes=protos.state_dict(), config=dict(cfg),
+                 prototypes=protos.state_dict(), config=cfg.to_dict(),
                  streams={k: data[k].state_dict() for k in ("source", "target") if data[k] is not None})
     save_checkpoint(state, run_dir / "last.pt")
 
 
-def load_last(run_dir: Path, cfg: dict[str, Any], napg: NAPG, data: dict[str, Any],
+def load_last(run_dir: Path, cfg: Config, napg: NAPG, data: dict[str, Any],
               device: torch.device) -> tuple[Progress, RefreshResult]:
     """Restore what :func:`save_last` wrote into ``napg``, the data streams and the RNGs."""
     state = load_checkpoint(run_dir / "last.pt", map_location=device)
     saved = state.get("config", {})
-    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != cfg[k]]
+    current = cfg.to_dict()
+    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != current[k]]
     if changed:
         raise UserError(f"--resume with different {', '.join(changed)} than the interrupted run "
                         f"({', '.join(f'{k}={saved[k]}' for k in changed)})")
@@ -152,44 +153,44 @@ def load_last(run_dir: Path, cfg: dict[str, Any], napg: NAPG, data: dict[str, An
     return Progress(state["epoch"], state["iteration"], state["global_step"], state["best"]), protos
 
 
-def save_stage_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: dict[str, Any], epoch: int,
+def save_stage_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: Config, epoch: int,
                   **extra: Any) -> None:
-    meta = handoff_meta(stage=cfg["stage"], source=cfg["source"], target=cfg["target"],
-                        num_classes=cfg["num_classes"], backbone=cfg["backbone"],
-                        shared_similarity=cfg["shared_similarity"], clusters=protos.clusters,
-                        bn_stats=bn_stats_of(cfg), normalize=cfg["normalize"], epoch=epoch,
+    meta = handoff_meta(stage=cfg.stage, source=cfg.source, target=cfg.target,
+                        num_classes=cfg.num_classes, backbone=cfg.backbone,
+                        shared_similarity=cfg.shared_similarity, clusters=protos.clusters,
+                        bn_stats=bn_stats_of(cfg), normalize=cfg.normalize, epoch=epoch,
                         input_scale=_input_scale(cfg), **extra)
     d1, d2 = (None if d is None else unwrap(d) for d in (napg.d1, napg.d2))
     save_handoff(path, unwrap(napg.model), d1, d2, protos.state_dict(), meta)
 
 
-def _input_scale(cfg: dict[str, Any]) -> float:
+def _input_scale(cfg: Config) -> float:
     """Network px per image px the weights were trained at: --resize over the source patch side."""
-    if not cfg["resize"]:
+    if not cfg.resize:
         return 1.0
     # Folders without meta.json come from mmseg's converters, which cut 512 px patches.
-    side = read_meta(resolve_domain(Path(cfg["data_root"]), cfg["source"])).get("clip", 512)
-    return cfg["resize"] / side
+    side = read_meta(resolve_domain(Path(cfg.data_root), cfg.source)).get("clip", 512)
+    return cfg.resize / side
 
 
-def write_start(out_dir: Path, cfg: dict[str, Any], napg: NAPG, init_source: dict[str, Any] | None) -> None:
+def write_start(out_dir: Path, cfg: Config, napg: NAPG, init_source: dict[str, Any] | None) -> None:
     """config.yaml and env.json of a run that starts training (the main process only)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
-    write_json(out_dir / "env.json", {"seed": cfg["seed"], "init": init_source, "world_size": dist.world_size(),
+    write_json(out_dir / "env.json", {"seed": cfg.seed, "init": init_source, "world_size": dist.world_size(),
                                       "pretrained": weights_record(unwrap(napg.model).pretrained_path),
                                       **environment_info()})
 
 
-def write_results(run_dir: Path, cfg: dict[str, Any], protos: RefreshResult, all_results: dict[str, Any],
+def write_results(run_dir: Path, cfg: Config, protos: RefreshResult, all_results: dict[str, Any],
                   init_source: dict[str, Any] | None, seconds: float, ranks: dict[str, Any]) -> None:
     """eval.json, then manifest.json, the file that marks the stage complete (after ``model.pt``)."""
-    write_json(run_dir / "eval.json", {"split": f"target-{cfg['target_eval_split']}", "selection": "last",
+    write_json(run_dir / "eval.json", {"split": f"target-{cfg.target_eval_split}", "selection": "last",
                                        **all_results.get("target_val", {}), "source_val": all_results["source_val"]})
-    manifest = {"stage": cfg["stage"], "source": cfg["source"], "target": cfg["target"],
-                "num_classes": cfg["num_classes"], "backbone": cfg["backbone"],
+    manifest = {"stage": cfg.stage, "source": cfg.source, "target": cfg.target,
+                "num_classes": cfg.num_classes, "backbone": cfg.backbone,
                 "prototypes_per_class": max(protos.clusters), "clusters": protos.clusters,
-                "preset": cfg["preset"], "epochs": cfg["epochs"], "git": environment_info()["git"],
+                "preset": cfg.preset, "epochs": cfg.epochs, "git": environment_info()["git"],
                 "checkpoint": "model.pt", "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
                 "init": init_source, "train_seconds": round(seconds, 1), "ranks": ranks,
                 "bn_stats": bn_stats_of(cfg),

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from data.domains import CLASS_NAMES
+from data.domains import CLASS_NAMES, check_num_classes
 from engine.build import build_data, build_napg, iters_per_epoch
 from engine.device import unwrap
 from engine.evaluate import evaluate
@@ -33,25 +33,27 @@ from engine.rundir import (
 from engine.safety import StopSignals, read_back, require_finite_weights
 from engine.uda import NAPG, Logs
 from utils import dist
+from utils.config import Config
 from utils.errors import NonFiniteError, StageInterrupted, UserError
 from utils.metrics import SUMMARY_KEYS, format_table
 from utils.run import resolve_device, seed_everything
-from utils.stages import STAGES, tau_at
+from utils.stages import STAGES
 
 
-def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
+def run_stage(cfg: Config) -> dict[str, Any]:
     """Train one stage as configured and return its final target-val metrics."""
-    stage = cfg["stage"]
-    run_dir = Path(cfg["work_dir"]) / stage
-    device = dist.init_from_env(resolve_device(cfg["device"]))
+    stage = cfg.stage
+    check_num_classes(cfg.num_classes)
+    run_dir = Path(cfg.work_dir) / stage
+    device = dist.init_from_env(resolve_device(cfg.device))
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg["deterministic"]
-    if cfg["amp"] == "fp16" and device.type != "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+    if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA-only), this run is on {device}; "
                         f"use --amp bf16 or --amp off")
     out_dir, resume = prepare_run_dir(run_dir, cfg)
     init_state, init_source = resolve_init(cfg)
-    seed_everything(cfg["seed"], cfg["deterministic"])
+    seed_everything(cfg.seed, cfg.deterministic)
 
     data = build_data(cfg, device)
     napg = build_napg(cfg, device, init_state)
@@ -68,7 +70,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
     start_time = time.time()
     loop = _StageLoop(cfg, napg, data, protos, progress, out_dir, device)
     try:
-        while progress.epoch <= cfg["epochs"] and not loop.stopped:
+        while progress.epoch <= cfg.epochs and not loop.stopped:
             loop.train_epoch()
     finally:
         loop.close()
@@ -76,7 +78,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
         raise StageInterrupted(f"{stage}: {signal.Signals(loop.signal).name} received; saved "
                                f"{out_dir / 'last.pt'} after {loop.invocation_iters} iterations of this run; "
                                f"continue with the same command and --resume", loop.signal)
-    if progress.epoch <= cfg["epochs"]:
+    if progress.epoch <= cfg.epochs:
         print(f"{stage}: stopped after {loop.invocation_iters} iterations; continue with --resume")
         return {"stopped": True}
     require_finite_weights(napg, loop.protos)  # the hand-off never carries a diverged network
@@ -90,7 +92,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any]:
 class _StageLoop:
     """The epochs of one invocation: where it stands (``progress``), its prototypes, logger and stop state."""
 
-    def __init__(self, cfg: dict[str, Any], napg: NAPG, data: dict[str, Any], protos: RefreshResult | None,
+    def __init__(self, cfg: Config, napg: NAPG, data: dict[str, Any], protos: RefreshResult | None,
                  progress: Progress, out_dir: Path, device: torch.device):
         self.cfg, self.napg, self.data, self.protos = cfg, napg, data, protos
         self.progress, self.out_dir, self.device = progress, out_dir, device
@@ -113,7 +115,7 @@ class _StageLoop:
         """Train from the current position to the end of the epoch (then evaluate and save), or until a
         stop is asked for (then save where it stands and set ``stopped``)."""
         cfg, p = self.cfg, self.progress
-        tau = tau_at(cfg, p.epoch)
+        tau = cfg.tau_at(p.epoch)
         if p.iteration == 0 or self.protos is None:  # an epoch's start (or a resume without prototypes)
             self.protos = refresh(self.napg, self.data, cfg, tau, self.protos, self.device, epoch=p.epoch)
             _log_refresh(self.logger, p.global_step, p.epoch, tau, self.protos)
@@ -122,7 +124,7 @@ class _StageLoop:
             self._save_last()
             self.stopped = True
             return
-        if not cfg["eval_every"] or p.global_step % cfg["eval_every"] == 0:
+        if not cfg.eval_every or p.global_step % cfg.eval_every == 0:
             self._evaluate()
         p.epoch, p.iteration = p.epoch + 1, 0
         self._save_last()
@@ -131,8 +133,8 @@ class _StageLoop:
     def _train_iterations(self, tau: float | None) -> bool:
         """The epoch's remaining iterations; True when it ended early on --stop-after or a signal."""
         cfg, p = self.cfg, self.progress
-        bar = tqdm(total=self.iters, initial=p.iteration, disable=not cfg["progress"], dynamic_ncols=True,
-                   desc=f"{cfg['stage']} epoch {p.epoch}/{cfg['epochs']}")
+        bar = tqdm(total=self.iters, initial=p.iteration, disable=not cfg.progress, dynamic_ncols=True,
+                   desc=f"{cfg.stage} epoch {p.epoch}/{cfg.epochs}")
         window = _Window()
         stopping = False
         while p.iteration < self.iters and not stopping:
@@ -143,10 +145,10 @@ class _StageLoop:
             window.add(data_seconds)
             bar.update()
             inside = p.iteration < self.iters  # the end of the pass evaluates and saves anyway
-            log_now = p.global_step % cfg["log_every"] == 0 or not inside
-            eval_now = cfg["eval_every"] and p.global_step % cfg["eval_every"] == 0 and inside
-            save_now = cfg["checkpoint_every"] and p.global_step % cfg["checkpoint_every"] == 0 and inside
-            stopping = bool(cfg["stop_after"] is not None and self.invocation_iters >= cfg["stop_after"]
+            log_now = p.global_step % cfg.log_every == 0 or not inside
+            eval_now = cfg.eval_every and p.global_step % cfg.eval_every == 0 and inside
+            save_now = cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0 and inside
+            stopping = bool(cfg.stop_after is not None and self.invocation_iters >= cfg.stop_after
                             or self.signal)
             # Reading the values back waits for the device, so it happens only where they are used: at
             # log points and before anything that uses or keeps the weights (an evaluation, a checkpoint,
@@ -218,7 +220,7 @@ class _Window:
         return {"iter_time": elapsed / max(self.iterations, 1), "data_time_fraction": self.data_seconds / elapsed}
 
 
-def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | None,
+def refresh(napg: NAPG, data: dict[str, Any], cfg: Config, tau: float | None,
             previous: RefreshResult | None, device: torch.device,
             max_batches: int | None = None, epoch: int = 1) -> RefreshResult:
     """The prototype refresh before ``epoch`` (``max_batches`` overrides the config's cap)."""
@@ -227,14 +229,14 @@ def refresh(napg: NAPG, data: dict[str, Any], cfg: dict[str, Any], tau: float | 
     set_epoch = getattr(getattr(data["source_refresh"], "sampler", None), "set_epoch", None)
     if set_epoch is not None:  # the legacy refresh's shuffled source loader: a new order every epoch
         set_epoch(epoch)
-    clusters = cfg["clusters"]
-    kwargs = {"backend": cfg["kmeans_backend"], "n_init": cfg["kmeans_n_init"], "seed": cfg["kmeans_seed"]}
+    clusters = cfg.clusters
+    kwargs = {"backend": cfg.kmeans_backend, "n_init": cfg.kmeans_n_init, "seed": cfg.kmeans_seed}
     return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,
-                              previous=previous, mode=cfg["refresh"],
-                              max_batches=max_batches if max_batches is not None else cfg["refresh_max_batches"],
-                              cluster_kwargs=kwargs, amp=cfg["amp"],
-                              auto_k=(cfg["auto_k_max"], cfg["auto_k_threshold"]) if cfg["auto_k"] else None,
-                              balance=cfg["refresh_balance"], seed=cfg["kmeans_seed"])
+                              previous=previous, mode=cfg.refresh,
+                              max_batches=max_batches if max_batches is not None else cfg.refresh_max_batches,
+                              cluster_kwargs=kwargs, amp=cfg.amp,
+                              auto_k=(cfg.auto_k_max, cfg.auto_k_threshold) if cfg.auto_k else None,
+                              balance=cfg.refresh_balance, seed=cfg.kmeans_seed)
 
 
 def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
@@ -253,7 +255,7 @@ def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, pr
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
-                   cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+                   cfg: Config) -> dict[str, dict[str, Any]]:
     """Target-val and source-val metrics of both branches, each domain with its own BN statistics.
 
     Returns ``{"target_val": {branch: metrics}, "source_val": {...}}`` (a role without data is left out).
@@ -264,12 +266,12 @@ def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
     for role, domain, prototypes in (("target_val", "target", protos.for_target),
                                      ("source_val", "source", protos.source_target)):
         if data[role] is not None:
-            results[role] = evaluate(unwrap(napg.model), data[role], prototypes, device, cfg["num_classes"],
-                                     max_batches=cfg["eval_max_batches"], amp=cfg["amp"], domain=domain)
+            results[role] = evaluate(unwrap(napg.model), data[role], prototypes, device, cfg.num_classes,
+                                     max_batches=cfg.eval_max_batches, amp=cfg.amp, domain=domain)
     return results
 
 
-def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: dict[str, Any],
+def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: Config,
                       logger: RunLogger, step: int, epoch: int, run_dir: Path,
                       best: dict[str, Any] | None) -> dict[str, Any] | None:
     if data["target_val"] is None:
@@ -285,11 +287,11 @@ def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, c
         _log_panels(napg, data, protos, logger, step, protos.source_target.device)
     results = all_results["target_val"]
     source_miou = all_results["source_val"]["classifier"]["miou"]
-    tqdm.write(f"{cfg['stage']} epoch {epoch}: target-{cfg['target_eval_split']} mIoU "
+    tqdm.write(f"{cfg.stage} epoch {epoch}: target-{cfg.target_eval_split} mIoU "
                f"{100 * results['classifier']['miou']:.2f} (prototypes "
                f"{100 * results.get('prototype', {}).get('miou', float('nan')):.2f}), source-val mIoU "
                f"{100 * source_miou:.2f}")
-    if cfg["select_on_target_val"] and dist.is_main():
+    if cfg.select_on_target_val and dist.is_main():
         miou = results["classifier"]["miou"]
         if best is None or miou > best["miou"]:
             best = {"miou": miou, "epoch": epoch, "step": step}
@@ -315,45 +317,45 @@ def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger:
     model.train(was_training)
 
 
-def _diverged_message(err: NonFiniteError, cfg: dict[str, Any], epoch: int, iteration: int, out_dir: Path) -> str:
+def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: int, out_dir: Path) -> str:
     last = out_dir / "last.pt"
     kept = f"{last} keeps the last good state" if last.exists() else "no checkpoint was written yet"
     again = "continue with --resume" if last.exists() else "start it again"
-    amp = "" if cfg["amp"] == "off" else ", or use --amp off"
-    return (f"{cfg['stage']} diverged by epoch {epoch}, iteration {iteration} (checked every --log-every "
+    amp = "" if cfg.amp == "off" else ", or use --amp off"
+    return (f"{cfg.stage} diverged by epoch {epoch}, iteration {iteration} (checked every --log-every "
             f"iterations): {err} is not finite; stopped, {kept}. "
-            f"Lower --lr (now {cfg['lr']}) or --lr-d (now {cfg['lr_d']}){amp}, and {again}")
+            f"Lower --lr (now {cfg.lr}) or --lr-d (now {cfg.lr_d}){amp}, and {again}")
 
 
-def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: dict[str, Any],
+def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: Config,
             init_source: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
     """Final evaluation, hand-off checkpoint and the manifest that marks the stage complete."""
     all_results = evaluate_stage(napg, data, protos, cfg)
     results = all_results.get("target_val", {})
     ranks = _rank_consistency(napg, protos)
     if dist.is_main():
-        save_stage_handoff(run_dir / "model.pt", napg, protos, cfg, cfg["epochs"])
+        save_stage_handoff(run_dir / "model.pt", napg, protos, cfg, cfg.epochs)
         if results:
             _write_pictures(run_dir, napg, data, protos, cfg, results["classifier"]["confusion"])
         write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks)  # the manifest: last
         if results:
-            print(f"{cfg['stage']} target-{cfg['target_eval_split']} (classifier):")
+            print(f"{cfg.stage} target-{cfg.target_eval_split} (classifier):")
             print(format_table(results["classifier"], CLASS_NAMES))
         source_miou = all_results["source_val"]["classifier"]["miou"]
-        print(f"{cfg['stage']} source-val mIoU (classifier): {100 * source_miou:.2f}")
+        print(f"{cfg.stage} source-val mIoU (classifier): {100 * source_miou:.2f}")
     dist.barrier()
     return results
 
 
-def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: dict[str, Any],
+def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: Config,
                     confusion: list[list[int]]) -> None:
     """confusion.png and panels.png of the final target evaluation, also logged to TensorBoard (``final/``)."""
     pictures = write_stage_pictures(run_dir, unwrap(napg.model), data["target_val"].dataset, protos.for_target,
                                     protos.source_target.device, confusion,
-                                    f"{cfg['stage']} target-{cfg['target_eval_split']} (rows sum to 1)")
+                                    f"{cfg.stage} target-{cfg.target_eval_split} (rows sum to 1)")
     logger = RunLogger(run_dir)
     for name, rgb in pictures.items():
-        logger.image(f"final/{name}", cfg["epochs"], rgb)
+        logger.image(f"final/{name}", cfg.epochs, rgb)
     logger.close()
 
 

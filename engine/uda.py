@@ -31,8 +31,9 @@ from losses import (
     self_information,
 )
 from models.labels import resize_labels
+from utils.config import Config
 from utils.errors import NonFiniteError
-from utils.stages import STAGES, gnce_weight_at
+from utils.stages import STAGES
 
 Logs = dict[str, torch.Tensor]  # name -> detached 0-dim tensor on the training device
 
@@ -49,18 +50,18 @@ class NAPG:
     ``cfg`` is the resolved option dict (utils/config.py); ``stage`` one of step0..step3.
     """
 
-    def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: dict[str, Any]):
+    def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         self.cfg = cfg
-        self.stage = cfg["stage"]
+        self.stage = cfg.stage
         self.model = model
         self.d1, self.d2 = d1, d2
-        self.opt_g = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                      weight_decay=cfg["weight_decay"])
+        self.opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                      weight_decay=cfg.weight_decay)
         self.opt_d1 = self.opt_d2 = None
         if d1 is not None:
-            self.opt_d1 = torch.optim.Adam(d1.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
-            self.opt_d2 = torch.optim.Adam(d2.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
-        self.amp_dtype = amp_dtype(cfg["amp"])
+            self.opt_d1 = torch.optim.Adam(d1.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
+            self.opt_d2 = torch.optim.Adam(d2.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
+        self.amp_dtype = amp_dtype(cfg.amp)
         # fp16 needs loss scaling; bf16 has float32's range and does not.
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
         self.teacher: nn.Module | None = None
@@ -80,7 +81,7 @@ class NAPG:
         (whose BCE is unsafe under autocast) take float32 copies of its outputs. With ``--bn-stats domain``
         BatchNorm uses (and updates) that domain's running statistics.
         """
-        if self.cfg["channels_last"]:
+        if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with unwrap(model).domain(domain), autocast(x.device, self.amp_dtype):
             return model(x, prototypes)
@@ -92,7 +93,7 @@ class NAPG:
         target batch (``img``; None in step 0); returns the detached losses and monitored values."""
         cfg, model = self.cfg, self.model
         device = prototypes.device
-        x_s = to_model_input(src["img"], device, cfg["normalize"])
+        x_s = to_model_input(src["img"], device, cfg.normalize)
         y_s = src["label"].to(device, non_blocking=True)
         set_requires_grad(self.d1, False)
         set_requires_grad(self.d2, False)
@@ -105,32 +106,32 @@ class NAPG:
         # Without an ignore index a 255 label would index out of range: the data pipeline rejects such
         # labels (data.transforms.RejectIgnored), so the step need not look at them.
         loss_proto = prototype_nll(out_s["proto_prob"].float(), y_feat,
-                                   ignore_index=255 if cfg["proto_ignore_index"] else None)
-        loss = cfg["w_ce"] * loss_ce + cfg["w_proto"] * loss_proto
+                                   ignore_index=255 if cfg.proto_ignore_index else None)
+        loss = cfg.w_ce * loss_ce + cfg.w_proto * loss_proto
         logs.update(loss_ce=loss_ce.detach(), loss_proto=loss_proto.detach())
 
-        w_gnce = gnce_weight_at(cfg, epoch)
+        w_gnce = cfg.gnce_weight_at(epoch)
         if w_gnce > 0:
-            loss_gnce = gnce_loss(out_s["proto_max"].float(), out_s["features"].float(), cfg["gnce_windows"])
+            loss_gnce = gnce_loss(out_s["proto_max"].float(), out_s["features"].float(), cfg.gnce_windows)
             logs["loss_gnce_src"] = loss_gnce.detach()
             loss = loss + w_gnce * loss_gnce
 
         if self.uses_target and tgt is not None:
-            x_t = to_model_input(tgt["img"], device, cfg["normalize"])
+            x_t = to_model_input(tgt["img"], device, cfg.normalize)
             out_t = self.forward(model, x_t, prototypes, "target")
-            if w_gnce > 0 and cfg["gnce_target_weight"] > 0:
+            if w_gnce > 0 and cfg.gnce_target_weight > 0:
                 mask = None
-                if cfg["gnce_target_mask"] and tau is not None:
+                if cfg.gnce_target_mask and tau is not None:
                     conf = out_t["logits"].detach().float().softmax(1).amax(1, keepdim=True)
                     mask = (conf > tau).float()
                 loss_gnce_t = gnce_loss(out_t["proto_max"].float(), out_t["features"].float(),
-                                        cfg["gnce_windows"], mask=mask)
+                                        cfg.gnce_windows, mask=mask)
                 logs["loss_gnce_tgt"] = loss_gnce_t.detach()
-                loss = loss + w_gnce * cfg["gnce_target_weight"] * loss_gnce_t
+                loss = loss + w_gnce * cfg.gnce_target_weight * loss_gnce_t
             ent = self._entropies(out_s["logits_up"], out_s["proto_prob"], out_t["logits_up"], out_t["proto_prob"])
             loss = loss + self._generator_adversarial(ent, logs)
             self._backward_generator(loss, logs)
-            self._discriminator_step(ent, logs, legacy_step1=cfg["legacy_d2_step1"])
+            self._discriminator_step(ent, logs, legacy_step1=cfg.legacy_d2_step1)
         else:
             self._backward_generator(loss, logs)
         self._step_generator()
@@ -142,9 +143,9 @@ class NAPG:
         """Frozen teacher on the source and the full target tile, student on the full and strong views."""
         cfg, model, teacher = self.cfg, self.model, self.teacher
         device = proto_student.device
-        x_s = to_model_input(src["img"], device, cfg["normalize"])
-        x_t = to_model_input(tgt["img"], device, cfg["normalize"])
-        x_strong = to_model_input(tgt["img_strong"], device, cfg["normalize"])
+        x_s = to_model_input(src["img"], device, cfg.normalize)
+        x_t = to_model_input(tgt["img"], device, cfg.normalize)
+        x_strong = to_model_input(tgt["img_strong"], device, cfg.normalize)
         set_requires_grad(self.d1, False)
         set_requires_grad(self.d2, False)
         logs: Logs = {}
@@ -161,17 +162,17 @@ class NAPG:
         f_student = out_strong["features"].float()
         f_teacher, valid = warp_to_strong(t_tgt["features"].float(), tgt["weak_params"], tgt["strong_params"],
                                           f_student.shape[-2:], source="full",
-                                          legacy_geometry_scale=1.0 if cfg["legacy_geometry"] else None)
-        loss_kd = feature_kd_loss(f_student, f_teacher, valid, T=cfg["kd_temperature"],
-                                  normalize=cfg["kd_normalize"])
-        loss = loss + cfg["w_kd"] * loss_kd
+                                          legacy_geometry_scale=1.0 if cfg.legacy_geometry else None)
+        loss_kd = feature_kd_loss(f_student, f_teacher, valid, T=cfg.kd_temperature,
+                                  normalize=cfg.kd_normalize)
+        loss = loss + cfg.w_kd * loss_kd
         logs["loss_kd"] = loss_kd.detach()
         logs["kd_valid_fraction"] = valid.float().mean()
-        if cfg["w_ce_src"] > 0:
+        if cfg.w_ce_src > 0:
             out_s = self.forward(model, x_s, proto_student, "source")
             y_up = resize_labels(src["label"].to(device, non_blocking=True), out_s["logits_up"].shape[-2:])
             loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
-            loss = loss + cfg["w_ce_src"] * loss_ce
+            loss = loss + cfg.w_ce_src * loss_ce
             logs["loss_ce"] = loss_ce.detach()
         # Keeps every parameter in the graph (the legacy D2 term gives the similarity conv no gradient),
         # which DistributedDataParallel requires; adds exactly zero.
@@ -179,8 +180,8 @@ class NAPG:
         self._backward_generator(loss, logs)
         self._discriminator_step(ent, logs, legacy_step1=False)
         self._step_generator()
-        if cfg["ema_momentum"] is not None:
-            self._update_teacher(cfg["ema_momentum"])
+        if cfg.ema_momentum is not None:
+            self._update_teacher(cfg.ema_momentum)
         return logs
 
     # ------------------------------------------------------------------ shared pieces
@@ -210,9 +211,9 @@ class NAPG:
         # The frozen discriminators are called unwrapped: under DDP a wrapped call whose parameters get no
         # gradient would leave its reducer waiting.
         l_d1, l_d2 = generator_adv_losses(unwrap(self.d1), unwrap(self.d2), ent["t_cls"], ent["s_proto"],
-                                          ent["t_proto"], legacy_d2_gen=cfg["legacy_d2_gen"])
+                                          ent["t_proto"], legacy_d2_gen=cfg.legacy_d2_gen)
         logs.update(loss_adv_d1=l_d1.detach(), loss_adv_d2=l_d2.detach())
-        return cfg["w_adv_d1"] * l_d1 + cfg["w_adv_d2"] * l_d2
+        return cfg.w_adv_d1 * l_d1 + cfg.w_adv_d2 * l_d2
 
     def _discriminator_step(self, ent: dict[str, torch.Tensor], logs: Logs, legacy_step1: bool) -> None:
         set_requires_grad(self.d1, True)

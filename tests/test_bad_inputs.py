@@ -236,8 +236,6 @@ FREE_TEXT = {"data_root", "source", "target", "pretrained", "work_dir", "init"}
 @pytest.mark.parametrize("key", sorted(OPTIONS))
 def test_every_option_refuses_a_bad_value(key):
     """Walks the option table: each option has a value that is refused with one line, before any work."""
-    from utils.config import LENGTHS, RANGES
-
     opt = OPTIONS[key]
     if key in FREE_TEXT:
         assert opt.type is str and opt.choices is None  # checked where they are used (see CASES)
@@ -246,12 +244,12 @@ def test_every_option_refuses_a_bad_value(key):
         bad = "no-such-choice"
     elif key == "device":
         bad = "tpu"
-    elif key in RANGES:
-        low = RANGES[key][0]
+    elif opt.range is not None:
+        low = opt.range[0]
         bad = str(low - 1 if opt.type is int else -1.0 if low >= 0 else float("nan"))
     else:
         bad = BAD_VALUE[opt.type]
-    value = [bad] * LENGTHS.get(key, 6 if opt.is_list else 1) if opt.is_list else bad
+    value = [bad] * (opt.length or 6) if opt.is_list else bad
     with pytest.raises(UserError) as err:
         resolve_config("step2", overrides={key: value})
     assert "\n" not in str(err.value) and key in str(err.value)

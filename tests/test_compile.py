@@ -27,8 +27,8 @@ def _losses(compile_: bool) -> dict[str, float]:
     napg = build_napg(cfg, torch.device("cpu"))
     data = random_data(cfg, batches=1)
     generator = torch.Generator().manual_seed(0)
-    protos = RefreshResult(torch.randn(cfg["num_classes"] * max(cfg["clusters"]), 128, generator=generator), None,
-                           clusters=cfg["clusters"])
+    protos = RefreshResult(torch.randn(cfg.num_classes * max(cfg.clusters), 128, generator=generator), None,
+                           clusters=cfg.clusters)
     logs, _ = train_iteration(napg, data, protos, epoch=1, tau=None)
     return {k: v.item() for k, v in logs.items()}
 

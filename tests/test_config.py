@@ -5,16 +5,16 @@ import pytest
 from engine.cli import build_parser
 from utils.config import OPTIONS, PRESETS, config_from_args, resolve_config
 from utils.errors import UserError
-from utils.stages import STAGES, tau_at
+from utils.stages import STAGES
 
 
 def test_precedence_of_every_layer():
     yaml_data = {"lr": 3e-4, "epochs": 7, "step2": {"epochs": 9}}
     cfg = resolve_config("step2", yaml_data, {"lr": "5e-4"})
-    assert cfg["lr"] == 5e-4  # flag beats YAML
-    assert cfg["epochs"] == 9  # stage section beats the top level
-    assert cfg["clusters"] == STAGES["step2"].defaults["clusters"]
-    assert resolve_config("step1", yaml_data)["epochs"] == 7
+    assert cfg.lr == 5e-4  # flag beats YAML
+    assert cfg.epochs == 9  # stage section beats the top level
+    assert cfg.clusters == STAGES["step2"].defaults["clusters"]
+    assert resolve_config("step1", yaml_data).epochs == 7
 
 
 def test_unknown_keys_and_wrong_types_are_user_errors():
@@ -42,23 +42,25 @@ def test_cross_option_checks():
 def test_presets_only_set_flags_and_flags_still_win():
     paper = resolve_config("step1", {})
     legacy = resolve_config("step1", {}, preset="legacy")
-    assert not paper["legacy_d2_gen"] and legacy["legacy_d2_gen"]
-    assert legacy["legacy_d2_step1"] and not resolve_config("step2", {}, preset="legacy")["legacy_d2_step1"]
-    assert resolve_config("step2", {})["w_gnce"] == 0.1
-    assert resolve_config("step2", {}, preset="legacy")["w_gnce"] == 0.0
-    assert not resolve_config("step1", {}, {"legacy_d2_gen": "false"}, preset="legacy")["legacy_d2_gen"]
-    for values in PRESETS.values():
-        assert all(k.split("@")[0] in OPTIONS for k in values)
+    assert not paper.legacy_d2_gen and legacy.legacy_d2_gen
+    assert legacy.legacy_d2_step1 and not resolve_config("step2", {}, preset="legacy").legacy_d2_step1
+    assert resolve_config("step2", {}).w_gnce == 0.1
+    assert resolve_config("step2", {}, preset="legacy").w_gnce == 0.0
+    assert not resolve_config("step1", {}, {"legacy_d2_gen": "false"}, preset="legacy").legacy_d2_gen
+    for preset in PRESETS.values():
+        assert set(preset.values) <= set(OPTIONS) and set(preset.stages) <= set(STAGES)
+        assert all(set(values) <= set(OPTIONS) for values in preset.stages.values())
     # legacy k-means is the released code's: sklearn, random_state 0, sklearn's default n_init ("auto")
-    assert {k: legacy[k] for k in ("kmeans_backend", "kmeans_n_init", "kmeans_seed", "legacy_epoch_length")} == {
+    keys = ("kmeans_backend", "kmeans_n_init", "kmeans_seed", "legacy_epoch_length")
+    assert {k: getattr(legacy, k) for k in keys} == {
         "kmeans_backend": "sklearn", "kmeans_n_init": "auto", "kmeans_seed": 0, "legacy_epoch_length": True}
-    assert (paper["kmeans_backend"], paper["kmeans_n_init"], paper["legacy_epoch_length"]) == ("torch", 10, False)
+    assert (paper.kmeans_backend, paper.kmeans_n_init, paper.legacy_epoch_length) == ("torch", 10, False)
 
 
 def test_kmeans_n_init_takes_a_count_or_auto():
-    assert resolve_config("step2", {}, {"kmeans_n_init": "AUTO"})["kmeans_n_init"] == "auto"
-    assert resolve_config("step2", {"kmeans_n_init": 3})["kmeans_n_init"] == 3
-    assert resolve_config("step2", {}, {"kmeans_n_init": "4"})["kmeans_n_init"] == 4
+    assert resolve_config("step2", {}, {"kmeans_n_init": "AUTO"}).kmeans_n_init == "auto"
+    assert resolve_config("step2", {"kmeans_n_init": 3}).kmeans_n_init == 3
+    assert resolve_config("step2", {}, {"kmeans_n_init": "4"}).kmeans_n_init == 4
     for bad in ("0", "many", 2.5, True):
         with pytest.raises(UserError, match="'kmeans_n_init' must be int_or_auto") as err:
             resolve_config("step2", {"kmeans_n_init": bad})
@@ -68,15 +70,15 @@ def test_kmeans_n_init_takes_a_count_or_auto():
 def test_tau_schedules_match_the_original():
     s1, s2, s3 = (resolve_config(s, {}) for s in ("step1", "step2", "step3"))
     # step 1: target prototypes from epoch 20 with 1 - (e - 9)/100
-    assert tau_at(s1, 19) is None
-    assert [round(tau_at(s1, e), 6) for e in (20, 30)] == [round(1 - (e - 9) / 100, 6) for e in (20, 30)]
+    assert s1.tau_at(19) is None
+    assert [round(s1.tau_at(e), 6) for e in (20, 30)] == [round(1 - (e - 9) / 100, 6) for e in (20, 30)]
     # step 2: original epochs 10..40 -> local 1..31, max(0.80, 1 - e/100)
     for local in range(1, 32):
-        assert tau_at(s2, local) == pytest.approx(max(0.80, 1 - (local + 9) / 100))
+        assert s2.tau_at(local) == pytest.approx(max(0.80, 1 - (local + 9) / 100))
     # step 3: original epochs 20..35 -> local 1..16, 1 - e/100
     for local in range(1, 17):
-        assert tau_at(s3, local) == pytest.approx(1 - (local + 19) / 100)
-    assert tau_at(resolve_config("step0", {}), 5) is None
+        assert s3.tau_at(local) == pytest.approx(1 - (local + 19) / 100)
+    assert resolve_config("step0", {}).tau_at(5) is None
 
 
 def test_every_option_is_a_flag(tmp_path):
@@ -85,10 +87,10 @@ def test_every_option_is_a_flag(tmp_path):
     args = build_parser("step1").parse_args(["--config", str(cfg_file), "--gnce-windows", "2", "2", "2", "2",
                                              "1", "0", "--legacy-d2-gen", "--iters-per-epoch", "4"])
     cfg = config_from_args("step1", args)
-    assert cfg["source"] == "potsdam_rgb" and cfg["epochs"] == 3 and cfg["iters_per_epoch"] == 4
-    assert cfg["gnce_windows"] == [2, 2, 2, 2, 1, 0] and cfg["legacy_d2_gen"] is True
+    assert cfg.source == "potsdam_rgb" and cfg.epochs == 3 and cfg.iters_per_epoch == 4
+    assert cfg.gnce_windows == (2, 2, 2, 2, 1, 0) and cfg.legacy_d2_gen is True
     unset = config_from_args("step1", build_parser("step1").parse_args(["--config", str(cfg_file), "--pretrained",
                                                                          "null", "--iters-per-epoch", "none"]))
-    assert unset["pretrained"] is None and unset["iters_per_epoch"] is None
+    assert unset.pretrained is None and unset.iters_per_epoch is None
     flags = {a.dest for a in build_parser("step1")._actions}
     assert set(OPTIONS) <= flags

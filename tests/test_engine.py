@@ -50,8 +50,8 @@ def original_iteration(model, d1, d2, x_s, y_s, x_t, P, legacy: bool):
 @pytest.mark.parametrize("preset", ["legacy", "paper"])
 def test_step1_iteration_matches_the_released_arithmetic(preset):
     torch.manual_seed(0)
-    cfg = resolve_config("step1", {"backbone": "resnet18", "proto_ignore_index": False}, preset=preset)
-    cfg["w_gnce"] = 0.0  # GNCE is checked against the fixtures in test_gnce.py
+    # GNCE is checked against the fixtures in test_gnce.py
+    cfg = resolve_config("step1", {"backbone": "resnet18", "proto_ignore_index": False, "w_gnce": 0.0}, preset=preset)
     model = NAPGNet(num_classes=6, backbone="resnet18")
     d1, d2 = FCDiscriminatorHighMask(6), FCDiscriminatorHighMask(6)
     ref_model, ref_d1, ref_d2 = copy.deepcopy(model), copy.deepcopy(d1), copy.deepcopy(d2)
@@ -79,8 +79,8 @@ def test_step1_iteration_matches_the_released_arithmetic(preset):
 
 
 def test_legacy_and_paper_differ_only_where_the_flags_say():
-    paper = resolve_config("step1", {})
-    legacy = resolve_config("step1", {}, preset="legacy")
+    paper = resolve_config("step1", {}).to_dict()
+    legacy = resolve_config("step1", {}, preset="legacy").to_dict()
     differing = {k for k in paper if paper[k] != legacy[k]}
     assert differing == {"preset", "legacy_d2_gen", "legacy_d2_step1", "proto_ignore_index", "refresh",
                          "legacy_geometry", "kd_normalize", "legacy_epoch_length", "kmeans_backend", "kmeans_n_init",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_flops_are_counted_per_image() -> None:
     cfg = gpu_report.stage_config("step1", gpu_report._bench_args(gpu_report.SCALES["tiny"], torch.device("cpu")),
                                   None)
     small = gpu_report.gflop_per_image(cfg, torch.device("cpu"))
-    larger = gpu_report.gflop_per_image({**cfg, "img_size": 2 * cfg["img_size"]}, torch.device("cpu"))
+    larger = gpu_report.gflop_per_image(dataclasses.replace(cfg, img_size=2 * cfg.img_size), torch.device("cpu"))
     assert larger == pytest.approx(4 * small, rel=0.05)  # convolutions scale with the pixel count
 
 

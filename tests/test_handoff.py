@@ -3,6 +3,7 @@ checkpoint (the fixtures' key names) converted, started as steps 1, 2 and 3, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_resolve_init_checks_the_network_against_the_config(tmp_path: Path) -> N
     cfg = resolve_config("step2", overrides={"init": str(tmp_path / "step1.pt"), "backbone": "resnet18"})
     with pytest.raises(UserError, match="backbone=resnet50.*--backbone resnet50"):
         resolve_init(cfg)
-    state, source = resolve_init({**cfg, "backbone": "resnet50"})
+    state, source = resolve_init(dataclasses.replace(cfg, backbone="resnet50"))
     assert source["stage"] == "step1" and len(source["sha256"]) == 64 and state["meta"]["epoch"] == 3
     # steps 0 and 1 start afresh without --init; steps 2 and 3 look for their predecessor
     assert resolve_init(resolve_config("step1", overrides={"work_dir": str(tmp_path)})) == (None, None)

@@ -82,9 +82,17 @@ def fixture_discriminator() -> TinyD:
     return d
 
 
-def test_self_information_bit_exact():
+def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 2) -> None:
+    """float32 values equal up to ``ulps`` units in the last place. torch.log2's vector kernel is not the same
+    on every CPU: bit-exact on the machine the fixtures were made on, 1-2 ulp off in a few values elsewhere."""
+    assert actual.dtype == expected.dtype == torch.float32 and actual.shape == expected.shape
+    distance = (actual.view(torch.int32).long() - expected.view(torch.int32).long()).abs()
+    assert distance.max() <= ulps, f"{int((distance > ulps).sum())} values more than {ulps} ulp apart"
+
+
+def test_self_information_matches_the_original():
     fx = load_fixture("entropy_disc.pt")
-    assert torch.equal(self_information(fx["P32"]), fx["E32"])
+    assert_within_ulps(self_information(fx["P32"]), fx["E32"])
 
 
 def test_self_information_formula_and_saturation():
@@ -119,7 +127,7 @@ def test_entropy_discriminator_bce_128(label):
     fx128 = load_fixture("entropy_disc_128.pt")
     d = fixture_discriminator()
     ent = self_information(fx["P128"])
-    assert torch.equal(ent, fx128["E128"])
+    assert_within_ulps(ent, fx128["E128"])
     ent.requires_grad_()
     out = d(ent)
     assert_close(out.detach(), fx128["out128"])

@@ -61,7 +61,7 @@ def test_legacy_kmeans_is_sklearn_kmeans_on_standardised_centroids(monkeypatch):
 
     cfg = resolve_config("step2", {}, preset="legacy")
     default_n_init = inspect.signature(KMeans).parameters["n_init"].default
-    assert default_n_init == cfg["kmeans_n_init"] == "auto"  # the released code's default in sklearn >= 1.4
+    assert default_n_init == cfg.kmeans_n_init == "auto"  # the released code's default in sklearn >= 1.4
     captured = {}  # what the trainer's refresh hands to the clustering under the legacy preset
     monkeypatch.setattr("engine.trainer.refresh_prototypes", lambda *a, cluster_kwargs, **kw: captured.update(
         cluster_kwargs))

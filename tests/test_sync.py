@@ -60,10 +60,10 @@ def test_iterations_between_log_points_read_nothing_back(stage, preset, read_bac
     seed_everything(0)
     napg = build_napg(cfg, torch.device("cpu"))
     data = random_data(cfg, batches=1)
-    protos = refresh_prototypes(napg.model, data["source_refresh"], data["target_refresh"], 0.5, cfg["clusters"],
+    protos = refresh_prototypes(napg.model, data["source_refresh"], data["target_refresh"], 0.5, cfg.clusters,
                                 torch.device("cpu"))
     read_backs.clear()  # the refresh reads its k-means results back: it runs once per epoch, not per iteration
-    for _ in range(cfg["log_every"] - 1):
+    for _ in range(cfg.log_every - 1):
         logs, _ = trainer.train_iteration(napg, data, protos, epoch=1, tau=0.5)
     assert read_backs == []
     assert "loss_d1" in logs and "d1_target" in logs  # the discriminator step ran, monitoring included

@@ -53,10 +53,10 @@ from engine.handoff import check_fits, handoff_file, load_handoff
 from engine.trainer import refresh, train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
-from utils.config import OPTIONS, resolve_config
+from utils.config import OPTIONS, Config, resolve_config
 from utils.errors import UserError, run_cli
 from utils.run import seed_everything
-from utils.stages import STAGE_NAMES, STAGES, steady_epoch, tau_at
+from utils.stages import STAGE_NAMES, STAGES
 
 IMPLS = ("reference", "fast")
 DATA_ROLES = ("source", "target", "source_refresh", "target_refresh", "target_val")
@@ -154,23 +154,23 @@ def stage_config(stage: str, args: argparse.Namespace, data_root: Path | None) -
     return resolve_config(stage, overrides=overrides)
 
 
-def random_data(cfg: dict[str, Any], batches: int) -> dict[str, Any]:
+def random_data(cfg: Config, batches: int) -> dict[str, Any]:
     """In-memory stand-ins of ``engine.trainer.build_data``'s loaders: random patches of side
     ``resize or img_size`` through the stage's transforms, one training batch per role (reused every
     iteration) and ``batches`` batches per refresh/evaluation role."""
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
-    side, bs = cfg["resize"] or cfg["img_size"], cfg["batch_size"]
+    side, bs = cfg.resize or cfg.img_size, cfg.batch_size
 
     def batch(transform: Callable | None, labels: bool) -> dict[str, Any]:
         samples = []
         for i in range(bs):
             sample = {"img": torch.rand(3, side, side), "name": f"random{i}"}
             if labels:
-                sample["label"] = torch.randint(0, cfg["num_classes"], (side, side))
+                sample["label"] = torch.randint(0, cfg.num_classes, (side, side))
             samples.append(transform(sample) if transform is not None else sample)
         return default_collate(samples)
 
-    target_tf = strong_tf if STAGES[cfg["stage"]].target_view == "weak_strong" else train_tf
+    target_tf = strong_tf if STAGES[cfg.stage].target_view == "weak_strong" else train_tf
     src, tgt = batch(train_tf, True), batch(target_tf, False)
     return {"source": iter(lambda: src, None), "target": iter(lambda: tgt, None),
             "source_refresh": [batch(eval_tf, True) for _ in range(batches)],
@@ -181,7 +181,7 @@ def random_data(cfg: dict[str, Any], batches: int) -> dict[str, Any]:
 def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, data_root: Path | None) -> dict:
     """Train iterations, one refresh pass and one evaluation pass of ``stage``; one result row."""
     cfg = stage_config(stage, args, data_root)
-    seed_everything(cfg["seed"])
+    seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data = random_data(cfg, args.random_batches) if data_root is None else build_data(cfg, device)
@@ -191,8 +191,8 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
         check_fits(init_state, cfg, args.init)
     napg = build_napg(cfg, device, init_state)
     model = napg.model
-    epoch = args.epoch or steady_epoch(cfg)
-    tau = tau_at(cfg, epoch)
+    epoch = args.epoch or cfg.steady_epoch()
+    tau = cfg.tau_at(epoch)
     uses_target = napg.uses_target and data["target"] is not None
 
     # A one-batch refresh gives the starting prototypes and warms up the refresh path.
@@ -218,15 +218,15 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     if data["target_val"] is not None:
         prototypes = protos.for_target
         start = time.perf_counter()
-        evaluate(model, data["target_val"], prototypes, device, cfg["num_classes"])
+        evaluate(model, data["target_val"], prototypes, device, cfg.num_classes)
         sync(device)
         eval_s = time.perf_counter() - start
     peak, peak_kind = peak_memory_mb(device)
-    images = cfg["batch_size"] * (2 if uses_target else 1)
+    images = cfg.batch_size * (2 if uses_target else 1)
     total = sum(iter_times)
     cache_active = data_root is not None and all(data[k].dataset.cache is not None for k in DATA_ROLES
                                                  if data[k] is not None)
-    return {"what": "stage", "stage": stage, "impl": cfg["head_impl"], "amp": cfg["amp"], "epoch": epoch,
+    return {"what": "stage", "stage": stage, "impl": cfg.head_impl, "amp": cfg.amp, "epoch": epoch,
             "images_per_iter": images, "images_per_s": images * len(iter_times) / total,
             "s_per_iter": total / len(iter_times), "s_per_iter_median": statistics.median(iter_times),
             "data_fraction": sum(data_times) / total, "refresh_s": refresh_s, "eval_s": eval_s,
@@ -242,7 +242,7 @@ def bench_stage(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def bench_loader(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Samples/s of one split through a DataLoader: PNG decoding vs the uint8 cache, 0 and N workers."""
-    root = resolve_domain(args.data_dir, args.source or resolve_config("step0")["source"])
+    root = resolve_domain(args.data_dir, args.source or resolve_config("step0").source)
     start = time.perf_counter()
     cached = SegmentationFolder(root, args.split, cache=True)
     build_s = time.perf_counter() - start

@@ -28,6 +28,7 @@ null on the CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -46,9 +47,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tools.benchmark import bench_loader, peak_memory_mb, random_data, stage_config, sync, time_steps
+from utils.config import Config
 from utils.errors import UserError, run_cli
 from utils.run import seed_everything
-from utils.stages import STAGES, steady_epoch, tau_at
+from utils.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peak in TFLOP/s (vendor data sheets, without sparsity), by a part of the device's
@@ -92,15 +94,15 @@ def _bench_args(scale: dict[str, Any], device: torch.device, setting: str = "bf1
                               cache=False, device=device.type, source=None, target=None)
 
 
-def gflop_per_image(cfg: dict[str, Any], device: torch.device) -> float:
+def gflop_per_image(cfg: Config, device: torch.device) -> float:
     """Counted GFLOP of the segmenter's forward + backward per training image at the stage's K."""
     from models import NAPGNet
     from models.napg import FEATURE_CHANNELS
 
-    model = NAPGNet(cfg["num_classes"], backbone=cfg["backbone"])
+    model = NAPGNet(cfg.num_classes, backbone=cfg.backbone)
     model.to(device).train()
-    images = torch.rand(2, 3, cfg["img_size"], cfg["img_size"], device=device)  # BatchNorm trains on 2+
-    prototypes = torch.randn(cfg["num_classes"] * max(cfg["clusters"]), FEATURE_CHANNELS, device=device)
+    images = torch.rand(2, 3, cfg.img_size, cfg.img_size, device=device)  # BatchNorm trains on 2+
+    prototypes = torch.randn(cfg.num_classes * max(cfg.clusters), FEATURE_CHANNELS, device=device)
     with FlopCounterMode(display=False) as counter:
         out = model(images, prototypes)
         (out["logits_up"].float().mean() + out["proto_logits"].float().mean()).backward()
@@ -113,14 +115,14 @@ def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.
     from engine.trainer import refresh, train_iteration
 
     cfg = stage_config(stage, _bench_args(scale, device, setting), None)
-    cfg.update(SETTINGS[setting])
-    seed_everything(cfg["seed"])
+    cfg = dataclasses.replace(cfg, **SETTINGS[setting])
+    seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data = random_data(cfg, batches=1)
     napg = build_napg(cfg, device)
-    epoch = steady_epoch(cfg)
-    tau = tau_at(cfg, epoch)
+    epoch = cfg.steady_epoch()
+    tau = cfg.tau_at(epoch)
     protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
     data_seconds: list[float] = []
 
@@ -128,7 +130,7 @@ def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.
         data_seconds.append(train_iteration(napg, data, protos, epoch, tau)[1])
 
     times_s = [ms / 1000 for ms in time_steps({"train": step}, device, scale["repeats"], scale["warmup"])["train"]]
-    images = cfg["batch_size"] * (2 if napg.uses_target else 1)
+    images = cfg.batch_size * (2 if napg.uses_target else 1)
     s_per_iter = sum(times_s) / len(times_s)
     gflop = gflop_per_image(cfg, device)
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -146,15 +148,15 @@ def part_passes(scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     from engine.trainer import refresh
 
     cfg = stage_config("step2", _bench_args(scale, device), None)
-    cfg.update(SETTINGS["bf16-cl"], eval_batch_size=scale["batch"])
-    seed_everything(cfg["seed"])
+    cfg = dataclasses.replace(cfg, **SETTINGS["bf16-cl"], eval_batch_size=scale["batch"])
+    seed_everything(cfg.seed)
     one = random_data(cfg, batches=1)
     # The same batch over and over: the time of a pass depends on its size, not on its pixels.
     data = {"source_refresh": one["source_refresh"] * math.ceil(scale["source"] / scale["batch"]),
             "target_refresh": one["target_refresh"] * math.ceil(scale["target"] / scale["batch"]),
             "target_val": one["target_val"] * math.ceil(scale["target"] / scale["batch"])}
     napg = build_napg(cfg, device)
-    tau = tau_at(cfg, steady_epoch(cfg))
+    tau = cfg.tau_at(cfg.steady_epoch())
     refresh(napg, data, cfg, tau, None, device, max_batches=1)  # warm-up
     sync(device)
     start = time.perf_counter()
@@ -162,7 +164,7 @@ def part_passes(scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     sync(device)
     refresh_s = time.perf_counter() - start
     start = time.perf_counter()
-    evaluate(napg.model, data["target_val"], protos.source_target, device, cfg["num_classes"], amp=cfg["amp"])
+    evaluate(napg.model, data["target_val"], protos.source_target, device, cfg.num_classes, amp=cfg.amp)
     sync(device)
     return {"refresh_s": refresh_s, "eval_s": time.perf_counter() - start,
             "source_patches": scale["source"], "target_patches": scale["target"]}

@@ -86,11 +86,11 @@ class Study:
         self.data_root = self.out / "data"
         yaml_data = load_yaml(args.config)
         cfg = {s: resolve_config(s, yaml_data, yaml_name=args.config) for s in ("step1", "step2")}
-        self.source, self.target = cfg["step1"]["source"], cfg["step1"]["target"]
-        self.batch_size, self.resize = cfg["step1"]["batch_size"], cfg["step1"]["resize"]
-        self.iters_cap = cfg["step1"]["iters_per_epoch"]
+        self.source, self.target = cfg["step1"].source, cfg["step1"].target
+        self.batch_size, self.resize = cfg["step1"].batch_size, cfg["step1"].resize
+        self.iters_cap = cfg["step1"].iters_per_epoch
         # Equal budgets: the source-only and oracle runs train as many iterations as steps 1 + 2 together.
-        self.napg_epochs = cfg["step1"]["epochs"] + cfg["step2"]["epochs"]
+        self.napg_epochs = cfg["step1"].epochs + cfg["step2"].epochs
 
     # ------------------------------------------------------------------ runs
     def run(self) -> dict[str, Any]:

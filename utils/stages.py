@@ -50,34 +50,15 @@ STAGE_LIST: tuple[Stage, ...] = (
           "UDA with multi-prototype groups (K_c per class) from source + confident target features.",
           previous="step1", accepts_init=frozenset({"step1", ORIGINAL}), adversarial=True, teacher=False,
           epoch_role="source", target_view="plain", bn_stats=None,
-          defaults={"epochs": 31, "clusters": [2, 2, 2, 2, 4, 4], "tau_start": 0.90, "tau_min": 0.80,
-                    "w_gnce": 0.1, "gnce_windows": [2, 2, 2, 2, 1, 0], "gnce_target_weight": 0.5}),
+          defaults={"epochs": 31, "clusters": (2, 2, 2, 2, 4, 4), "tau_start": 0.90, "tau_min": 0.80,
+                    "w_gnce": 0.1, "gnce_windows": (2, 2, 2, 2, 1, 0), "gnce_target_weight": 0.5}),
     Stage("step3", "teacher-student", "step3-teacher-student.py",
           "Teacher-student: frozen step-2 teacher, weak/strong target views, masked feature distillation.",
           previous="step2", accepts_init=frozenset({"step2", ORIGINAL}), adversarial=True, teacher=True,
           epoch_role="target", target_view="weak_strong", bn_stats=None,
-          defaults={"epochs": 16, "clusters": [1, 1, 1, 2, 2, 2], "tau_start": 0.80, "lr": 2e-5,
+          defaults={"epochs": 16, "clusters": (1, 1, 1, 2, 2, 2), "tau_start": 0.80, "lr": 2e-5,
                     "w_ce": 0.0, "w_proto": 0.0}),
 )
 STAGES: dict[str, Stage] = {stage.name: stage for stage in STAGE_LIST}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
 
-
-# ---------------------------------------------------------------------------------------------- schedules
-def tau_at(cfg: dict[str, Any], epoch: int) -> float | None:
-    """Confidence threshold of the target pseudo-labels at 1-based ``epoch``, None before target use."""
-    start = cfg["tgt_proto_start"]
-    if start < 1 or epoch < start:
-        return None
-    return max(cfg["tau_min"], cfg["tau_start"] - cfg["tau_step"] * (epoch - start))
-
-
-def gnce_weight_at(cfg: dict[str, Any], epoch: int) -> float:
-    """Weight of the GNCE term at 1-based ``epoch`` (0 before ``gnce_start_epoch``)."""
-    return cfg["w_gnce"] if epoch >= cfg["gnce_start_epoch"] else 0.0
-
-
-def steady_epoch(cfg: dict[str, Any]) -> int:
-    """The first epoch at which every schedule of the stage has reached its steady form (target
-    prototypes on, GNCE on): what a throughput measurement should time."""
-    return max(1, cfg["tgt_proto_start"], cfg["gnce_start_epoch"] if cfg["w_gnce"] > 0 else 1)
