@@ -35,8 +35,8 @@ run; a variant keeps what it measured before it was stopped (``compile_s`` after
 ``gpu_report.json`` says for each part what could not be measured and why (``not_measured``), and the
 first line of ``gpu_report.md`` whether every part ran. On the CPU the parts run in this process (a
 failure is recorded alike), which saves a start-up per part. ``--tiny`` shrinks every size (ResNet-18,
-64², a few patches) so that ``--device cpu --tiny`` runs end to end, as CI does; fields that only a GPU
-measures are null on the CPU.
+64², a few patches; fp32 for ``passes`` and ``loader_vs_gpu``) so that ``--device cpu --tiny``
+runs end to end, as CI does; fields that only a GPU measures are null on the CPU.
 """
 
 from __future__ import annotations
@@ -118,16 +118,19 @@ class Scale:
     loader_patches: int
     workers: int
     stage_timeout_s: int  # of each gpu_check stage
+    # The setting of ``passes`` and ``loader_vs_gpu``: training's bf16 on a GPU; fp32 in CI, whose CPU
+    # emulates bf16 several times slower and whose figures are not the point.
+    pass_setting: str
 
 
 SCALES = {
     "paper": Scale(backbone="resnet50", size=512, batch=10, warmup=3, repeats=10, loader_warmup=20, loader_repeats=30,
                    source_train=POTSDAM.mmseg_counts["train"], target_train=VAIHINGEN.mmseg_counts["train"],
                    source_val=POTSDAM.mmseg_counts["val"], target_val=VAIHINGEN.mmseg_counts["val"],
-                   loader_patches=160, workers=8, stage_timeout_s=35),
+                   loader_patches=160, workers=8, stage_timeout_s=35, pass_setting="bf16-cl"),
     "tiny": Scale(backbone="resnet18", size=64, batch=2, warmup=1, repeats=1, loader_warmup=1, loader_repeats=2,
                   source_train=8, target_train=4, source_val=4, target_val=4, loader_patches=8, workers=2,
-                  stage_timeout_s=35),
+                  stage_timeout_s=35, pass_setting="fp32"),
 }
 
 
@@ -143,7 +146,8 @@ class Part:
 
 # In the order they run: the figures the goals need first. Cold process start-up, CUDA start-up and
 # cuDNN autotuning are inside each cap; the compile variant's cap holds a cold Inductor/Triton compile of
-# ResNet-50's forward and backward, for both domains' BatchNorm and for evaluation.
+# the network's forward and backward once per domain (each has its own BatchNorm statistics; the refresh
+# and evaluation run the bare network).
 PARTS: tuple[Part, ...] = (
     Part("device", 25),
     Part("gpu_check:bf16", 85, gpu_only="it checks the CUDA code paths"),
@@ -214,7 +218,9 @@ def part_device(device: torch.device) -> dict[str, Any]:
         "driver": None, "tf32_convs": torch.backends.cudnn.allow_tf32,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "torch": torch.__version__,
         "python": platform.python_version(), "packages": packages, "missing_packages": missing,
-        "matplotlib": _importable("matplotlib"), "cpu_count": os.cpu_count(), "compile_blocker": compile_blocker(),
+        "matplotlib": _importable("matplotlib"), "cpu_count": _cpu_count(), "compile_blocker": compile_blocker(),
+        # DataLoader workers hand batches over in shared memory: a container's small /dev/shm fails them.
+        "shm_gib": shutil.disk_usage("/dev/shm").total / 2**30 if Path("/dev/shm").is_dir() else None,
         "date": time.strftime("%Y-%m-%d"),
         "unmeasured": "no GPU: its name, SM count, memory, cuDNN and driver versions and peaks are null",
     }
@@ -228,6 +234,11 @@ def part_device(device: torch.device) -> dict[str, Any]:
                      peak_tflops=None if matched is None else matched[1],
                      unmeasured=None if matched else f"{props.name} is not in the peak table: no peak fractions")
     return facts
+
+
+def _cpu_count() -> int | None:
+    """The CPUs this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _importable(name: str) -> bool:
@@ -293,11 +304,16 @@ def part_variant(stage: str, setting: str, scale: Scale, device: torch.device,
     epoch = steady_epoch(cfg)
     tau = tau_at(cfg, epoch)
     row: dict[str, Any] = dict.fromkeys(VARIANT_KEYS)
-    row.update(stage=stage, setting=setting, peak_kind="bf16" if cfg["amp"] == "bf16" else "tf32")
+    # fp32 convolutions run on TF32 tensor cores when cuDNN may use them (torch's default); the table has
+    # no peak for plain fp32.
+    kind = "bf16" if cfg["amp"] == "bf16" else "tf32" if torch.backends.cudnn.allow_tf32 else None
+    row.update(stage=stage, setting=setting, peak_kind=kind)
     # Untimed: the starting prototypes (a one-batch refresh) and the warm-up iterations, where cuDNN
-    # autotunes every shape and torch.compile compiles every graph (train and eval mode, both domains).
+    # autotunes every shape and torch.compile compiles every graph (both domains' BatchNorm).
     sync(device)
     start = time.perf_counter()
+    if compiled:
+        _compile_smoke(device)
     protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
 
     def step() -> float:
@@ -314,22 +330,35 @@ def part_variant(stage: str, setting: str, scale: Scale, device: torch.device,
     keep(row)
     row["gflop_per_image"] = gflop_per_image(cfg, device)
     matched = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    if matched is not None:
+    if matched is not None and kind is not None:
         peak = matched[1][row["peak_kind"]]
         row["peak_fraction"] = row["gflop_per_image"] * 1e9 * row["images_per_s"] / (peak * 1e12)
     row["unmeasured"] = ("peak memory and the fraction of the peak: GPU only" if device.type != "cuda" else
-                         None if matched else "the fraction of the peak: the device is not in the peak table")
+                         "the fraction of the peak: the device is not in the peak table" if matched is None else
+                         "the fraction of the peak: cuDNN may not use TF32, and plain fp32 has no peak in the table"
+                         if kind is None else None)
     return row
 
 
+def _compile_smoke(device: torch.device) -> None:
+    """A one-line kernel through torch.compile first: Triton builds its C helper and finds the CUDA driver
+    library here, so a missing piece fails in seconds with its own message, not minutes into ResNet-50."""
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(8, device=device))
+        sync(device)
+    except Exception as err:  # any failure of the toolchain: the variant cannot be measured
+        line = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise UserError(f"torch.compile cannot build a kernel here: {line}") from None
+
+
 def part_passes(scale: Scale, device: torch.device) -> dict[str, Any]:
-    """One step-2 refresh pass at the paper's data size and the evaluation's seconds per patch (bf16)."""
+    """One step-2 refresh pass at the paper's data size and the evaluation's seconds per patch."""
     from engine.build import build_napg
     from engine.evaluate import evaluate
     from engine.trainer import refresh
 
     cfg = stage_config("step2", size=scale.size, batch=scale.batch, backbone=scale.backbone, device=device.type,
-                       **SETTINGS["bf16-cl"])
+                       **SETTINGS[scale.pass_setting])
     seed_everything(cfg["seed"])
     set_up_device(cfg, device)
     one = random_data(cfg, device, batches=1)
@@ -380,7 +409,7 @@ def write_png_domain(folder: Path, *, side: int, counts: dict[str, int], unique:
 
 
 def part_loader_vs_gpu(scale: Scale, device: torch.device) -> dict[str, Any]:
-    """Step 2 (bf16, channels-last) fed from PNG files by the real loaders, transforms and workers: the
+    """Step 2 (``pass_setting``) fed from PNG files by the real loaders, transforms and workers: the
     fraction of each iteration spent waiting for data once the loaders' first prefetch is used up."""
     iterations = scale.loader_warmup + scale.loader_repeats
     with tempfile.TemporaryDirectory(prefix="napg-gpu-report-") as tmp:
@@ -400,7 +429,7 @@ def _fed_from_files(root: Path, scale: Scale, device: torch.device) -> dict[str,
 
     cfg = stage_config("step2", size=scale.size, batch=scale.batch, backbone=scale.backbone, device=device.type,
                        workers=scale.workers, data_root=root, source=str(root / "source"),
-                       target=str(root / "target"), **SETTINGS["bf16-cl"])
+                       target=str(root / "target"), **SETTINGS[scale.pass_setting])
     seed_everything(cfg["seed"])
     set_up_device(cfg, device)
     data = build_data(cfg, device)
@@ -415,8 +444,8 @@ def _fed_from_files(root: Path, scale: Scale, device: torch.device) -> dict[str,
     _timed_iterations(step, device, scale.loader_warmup)
     seconds, data_s = _timed_iterations(step, device, scale.loader_repeats)
     images = cfg["batch_size"] * 2
-    return {"stage": "step2", "setting": "bf16-cl", "workers": cfg["num_workers"], "patch_side": scale.size,
-            "cpu_count": os.cpu_count(), "images_per_s": images * scale.loader_repeats / seconds,
+    return {"stage": "step2", "setting": scale.pass_setting, "workers": cfg["num_workers"], "patch_side": scale.size,
+            "cpu_count": _cpu_count(), "images_per_s": images * scale.loader_repeats / seconds,
             "s_per_iter": seconds / scale.loader_repeats, "data_fraction": data_s / seconds}
 
 
@@ -489,8 +518,9 @@ def measure(part: Part, report: Report) -> dict[str, Any]:
         cap = min(part.cap_s, left)
         run = run_group(_command(part.name, report, out, log), timeout_s=cap, log=log, cwd=REPO)
         seconds = run.seconds
-        reason = (f"stopped at its cap of {cap:.0f} s" if run.timed_out else
-                  None if run.returncode == 0 else _last_line(log) or f"exit code {run.returncode}")
+        reason = (f"stopped at its cap of {cap:.0f} s" if run.timed_out else None if run.returncode == 0 else
+                  f"killed by {signal.Signals(-run.returncode).name}" if run.returncode < 0 else
+                  _last_line(log) or f"exit code {run.returncode}")
     else:
         start = time.perf_counter()
         reason = None
