@@ -4,7 +4,8 @@ Put this folder first on ``PYTHONPATH`` (``tests/test_gpu_machine.py`` does): Py
 start-up, in the process and in every process it starts. From then on the project's own code can import
 the standard library, the project's packages and the packages on the list, and nothing else; matplotlib
 and rasterio cannot be imported by anyone (on the GPU machine they are not installed at all). The
-packages on the list keep their own dependencies (torch's sympy, scikit-learn's scipy).
+packages on the list keep their own dependencies (torch's sympy, scikit-learn's scipy), which the GPU
+machine has with them; so a module one of them has already imported is found for the project too.
 """
 
 from __future__ import annotations
