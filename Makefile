@@ -44,7 +44,8 @@ validate: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py
 
-# The whole GPU report with the machine's own python3 (no venv, no install, no network): about 8 minutes.
+# The whole GPU report with the machine's own python3 (no venv, no install, no network; its packages:
+# utils/gpu_machine.py): at most 560 s, rewritten after every part.
 gpu-report:
 	$(PYTHON) tools/gpu_report.py --out gpu-report
 

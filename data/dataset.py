@@ -67,6 +67,18 @@ def to_model_input(img: torch.Tensor, device: torch.device, normalize: str) -> t
     return normalize_images(x.float().div_(255.0), normalize)
 
 
+def finish_sample(sample: dict[str, Any], transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+                  normalize: str) -> dict[str, Any]:
+    """The end of every dataset item: ``transform``, then each float image (``img*``) normalised; uint8
+    images stay uint8 (:func:`to_model_input` normalises them on the device)."""
+    if transform is not None:
+        sample = transform(sample)
+    for key, value in sample.items():
+        if key.startswith("img") and torch.is_tensor(value) and value.is_floating_point():
+            sample[key] = normalize_images(value, normalize)
+    return sample
+
+
 class SegmentationFolder(Dataset):
     """One split of a prepared domain folder.
 
@@ -141,9 +153,4 @@ class SegmentationFolder(Dataset):
         sample: dict[str, Any] = {"img": img if self.uint8 else img.float().div_(255.0), "name": self.names[index]}
         if ids is not None:
             sample["label"] = torch.from_numpy(ids)
-        if self.transform is not None:
-            sample = self.transform(sample)
-        for key, value in sample.items():
-            if key.startswith("img") and torch.is_tensor(value) and value.is_floating_point():
-                sample[key] = normalize_images(value, self.normalize)
-        return sample
+        return finish_sample(sample, self.transform, self.normalize)

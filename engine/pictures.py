@@ -22,7 +22,7 @@ from engine.logger import colorize, image_rgb, panel
 from losses import self_information
 from utils.checkpoint import atomic_write_bytes
 from utils.config import Config, load_config
-from utils.plots import confusion_rgb, image_png
+from utils.plots import can_draw, confusion_rgb, image_png
 
 PANEL_PATCHES = 4
 
@@ -55,9 +55,14 @@ def panel_rows(model: nn.Module, dataset: Dataset, prototypes: torch.Tensor | No
 
 def write_stage_pictures(run_dir: Path, model: nn.Module, dataset: Dataset, prototypes: torch.Tensor | None,
                          device: torch.device, confusion: list[list[int]], title: str) -> dict[str, np.ndarray]:
-    """Write ``confusion.png`` (row-normalised) and ``panels.png`` into ``run_dir``; returns both as RGB arrays."""
-    pictures = {"confusion": confusion_rgb(np.array(confusion), CLASS_NAMES, title),
-                "panels": panel_rows(model, dataset, prototypes, device)}
+    """Write ``confusion.png`` (row-normalised) and ``panels.png`` into ``run_dir``; returns them as RGB arrays.
+
+    The panels need only NumPy; without matplotlib the confusion picture is skipped with a one-line note.
+    """
+    pictures = {}
+    if can_draw("confusion.png"):
+        pictures["confusion"] = confusion_rgb(np.array(confusion), CLASS_NAMES, title)
+    pictures["panels"] = panel_rows(model, dataset, prototypes, device)
     for name, rgb in pictures.items():
         atomic_write_bytes(run_dir / f"{name}.png", image_png(rgb))
     return pictures

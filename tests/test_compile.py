@@ -12,10 +12,10 @@ import functools
 import pytest
 import torch
 
+from engine.benchmarking import random_data
 from engine.build import build_napg
 from engine.refresh import RefreshResult
 from engine.trainer import train_iteration
-from tools.benchmark import random_data
 from utils.config import resolve_config
 from utils.run import seed_everything
 
@@ -25,7 +25,7 @@ def _losses(compile_: bool) -> dict[str, float]:
                                              "device": "cpu", "compile": compile_, "gnce_start_epoch": 1})
     seed_everything(0)
     napg = build_napg(cfg, torch.device("cpu"))
-    data = random_data(cfg, batches=1)
+    data = random_data(cfg, torch.device("cpu"), batches=1)
     generator = torch.Generator().manual_seed(0)
     protos = RefreshResult(torch.randn(cfg.num_classes * max(cfg.clusters), 128, generator=generator), None,
                            clusters=cfg.clusters)

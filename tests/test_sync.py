@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import engine.trainer as trainer
+from engine.benchmarking import random_data
 from engine.build import build_napg
 from engine.refresh import refresh_prototypes
 from engine.safety import read_back
-from tools.benchmark import random_data
 from utils.config import resolve_config
 from utils.run import seed_everything
 
@@ -59,7 +59,7 @@ def test_iterations_between_log_points_read_nothing_back(stage, preset, read_bac
     cfg = _config(stage, preset=preset)
     seed_everything(0)
     napg = build_napg(cfg, torch.device("cpu"))
-    data = random_data(cfg, batches=1)
+    data = random_data(cfg, torch.device("cpu"), batches=1)
     protos = refresh_prototypes(napg.model, data["source_refresh"], data["target_refresh"], 0.5, cfg.clusters,
                                 torch.device("cpu"))
     read_backs.clear()  # the refresh reads its k-means results back: it runs once per epoch, not per iteration

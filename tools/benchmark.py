@@ -30,58 +30,33 @@ import argparse
 import contextlib
 import functools
 import json
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from torch.utils.data import default_collate
 
-from data.dataset import SegmentationFolder
 from data.domains import resolve_domain
-from data.loaders import build_loader
-from engine.build import build_data, build_napg, build_transforms
+from engine import benchmarking
+from engine.benchmarking import peak_memory_mb, random_data, set_up_device, stage_config, sync, time_steps
+from engine.build import build_data, build_napg
 from engine.evaluate import evaluate
 from engine.handoff import check_fits, handoff_file, load_handoff
 from engine.trainer import refresh, train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
-from utils.config import OPTIONS, Config, resolve_config
+from utils.config import OPTIONS, resolve_config
 from utils.errors import UserError, run_cli
 from utils.run import seed_everything
-from utils.stages import STAGE_NAMES, STAGES
+from utils.stages import STAGE_NAMES
 
 IMPLS = ("reference", "fast")
 DATA_ROLES = ("source", "target", "source_refresh", "target_refresh", "target_val")
-
-
-def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-               warmup: int) -> dict[str, list[float]]:
-    """Milliseconds of ``repeats`` calls of each step after ``warmup`` untimed ones.
-
-    The steps take turns within each repeat, so a change in machine load affects them alike.
-    """
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1000.0)
-    return times
 
 
 def _rows(what: str, times: dict[str, list[float]]) -> list[dict]:
@@ -130,61 +105,14 @@ def bench_network(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return _rows("network", time_steps(steps, device, args.repeats, args.warmup))
 
 
-def sync(device: torch.device) -> None:
-    """Wait until ``device`` has finished its queued work (CUDA runs asynchronously; the CPU does not)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """(peak MiB, what it measures) since the last ``torch.cuda.reset_peak_memory_stats`` on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    # ru_maxrss is in KiB on Linux; the process's peak since it started.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
-
-
-def stage_config(stage: str, args: argparse.Namespace, data_root: Path | None) -> dict[str, Any]:
-    """The resolved config of ``stage`` with the benchmark's flags."""
-    overrides = {"img_size": args.size, "resize": args.resize, "batch_size": args.batch,
-                 "eval_batch_size": args.batch, "num_workers": args.workers, "backbone": args.backbone,
-                 "head_impl": args.head_impl, "amp": args.amp, "cache": args.cache, "device": args.device,
-                 "source": args.source, "target": args.target, "progress": False,
-                 "data_root": None if data_root is None else str(data_root)}
-    return resolve_config(stage, overrides=overrides)
-
-
-def random_data(cfg: Config, batches: int) -> dict[str, Any]:
-    """In-memory stand-ins of ``engine.trainer.build_data``'s loaders: random patches of side
-    ``resize or img_size`` through the stage's transforms, one training batch per role (reused every
-    iteration) and ``batches`` batches per refresh/evaluation role."""
-    train_tf, eval_tf, strong_tf = build_transforms(cfg)
-    side, bs = cfg.resize or cfg.img_size, cfg.batch_size
-
-    def batch(transform: Callable | None, labels: bool) -> dict[str, Any]:
-        samples = []
-        for i in range(bs):
-            sample = {"img": torch.rand(3, side, side), "name": f"random{i}"}
-            if labels:
-                sample["label"] = torch.randint(0, cfg.num_classes, (side, side))
-            samples.append(transform(sample) if transform is not None else sample)
-        return default_collate(samples)
-
-    target_tf = strong_tf if STAGES[cfg.stage].target_view == "weak_strong" else train_tf
-    src, tgt = batch(train_tf, True), batch(target_tf, False)
-    return {"source": iter(lambda: src, None), "target": iter(lambda: tgt, None),
-            "source_refresh": [batch(eval_tf, True) for _ in range(batches)],
-            "target_refresh": [batch(eval_tf, False) for _ in range(batches)],
-            "target_val": [batch(eval_tf, True) for _ in range(batches)]}
-
-
 def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, data_root: Path | None) -> dict:
     """Train iterations, one refresh pass and one evaluation pass of ``stage``; one result row."""
-    cfg = stage_config(stage, args, data_root)
+    cfg = stage_config(stage, size=args.size, resize=args.resize, batch=args.batch, workers=args.workers,
+                       backbone=args.backbone, head_impl=args.head_impl, amp=args.amp, cache=args.cache,
+                       device=args.device, source=args.source, target=args.target, data_root=data_root)
     seed_everything(cfg.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    data = random_data(cfg, args.random_batches) if data_root is None else build_data(cfg, device)
+    set_up_device(cfg, device)
+    data = random_data(cfg, device, args.random_batches) if data_root is None else build_data(cfg, device)
     init_state = None  # random initialisation unless --init: no weights are downloaded
     if args.init is not None:
         init_state = load_handoff(handoff_file(args.init))
@@ -243,30 +171,8 @@ def bench_stage(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def bench_loader(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Samples/s of one split through a DataLoader: PNG decoding vs the uint8 cache, 0 and N workers."""
     root = resolve_domain(args.data_dir, args.source or resolve_config("step0").source)
-    start = time.perf_counter()
-    cached = SegmentationFolder(root, args.split, cache=True)
-    build_s = time.perf_counter() - start
-    datasets = {"png": SegmentationFolder(root, args.split), "cache": cached}
-    rows = []
-    for workers in sorted({0, args.workers}):
-        for impl, dataset in datasets.items():
-            loader = build_loader(dataset, args.batch, shuffle=False, drop_last=False, num_workers=workers,
-                                  persistent_workers=True)
-            for _ in range(args.warmup):
-                for _ in loader:
-                    pass
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                for _ in loader:
-                    pass
-                times.append(time.perf_counter() - start)
-            rows.append({"what": "loader", "impl": impl, "workers": workers, "split": args.split,
-                         "domain": str(root), "samples": len(dataset), "pass_times_s": times,
-                         "samples_per_s": len(dataset) * len(times) / sum(times),
-                         "cache_build_s": build_s if impl == "cache" else None})
-            del loader  # ends its persistent workers before the next configuration starts
-    return rows
+    return benchmarking.bench_loader(root, split=args.split, batch=args.batch, workers=args.workers,
+                                     warmup=args.warmup, repeats=args.repeats)
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, torch.device], list[dict]]] = {

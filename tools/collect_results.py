@@ -26,7 +26,7 @@ import numpy as np
 from data.domains import CLASS_NAMES
 from utils.checkpoint import atomic_write_bytes
 from utils.errors import UserError, run_cli
-from utils.plots import image_png, results_rgb
+from utils.plots import can_draw, image_png, results_rgb
 from utils.run import read_json
 from utils.stages import STAGE_NAMES
 
@@ -114,17 +114,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace it or choose another --out")
     groups = gather(args.runs)
     stats = {key: summarise(runs) for key, runs in groups.items()}
-    labels = [f"{pair} {stage}" for pair, stage in groups]
-    chart = results_rgb(
-        labels, {METRICS[k]: ([stats[g][k][0] for g in groups], [stats[g][k][1] for g in groups]) for k in METRICS},
-        CLASS_NAMES, tuple(np.array([[stats[g][f"iou_{n}"][i] for n in CLASS_NAMES] for g in groups])
-                           for i in (0, 1)))
     table = markdown(groups, stats)
     atomic_write_bytes(args.out / "results.md", table.encode())
     atomic_write_bytes(args.out / "results.csv", csv_text(groups, stats).encode())
-    atomic_write_bytes(args.out / "results.png", image_png(chart))
+    written = OUTPUTS[:2]
+    if can_draw("results.png"):
+        labels = [f"{pair} {stage}" for pair, stage in groups]
+        chart = results_rgb(
+            labels, {METRICS[k]: ([stats[g][k][0] for g in groups], [stats[g][k][1] for g in groups])
+                     for k in METRICS},
+            CLASS_NAMES, tuple(np.array([[stats[g][f"iou_{n}"][i] for n in CLASS_NAMES] for g in groups])
+                               for i in (0, 1)))
+        atomic_write_bytes(args.out / "results.png", image_png(chart))
+        written = OUTPUTS
     print(table, end="")
-    print(f"wrote {', '.join(str(args.out / n) for n in OUTPUTS)}")
+    print(f"wrote {', '.join(str(args.out / n) for n in written)}")
     return 0
 
 

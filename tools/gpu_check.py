@@ -1,20 +1,27 @@
 """A few iterations of every stage on CUDA, with assertions: the CUDA-only code paths in one command.
 
-    make gpu-check          (or: python tools/gpu_check.py [--amp bf16] [--work-dir DIR])
+    make gpu-check          (or: python tools/gpu_check.py [--amp bf16] [--work-dir DIR] [--record FILE])
 
-Builds the small synthetic set, runs step 0 -> 3 on one GPU (bf16 autocast, channels-last), checks that
-every logged loss is finite, and with two or more GPUs runs steps 1 and 2 under torchrun (NCCL) and
-checks that all ranks end with identical parameters and prototypes.
+Builds the small synthetic set (once per ``--work-dir``: the bf16 and fp32 checks of ``tools/gpu_report.py``
+share it), runs step 0 -> 3 on one GPU (``--amp``, channels-last), checks that every stage finishes and that
+every logged loss is finite, and with two or more GPUs runs steps 1 and 2 under torchrun (NCCL) and checks
+that all ranks end with identical parameters and prototypes. Each stage runs under ``--stage-timeout-s``
+and is killed with all its processes (loader workers, torchrun's ranks) when it overruns. ``--record``
+keeps a JSON of the stages checked so far, rewritten as each one finishes; each stage's full output goes
+to ``--log-dir`` (default: ``logs/`` in the work folder).
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import math
-import subprocess
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -23,51 +30,97 @@ import torch
 from data.synthetic import make_synthetic
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
+from utils.process import run_group
+from utils.run import write_json
 from utils.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
+DDP_STAGES = ("step1", "step2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--amp", default="bf16", choices=OPTIONS["amp"].choices)
     parser.add_argument("--work-dir", help="where to write the data and runs (default: a temporary folder)")
+    parser.add_argument("--stage-timeout-s", type=float, default=600.0, help="seconds each stage may take")
+    parser.add_argument("--record", type=Path, help="JSON of the stages checked so far, rewritten after each")
+    parser.add_argument("--log-dir", type=Path, help="folder for each stage's full output (default: "
+                        "<work-dir>/logs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise UserError("no CUDA device visible; gpu-check needs a GPU")
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="napg-gpu-check-"))
-    data = root / "data"
-    if not data.exists():
-        make_synthetic(data, mode="prepared", size="small")
+    n_gpu = torch.cuda.device_count()
+    record: dict[str, Any] = {"amp": args.amp, "gpus": n_gpu, "passed": None, "stages": []}
+    save = (lambda: write_json(args.record, record)) if args.record is not None else (lambda: None)
+    save()
+    data = shared_data(root)
     common = ["--data-root", str(data), "--backbone", "resnet18", "--img-size", "256", "--batch-size", "4",
               "--epochs", "2", "--iters-per-epoch", "3", "--device", "cuda", "--amp", args.amp,
               "--channels-last", "--tgt-proto-start", "1", "--log-every", "1", "--num-workers", "2",
               "--progress", "false"]
-    _run_chain([sys.executable], root / "single", common)
-    n_gpu = torch.cuda.device_count()
+    chains = [("single", [sys.executable], tuple(STAGES))]
     if n_gpu >= 2:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={min(n_gpu, 4)}"]
-        _run_chain(launcher, root / "ddp", common, stages=("step1", "step2"))
+        chains.append(("ddp", launcher, DDP_STAGES))
+    logs = args.log_dir or root / "logs"
+    for chain, launcher, stages in chains:
+        work = root / args.amp / chain
+        for stage in stages:
+            cmd = [*launcher, STAGES[stage].script, *common, "--work-dir", str(work), "--overwrite"]
+            log = logs / f"{chain}-{stage}.log"
+            run = run_group(cmd, timeout_s=args.stage_timeout_s, log=log, cwd=REPO)
+            entry = {"stage": stage, "chain": chain, "seconds": run.seconds, "log": str(log), "ok": False}
+            record["stages"].append(entry)
+            try:
+                entry["world_size"] = _check_stage(stage, chain, run.returncode, args.stage_timeout_s, work, log)
+            except UserError as err:
+                entry["error"] = str(err)
+                record["passed"] = False
+                save()
+                raise
+            entry["ok"] = True
+            save()
+            print(f"{stage}: ok ({entry['world_size']} process(es), {run.seconds:.0f} s)", flush=True)
+    record["passed"] = True
+    save()
     print(f"gpu-check passed ({n_gpu} GPU(s), amp {args.amp}); runs in {root}")
     return 0
 
 
-def _run_chain(launcher: list[str], work: Path, common: list[str],
-               stages: Sequence[str] = tuple(STAGES)) -> None:
-    for stage in stages:
-        proc = subprocess.run([*launcher, STAGES[stage].script, *common, "--work-dir", str(work), "--overwrite"],
-                              cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise UserError(f"{stage} failed ({' '.join(launcher[-1:])}): {proc.stderr.strip().splitlines()[-1:]}")
-        for line in (work / stage / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            bad = [k for k, v in record.items() if k.startswith("train/loss") and not math.isfinite(v)]
-            if bad:
-                raise UserError(f"{stage}: non-finite {', '.join(bad)} at step {record['step']}")
-        ranks = json.loads((work / stage / "manifest.json").read_text())["ranks"]
-        if ranks["world_size"] > 1 and not (ranks["identical_parameters"] and ranks["identical_prototypes"]):
-            raise UserError(f"{stage}: ranks diverged: {ranks}")
-        print(f"{stage}: ok ({ranks['world_size']} process(es))")
+def shared_data(root: Path) -> Path:
+    """The small synthetic set under ``root/data``, made once: written beside and renamed into place, so a
+    check killed while writing it leaves no half-written set for the next one."""
+    data = root / "data"
+    if not data.exists():
+        partial = root / "data.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        make_synthetic(partial, mode="prepared", size="small")
+        partial.rename(data)
+    return data
+
+
+def _check_stage(stage: str, chain: str, returncode: int | None, timeout_s: float, work: Path, log: Path) -> int:
+    """The stage's process count, once its exit, its completion and its losses are checked."""
+    if returncode is None:
+        raise UserError(f"{stage} ({chain}) stopped at its time limit of {timeout_s:.0f} s (--stage-timeout-s); "
+                        f"its output: {log}")
+    if returncode != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        raise UserError(f"{stage} ({chain}) failed with exit code {returncode}: {lines[-1] if lines else ''}")
+    run_dir = work / stage
+    missing = [name for name in ("manifest.json", "eval.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{stage} ({chain}) exited without {', '.join(missing)} in {run_dir}")
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        bad = [k for k, v in record.items() if k.startswith("train/loss") and not math.isfinite(v)]
+        if bad:
+            raise UserError(f"{stage} ({chain}): non-finite {', '.join(bad)} at step {record['step']}")
+    ranks = json.loads((run_dir / "manifest.json").read_text())["ranks"]
+    if ranks["world_size"] > 1 and not (ranks["identical_parameters"] and ranks["identical_prototypes"]):
+        raise UserError(f"{stage} ({chain}): ranks diverged: {ranks}")
+    return ranks["world_size"]
 
 
 if __name__ == "__main__":
