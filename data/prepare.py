@@ -42,6 +42,7 @@ from data.isprs import (
     raw_to_train_ids,
 )
 from utils.errors import UserError
+from utils.paths import check_output_folder
 
 TOOL_NAME = "prepare_isprs"
 TOOL_VERSION = "1.0"
@@ -275,10 +276,7 @@ def _check_output(raw: Path, out: Path, overwrite: bool) -> None:
     raw_abs, out_abs = raw.resolve(), out.resolve()
     if out_abs == raw_abs or out_abs in raw_abs.parents:
         raise UserError(f"--out {out} is or contains the raw folder {raw}; choose another output folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
+    check_output_folder(out, "--out", overwrite)
 
 
 def _publish(staging: Path, out: Path) -> None:

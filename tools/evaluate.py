@@ -39,6 +39,7 @@ from engine.refresh import RefreshResult
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 from utils.metrics import PROTOCOLS, format_table
+from utils.paths import check_output_files
 from utils.run import resolve_device, write_json
 
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    if args.json:
+        check_output_files([args.json], "--json")
     results, info = evaluate_checkpoint(args)
     for branch, metrics in results.items():
         print(f"{branch} branch, {args.domain}/{args.split}, {info['mode']}, protocol {args.protocol}, {info['bn']}:")

@@ -23,6 +23,7 @@ import torch
 from data.synthetic import make_synthetic
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
+from utils.paths import check_output_folder
 from utils.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--amp", default="bf16", choices=OPTIONS["amp"].choices)
     parser.add_argument("--work-dir", help="where to write the data and runs (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.work_dir:
+        check_output_folder(args.work_dir, "--work-dir")
     if not torch.cuda.is_available():
         raise UserError("no CUDA device visible; gpu-check needs a GPU")
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="napg-gpu-check-"))

@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tools.benchmark import bench_loader, peak_memory_mb, random_data, stage_config, sync, time_steps
 from utils.errors import UserError, run_cli
+from utils.paths import check_output_files, check_output_folder
 from utils.run import seed_everything
 from utils.stages import STAGES, steady_epoch, tau_at
 
@@ -364,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: measure one part in this process
     parser.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    out = check_output_folder(args.out, "--out")
+    check_output_files([out / "gpu_report.json", out / "gpu_report.md"], "--out")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("no CUDA device visible; run on a GPU machine, or pass --device cpu (with --tiny for a "
                         "quick check)")
