@@ -302,6 +302,13 @@ def _histogram(results: list[TileResult], split: str) -> dict[str, int]:
     return dict(zip(RAW_CLASS_NAMES, total.tolist()))
 
 
+def _stored_values(histogram: dict[str, int], label_format: str) -> list[int]:
+    """The values the label files of a split hold (what data/checks.py reads instead of decoding them)."""
+    raw = np.array([i for i, count in enumerate(histogram.values()) if count], dtype=np.uint8)
+    stored = raw if label_format == "mmseg_raw" else raw_to_train_ids(raw)
+    return sorted(set(stored.tolist()))
+
+
 def _check_counts(staging: Path, spec: IsprsDataset, meta: dict, results: list[TileResult]) -> list[str]:
     """Written files must equal the grid formula; returns a warning if real-data totals differ from mmseg's."""
     for split in SPLITS:
@@ -415,6 +422,7 @@ def prepare_isprs(
             "splits": {s: [r.tile for r in results if r.split == s] for s in SPLITS},
             "counts": {s: sum(r.patches for r in results if r.split == s) for s in SPLITS},
             "label_histogram": {s: _histogram(results, s) for s in SPLITS},
+            "label_values": {s: _stored_values(_histogram(results, s), label_format) for s in SPLITS},
             "off_palette_pixels": sum(r.off_palette for r in results),
             "synthetic": synthetic,
             "tool": TOOL_NAME,
