@@ -133,6 +133,10 @@ def _staging(parent: Path) -> Path | None:
     except OSError as err:
         if err.errno in _READ_ONLY:
             return None
+        if err.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder of the cache goes
+            blocker = next(p for p in (parent, *parent.parents) if p.exists())
+            raise UserError(f"cannot build the uint8 cache in {parent}: {blocker} is a file, not a folder; remove "
+                            f"it or pass --cache false") from None
         raise
     # mkdtemp makes the folder private; whoever may read the data may read its cache too.
     staging.chmod(0o755)

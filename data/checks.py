@@ -109,9 +109,13 @@ def _check_labels(use: SplitUse, meta: dict, images: dict[str, Path], sizes: dic
     # does itself; an undeclared format still has to be one of the two.
     declared = meta.get("label_format") is not None or label_format is not None
     fmt = resolve_label_format(use.root, meta, label_format) if declared else None
-    recorded = meta.get("label_values", {})
-    if isinstance(recorded, dict) and use.split in recorded:
-        check_label_values(np.asarray(recorded[use.split]), fmt, use.root / "meta.json")
+    recorded = meta.get("label_values")
+    values = recorded.get(use.split) if isinstance(recorded, dict) else None
+    if values is not None:
+        if not isinstance(values, list) or not all(type(v) is int for v in values):
+            raise UserError(f"{use.root / 'meta.json'}: label_values of {use.split} must be a list of integers, "
+                            f"found {str(values)[:80]}; fix or delete meta.json")
+        check_label_values(np.asarray(values), fmt, use.root / "meta.json")
         return
     paths = list(labels.values())
     step = max(1, len(paths) // LABEL_SAMPLE)
@@ -119,7 +123,7 @@ def _check_labels(use: SplitUse, meta: dict, images: dict[str, Path], sizes: dic
         check_label_values(np.unique(read_label(path)), fmt, path)
 
 
-def scan_split(use: SplitUse, label_format: str | None) -> dict[Path, tuple[int, int]]:
+def _scan_split(use: SplitUse, label_format: str | None) -> dict[Path, tuple[int, int]]:
     """Check the files of one split (bands, label headers and values, meta.json's patch size); returns
     the (H, W) of every image."""
     meta = read_meta(use.root)
@@ -159,7 +163,7 @@ def check_data(uses: Sequence[SplitUse], *, label_format: str | None, resize: in
             use = SplitUse(use.root, use.split, wanted[key].labels or use.labels, wanted[key].cropped or use.cropped)
         wanted[key] = use
     for use in wanted.values():
-        sizes = scan_split(use, label_format)
+        sizes = _scan_split(use, label_format)
         folder = use.root / "img_dir" / use.split
         if not resize and batch_size > 1:
             most = Counter(sizes.values()).most_common(1)[0][0]

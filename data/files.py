@@ -164,7 +164,7 @@ def check_label_values(values: np.ndarray, label_format: str | None, where: Path
     neither format)."""
     allowed = _LUTS[label_format] >= 0 if label_format is not None else _ANY_FORMAT
     values = np.asarray(values, dtype=np.int64).ravel()
-    ok = (values >= 0) & (values < allowed.size)  # values read from a meta.json may be anything
+    ok = (values >= 0) & (values < allowed.size)  # values read from a meta.json may lie outside uint8
     ok[ok] = allowed[values[ok]]
     bad = np.unique(values[~ok]).tolist()
     if not bad:

@@ -123,3 +123,10 @@ def test_label_values_of_a_sample_are_checked_without_meta_json(tmp_path, label_
     write_domain(tmp_path, n=2 * LABEL_SAMPLE, size=(4, 4), values=np.array(values))
     with pytest.raises(UserError, match=match):
         _check(tmp_path, label_format=label_format)
+
+
+def test_recorded_label_values_must_be_integers(tmp_path):
+    write_domain(tmp_path, size=(8, 8))
+    (tmp_path / "meta.json").write_text(json.dumps({"label_format": "mmseg_raw", "label_values": {"train": ["a"]}}))
+    with pytest.raises(UserError, match="label_values of train must be a list of integers"):
+        _check(tmp_path)
