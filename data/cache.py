@@ -21,14 +21,13 @@ import os
 import shutil
 import sys
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from data.checks import common_size, header
 from data.files import (
     IMAGE_SUFFIXES,
     LABEL_FORMATS,
@@ -121,20 +120,9 @@ def _stale_reason(folder: Path, src: _Sources) -> str | None:
 
 def _common_shape(src: _Sources) -> tuple[int, int]:
     """(H, W) shared by every image of the split, from the file headers; UserError when sizes differ."""
-    sizes: dict[str, tuple[int, int]] = {}
-    for name, path in zip(src.names, src.images):
-        try:
-            with Image.open(path) as im:
-                sizes[name] = (im.height, im.width)
-        except OSError as err:
-            raise UserError(f"cannot decode image {path}: {err}") from err
-    counts = Counter(sizes.values())
-    if len(counts) > 1:
-        parts = [f"{w}x{h}: {n} file(s), e.g. {next(k for k, v in sizes.items() if v == (h, w))}"
-                 for (h, w), n in counts.most_common()]
-        raise UserError(f"{src.images[0].parent} holds patches of different sizes ({'; '.join(parts)}); the uint8 "
-                        "cache needs one size per split: disable it (--cache false / cache: false) for this data")
-    return next(iter(counts))
+    sizes = {path: header(path)[:2] for path in src.images}
+    return common_size(sizes, src.images[0].parent, "the uint8 cache needs one size per split: disable it "
+                       "(--cache false / cache: false) for this data")
 
 
 def _staging(parent: Path) -> Path | None:
@@ -145,6 +133,10 @@ def _staging(parent: Path) -> Path | None:
     except OSError as err:
         if err.errno in _READ_ONLY:
             return None
+        if err.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder of the cache goes
+            blocker = next(p for p in (parent, *parent.parents) if p.exists())
+            raise UserError(f"cannot build the uint8 cache in {parent}: {blocker} is a file, not a folder; remove "
+                            f"it or pass --cache false") from None
         raise
     # mkdtemp makes the folder private; whoever may read the data may read its cache too.
     staging.chmod(0o755)

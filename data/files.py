@@ -36,6 +36,8 @@ def _lut(label_format: str) -> np.ndarray:
 
 
 _LUTS = {fmt: _lut(fmt) for fmt in LABEL_FORMATS}
+# Values some label format allows (a folder whose format is not known yet may hold only these).
+_ANY_FORMAT = np.logical_or.reduce([lut >= 0 for lut in _LUTS.values()])
 
 
 def _names(paths: list[str]) -> str:
@@ -106,15 +108,23 @@ def read_image(path: Path) -> np.ndarray:
     return bgr[:, :, ::-1]
 
 
+LABEL_MODES = ("L", "P")  # Pillow's modes of single-channel 8-bit images (grey and paletted)
+
+
+def check_label_mode(path: Path, mode: str) -> None:
+    """UserError unless ``mode`` (Pillow's) is one of a single-channel 8-bit label image."""
+    if mode not in LABEL_MODES:
+        raise UserError(
+            f"{path}: expected a single-channel 8-bit label image, found mode {mode}; colour-coded "
+            "ISPRS labels must be converted to ids first (tools/prepare_isprs.py)"
+        )
+
+
 def read_label(path: Path) -> np.ndarray:
     """uint8 [H, W] ids as stored (Pillow keeps palette indices, which OpenCV would expand to colours)."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P"):
-                raise UserError(
-                    f"{path}: expected a single-channel 8-bit label image, found mode {im.mode}; colour-coded "
-                    "ISPRS labels must be converted to ids first (tools/prepare_isprs.py)"
-                )
+            check_label_mode(path, im.mode)
             return np.asarray(im)
     except OSError as err:
         raise UserError(f"cannot decode label {path}: {err}") from err
@@ -145,13 +155,30 @@ def to_train_ids(raw: np.ndarray, label_format: str, path: Path) -> np.ndarray:
     """Map stored ids to train ids (int64 [H, W], 255 = ignore); UserError on values the format forbids."""
     ids = _LUTS[label_format][raw]
     if ids.min() < 0:
-        bad = np.unique(raw[ids < 0]).tolist()
-        allowed = "0..6" if label_format == "mmseg_raw" else "0..5 and 255"
-        raise UserError(
-            f"{path}: label value(s) {bad[:_SHOW]} not allowed in label_format {label_format!r} (allowed: "
-            f"{allowed}); check the label format (meta.json / --label-format) or re-run the prepare tool"
-        )
+        check_label_values(np.unique(raw), label_format, path)
     return ids
+
+
+def check_label_values(values: np.ndarray, label_format: str | None, where: Path) -> None:
+    """UserError naming ``where`` when a stored label value is not allowed in ``label_format`` (None: in
+    neither format)."""
+    allowed = _LUTS[label_format] >= 0 if label_format is not None else _ANY_FORMAT
+    values = np.asarray(values, dtype=np.int64).ravel()
+    ok = (values >= 0) & (values < allowed.size)  # values read from a meta.json may lie outside uint8
+    ok[ok] = allowed[values[ok]]
+    bad = np.unique(values[~ok]).tolist()
+    if not bad:
+        return
+    if label_format is None:
+        raise UserError(
+            f"{where}: label value(s) {bad[:_SHOW]} are no label id of any format (mmseg_raw: 0..6, train_ids: "
+            "0..5 and 255); the labels must hold class ids, not colours or scaled values (re-run the prepare tool)"
+        )
+    text = "0..6" if label_format == "mmseg_raw" else "0..5 and 255"
+    raise UserError(
+        f"{where}: label value(s) {bad[:_SHOW]} not allowed in label_format {label_format!r} (allowed: "
+        f"{text}); check the label format (meta.json / --label-format) or re-run the prepare tool"
+    )
 
 
 def resolve_label_format(root: Path, meta: dict[str, Any], label_format: str | None) -> str:

@@ -42,6 +42,7 @@ from data.isprs import (
     raw_to_train_ids,
 )
 from utils.errors import UserError
+from utils.paths import check_output_folder
 
 TOOL_NAME = "prepare_isprs"
 TOOL_VERSION = "1.0"
@@ -275,10 +276,7 @@ def _check_output(raw: Path, out: Path, overwrite: bool) -> None:
     raw_abs, out_abs = raw.resolve(), out.resolve()
     if out_abs == raw_abs or out_abs in raw_abs.parents:
         raise UserError(f"--out {out} is or contains the raw folder {raw}; choose another output folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
+    check_output_folder(out, "--out", overwrite)
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -302,6 +300,13 @@ def _histogram(results: list[TileResult], split: str) -> dict[str, int]:
         if result.split == split:
             total += result.histogram
     return dict(zip(RAW_CLASS_NAMES, total.tolist()))
+
+
+def _stored_values(histogram: dict[str, int], label_format: str) -> list[int]:
+    """The values the label files of a split hold (what data/checks.py reads instead of decoding them)."""
+    raw = np.array([i for i, count in enumerate(histogram.values()) if count], dtype=np.uint8)
+    stored = raw if label_format == "mmseg_raw" else raw_to_train_ids(raw)
+    return sorted(set(stored.tolist()))
 
 
 def _check_counts(staging: Path, spec: IsprsDataset, meta: dict, results: list[TileResult]) -> list[str]:
@@ -417,6 +422,7 @@ def prepare_isprs(
             "splits": {s: [r.tile for r in results if r.split == s] for s in SPLITS},
             "counts": {s: sum(r.patches for r in results if r.split == s) for s in SPLITS},
             "label_histogram": {s: _histogram(results, s) for s in SPLITS},
+            "label_values": {s: _stored_values(_histogram(results, s), label_format) for s in SPLITS},
             "off_palette_pixels": sum(r.off_palette for r in results),
             "synthetic": synthetic,
             "tool": TOOL_NAME,

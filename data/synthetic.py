@@ -32,6 +32,7 @@ import numpy as np
 from data.isprs import POTSDAM, SYNTHETIC_MARKER, VAIHINGEN, IsprsDataset, encode_label
 from data.prepare import prepare_isprs
 from utils.errors import UserError
+from utils.paths import check_output_folder
 
 Vec4 = tuple[float, float, float, float]  # reflectance or gain per band, order (B, G, R, NIR)
 
@@ -678,13 +679,10 @@ def make_synthetic(
         raise UserError(f"unknown mode {mode!r}; use one of {list(MODES)}")
     if size not in SIZES:
         raise UserError(f"unknown size {size!r}; use one of {sorted(SIZES)}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder; choose another --out")
+    out = check_output_folder(out, "--out")
     names = ["potsdam", "vaihingen"] if mode == "raw" else [f"{d}_{b}" for d, b in PREPARED_DOMAINS]
-    existing = [name for name in names if (out / name).exists()]
-    if existing and not overwrite:
-        raise UserError(f"output already present: {', '.join(str(out / n) for n in existing)}; pass --overwrite")
+    for name in names:
+        check_output_folder(out / name, "--out", overwrite)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".synthetic-", dir=out) as staging:
         staging = Path(staging)

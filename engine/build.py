@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
 from data.domains import resolve_domain
 from data.loaders import BatchStream, eval_loader, shuffled_loader
@@ -52,6 +53,9 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
     """Datasets and loaders of every role; the target's labels are read only for evaluation."""
     root = Path(cfg.data_root)
     src_dir = resolve_domain(root, cfg.source)
+    stage = STAGES[cfg.stage]
+    tgt_dir = resolve_domain(root, cfg.target) if stage.adversarial or cfg.target else None
+    check_stage_data(cfg, src_dir, tgt_dir)
     common = {"label_format": cfg.label_format, "normalize": cfg.normalize, "cache": cfg.cache}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
     # Training batches travel to the device as uint8 and are normalised there (NAPG's steps); a resize and
@@ -74,9 +78,7 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
         "source_val": eval_loader(SegmentationFolder(src_dir, "val", transform=eval_tf, **common), ebs, **loader_kw),
         "target": None, "target_refresh": None, "target_val": None,
     }
-    stage = STAGES[cfg.stage]
-    if stage.adversarial or cfg.target:
-        tgt_dir = resolve_domain(root, cfg.target)
+    if tgt_dir is not None:
         strong = stage.target_view == "weak_strong"  # the strong views are augmented in float on the workers
         tgt_tf = strong_tf if strong else train_tf
         tgt_train = SegmentationFolder(tgt_dir, "train", transform=tgt_tf, with_labels=False,
@@ -87,6 +89,15 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
         data["target_refresh"] = eval_loader(tgt_refresh, ebs, **loader_kw)
         data["target_val"] = eval_loader(tgt_val, ebs, **loader_kw)
     return data
+
+
+def check_stage_data(cfg: Config, src_dir: Path, tgt_dir: Path | None) -> None:
+    """The data checks of ``data/checks.py`` for every split the stage reads, before anything is loaded."""
+    uses = [SplitUse(src_dir, "train", cropped=True), SplitUse(src_dir, "val")]
+    if tgt_dir is not None:  # the target's train labels are never read
+        uses += [SplitUse(tgt_dir, "train", labels=False, cropped=True), SplitUse(tgt_dir, cfg.target_eval_split)]
+    check_data(uses, label_format=cfg.label_format, resize=cfg.resize, batch_size=cfg.eval_batch_size,
+               batch_flag="--eval-batch-size", crop=cfg.img_size)
 
 
 def iters_per_epoch(cfg: Config, data: dict[str, Any]) -> int:

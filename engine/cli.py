@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from utils.config import add_config_arguments, config_from_args
+from utils.paths import check_output_folder
 from utils.stages import STAGES
 
 
@@ -27,6 +28,9 @@ def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    # A folder that cannot be written fails the run now, not after its data were read and its network built.
+    work_dir = check_output_folder(cfg.work_dir, "--work-dir")
+    check_output_folder(work_dir / stage, "--work-dir")
     from engine.trainer import run_stage  # heavy imports only when training
     from utils import dist
 

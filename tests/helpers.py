@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from utils.stages import STAGES
 
@@ -16,6 +18,7 @@ STAGE_SCRIPTS = {name: stage.script for name, stage in STAGES.items()}
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"  # computed by the original code (tests/fixtures/README.md)
 REAL_SAMPLES = REPO / "tests" / "data" / "real-samples"  # two real labelled ISPRS patches (its README.md)
+RAW_VALUES = np.arange(7)  # mmseg_raw: 0 boundary, 1..6 classes
 
 
 def fixture_path(name: str) -> Path:
@@ -63,3 +66,15 @@ def run_step(stage: str, args: list[str], launcher: tuple[str, ...] = ()) -> sub
     """Run a step script (optionally under a launcher such as torchrun) from the repository root."""
     cmd = [sys.executable, *launcher, STAGE_SCRIPTS[stage], *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def write_domain(root: Path, split: str = "train", n: int = 3, size: tuple[int, int] = (12, 10),
+                 values: np.ndarray = RAW_VALUES, seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> None:
+    """Random uint8 PNG pairs ``<root>/{img_dir,ann_dir}/<split>/q<i>.png`` (one size unless ``sizes``)."""
+    rng = np.random.default_rng(seed)
+    for sub in ("img_dir", "ann_dir"):
+        (root / sub / split).mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate(sizes or [size] * n):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "img_dir" / split / f"q{i}.png")
+        label = rng.choice(values, size=(h, w)).astype(np.uint8)
+        Image.fromarray(label).save(root / "ann_dir" / split / f"q{i}.png")

@@ -2,7 +2,10 @@
 
 Every case runs the real command line in this process (no interpreter start-up per case) against a
 work folder that already holds a finished step-0 and step-1 run and an unfinished step-1 run; the
-bytes of every pre-existing file (runs and data) must be the same afterwards.
+bytes of every pre-existing file (runs and data) must be the same afterwards. Two classes are covered
+systematically, across every tool that reads data or writes files (``FAULT_CASES``): faults of the data
+that would show only when batches are built, and output paths that cannot be written; both are refused
+before any work, so those cases also assert that not a single path was created.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -17,15 +21,29 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from engine.build import check_stage_data
 from engine.cli import stage_main
-from tests.helpers import tiny_args
+from tests.helpers import REPO, tiny_args, write_domain
+from tools import (
+    benchmark,
+    collect_results,
+    gpu_check,
+    gpu_report,
+    kill_resume_study,
+    make_synthetic,
+    predict,
+    prepare_isprs,
+    run_pipeline,
+    validity,
+)
+from tools import convert_original_checkpoint as convert
 from tools import evaluate as evaluate_tool
-from tools import run_pipeline
 from utils.config import OPTIONS, resolve_config
 from utils.errors import UserError, run_cli
 
@@ -142,11 +160,11 @@ CASES: list[tuple[str, Callable, Callable[[dict], list[str]]]] = [
 ]
 
 
-def _eval_args(w: dict[str, Path], *extra: str) -> list[str]:
+def _eval_args(w: dict[str, Path], *extra: str, drop: tuple[str, ...] = ()) -> list[str]:
     args = {"--checkpoint": str(w["work"] / "step1"), "--data-root": str(w["data"]), "--domain": "vaihingen_irrg",
             "--resize": "64", "--num-workers": "0", "--device": "cpu", "--batch-size": "4"}
     args.update(dict(zip(extra[::2], extra[1::2])))
-    return [x for kv in args.items() for x in kv]
+    return [x for kv in args.items() if kv[0] not in drop for x in kv]
 
 
 _HASHES: dict[tuple, str] = {}
@@ -253,3 +271,268 @@ def test_every_option_refuses_a_bad_value(key):
     with pytest.raises(UserError) as err:
         resolve_config("step2", overrides={key: value})
     assert "\n" not in str(err.value) and key in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Faults of the data that show only when batches are built, and output paths that cannot be written: each is
+# refused before any work, so these cases also assert that nothing at all was written.
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    cv2.imwrite(str(path), array)
+
+
+def _resize_pair(domain: Path, split: str, stem: str, size: tuple[int, int] = (80, 96)) -> None:
+    """One patch and its label resized to ``size`` (H, W), as another tool might have cut them."""
+    for sub, interpolation in (("img_dir", cv2.INTER_LINEAR), ("ann_dir", cv2.INTER_NEAREST)):
+        path = domain / sub / split / f"{stem}.png"
+        array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(path), cv2.resize(array, size[::-1], interpolation=interpolation))
+
+
+def _scale_labels(folder: Path, factor: int) -> None:
+    """Labels saved for viewing (ids times ``factor``) instead of as ids."""
+    for path in folder.iterdir():
+        _write_png(path, cv2.imread(str(path), cv2.IMREAD_UNCHANGED) * factor)
+
+
+def _write_meta(domain: Path, **meta: object) -> None:
+    (domain / "meta.json").write_text(json.dumps(meta))
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# Data roots with one fault each, made from a tiny good set (64-px patches, no meta.json): name -> edit.
+P, V = "potsdam_irrg", "vaihingen_irrg"
+FAULTY_DATA: dict[str, Callable[[Path], None]] = {
+    "mixed": lambda d: _resize_pair(d / P, "train", "q2"),
+    "mixed-meta": lambda d: (_write_meta(d / P, clip=64, label_format="mmseg_raw"), _resize_pair(d / P, "train", "q2")),
+    "mixed-target-val": lambda d: _resize_pair(d / V, "val", "q1"),
+    "rgba": lambda d: _write_png(d / P / "img_dir" / "train" / "q1.png", np.zeros((64, 64, 4), np.uint8)),
+    "grey-target": lambda d: _write_png(d / V / "img_dir" / "train" / "q0.png", np.zeros((64, 64), np.uint8)),
+    "deep": lambda d: _write_png(d / P / "img_dir" / "val" / "q0.png", np.zeros((64, 64, 3), np.uint16)),
+    "junk-image": lambda d: (d / P / "img_dir" / "train" / "q0.png").write_bytes(b"not a png"),
+    "colour-label": lambda d: _write_png(d / P / "ann_dir" / "train" / "q3.png", np.zeros((64, 64, 3), np.uint8)),
+    "label-size": lambda d: _write_png(d / P / "ann_dir" / "val" / "q1.png", np.zeros((64, 48), np.uint8)),
+    "scaled-labels": lambda d: _scale_labels(d / P / "ann_dir" / "train", 40),
+    "meta-format": lambda d: _write_meta(d / P, label_format="train_ids",
+                                         label_values={"train": list(range(7)), "val": list(range(7))}),
+    "unpaired": lambda d: _remove(d / P / "ann_dir" / "train" / "q3.png"),
+    "no-val": lambda d: _remove(d / P / "img_dir" / "val", d / P / "ann_dir" / "val"),
+    "empty-target-val": lambda d: _remove(*(d / V / "img_dir" / "val").iterdir()),
+    "one-target-patch": lambda d: _remove(*sorted((d / V / "img_dir" / "train").iterdir())[1:]),
+    "cache-in-the-way": lambda d: (d / P / ".cache").write_text("a file where the cache folder goes"),
+}
+
+
+@pytest.fixture(scope="module")
+def faults(world, synthetic_raw) -> dict[str, Path]:
+    """The world's paths plus faulty data roots (``FAULTY_DATA``) and folders that outputs collide with."""
+    base = world["root"] / "faults"
+    good = base / "good"
+    for i, domain in enumerate((P, V)):
+        write_domain(good / domain, "train", n=4, size=(64, 64), seed=2 * i)
+        write_domain(good / domain, "val", n=2, size=(64, 64), seed=2 * i + 1)
+    paths = {**world, "faults": base, "good": good, "raw": synthetic_raw["potsdam"]}
+    for name, edit in FAULTY_DATA.items():
+        shutil.copytree(good, base / name)
+        edit(base / name)
+        paths[name] = base / name
+    for folder, name in (("stages", "step1"), ("pred-out", "tile_classes.tif"), ("results-old", "results.md"),
+                         ("prepared-old", "old.txt"), ("synthetic-old/potsdam_rgb", "old.txt")):
+        (base / folder).mkdir(parents=True)
+        (base / folder / name).write_text("earlier output")
+    for folder in ("a-folder", "empty", "results-dir/results.png", "study/validity.json", "pipe/results.json"):
+        (base / folder).mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(base / "tile.png")
+    return paths
+
+
+def _data(w: dict[str, Path], data: str, *extra: str, work: str = "fresh") -> list[str]:
+    """Step-script flags reading the data root ``data`` (a faulty one of the fixture, or the good one)."""
+    return _args(w, "--data-root", str(w[data]), *extra, work=work)
+
+
+def _file(w: dict[str, Path], *below: str) -> str:
+    """The world's a-file, or a path below it."""
+    return str(Path(w["root"], "a-file", *below))
+
+
+def _in(w: dict[str, Path], *parts: str) -> str:
+    """A path in the fixture's folder of faults."""
+    return str(Path(w["faults"], *parts))
+
+
+def _eval_on(w: dict[str, Path], data: str, *extra: str, drop: tuple[str, ...] = ()) -> list[str]:
+    return _eval_args(w, "--data-root", str(w[data]), "--domain", P, "--split", "train", *extra, drop=drop)
+
+
+def _predict_args(w: dict[str, Path], out: str) -> list[str]:
+    return ["--checkpoint", str(w["work"] / "step1"), "--input", _in(w, "tile.png"), "--out", out, "--device", "cpu"]
+
+
+def _prepare_args(w: dict[str, Path], out: str, *extra: str) -> list[str]:
+    return ["--dataset", "potsdam", "--bands", "rgb", "--raw", str(w["raw"]), "--out", out, *extra]
+
+
+def _convert_args(w: dict[str, Path], out: str, *extra: str) -> list[str]:
+    return ["--checkpoint", str(w["root"] / "garbage.pt"), "--out", out, *extra]
+
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+STUDY = ("--data-seed", "0", "--seeds", "0")
+
+# (case id, entry point, argv from the fixture's paths, a phrase the one line must hold)
+DATA_FAULTS: list[tuple[str, Callable, Callable[[dict], list[str]], str]] = [
+    # --- the step scripts (17)
+    ("step0-mixed-sizes", _stage("step0"), lambda w: _data(w, "mixed", "--resize", "none"),
+     "img_dir/train holds patches of different sizes (64x64: 3 file(s), e.g. q0.png; 96x80: 1 file(s), e.g. q2.png)"
+     "; batches of 4 need one size: pass --resize 64"),
+    ("step0-mixed-sizes-against-meta-json", _stage("step0"), lambda w: _data(w, "mixed-meta"),
+     "q2.png is 96x80 but"),
+    ("step1-mixed-sizes-in-target-val", _stage("step1"), lambda w: _data(w, "mixed-target-val", "--resize", "none"),
+     "vaihingen_irrg/img_dir/val holds patches of different sizes"),
+    ("step0-crop-larger-than-a-patch", _stage("step0"), lambda w: _data(w, "good", "--resize", "none",
+                                                                       "--img-size", "96"),
+     "training crops of --img-size 96 are larger than the 64x64 patch"),
+    ("step2-crop-larger-than-resize", _stage("step2"), lambda w: _data(w, "good", "--img-size", "128", work="work"),
+     "larger than --resize 64"),
+    ("step0-image-four-bands", _stage("step0"), lambda w: _data(w, "rgba"), "found 4 band(s) (mode RGBA)"),
+    ("step1-target-image-one-band", _stage("step1"), lambda w: _data(w, "grey-target"), "found 1 band(s) (mode L)"),
+    ("step0-image-16-bit", _stage("step0"), lambda w: _data(w, "deep"), "found mode RGB 16-bit"),
+    ("step0-image-not-an-image", _stage("step0"), lambda w: _data(w, "junk-image"), "cannot decode image"),
+    ("step0-label-colour-coded", _stage("step0"), lambda w: _data(w, "colour-label"),
+     "expected a single-channel 8-bit label image, found mode RGB"),
+    ("step0-label-other-size", _stage("step0"), lambda w: _data(w, "label-size"),
+     "q1.png is 48x64 but its image is 64x64"),
+    ("step0-label-values-scaled", _stage("step0"), lambda w: _data(w, "scaled-labels"), "no label id of any format"),
+    ("step2-label-values-against-meta-json", _stage("step2"), lambda w: _data(w, "meta-format", work="work"),
+     "not allowed in label_format 'train_ids'"),
+    ("step0-image-without-label", _stage("step0"), lambda w: _data(w, "unpaired"), "without a label: q3"),
+    ("step0-split-missing", _stage("step0"), lambda w: _data(w, "no-val"), "splits present: train"),
+    ("step1-target-val-empty", _stage("step1"), lambda w: _data(w, "empty-target-val"), "holds no"),
+    ("step1-target-smaller-than-a-batch", _stage("step1"), lambda w: _data(w, "one-target-patch"),
+     "1 samples cannot fill one batch of 2"),
+    # --- the tools that read data (11)
+    ("evaluate-mixed-sizes", evaluate_tool.main, lambda w: _eval_on(w, "mixed", drop=("--resize",)),
+     "pass --resize 64 to resize every patch (or --batch-size 1)"),
+    ("evaluate-mixed-sizes-against-meta-json", evaluate_tool.main, lambda w: _eval_on(w, "mixed-meta"),
+     "says the patches are 64x64"),
+    ("evaluate-image-four-bands", evaluate_tool.main, lambda w: _eval_on(w, "rgba"), "mode RGBA"),
+    ("evaluate-slide-label-colour-coded", evaluate_tool.main, lambda w: _eval_on(w, "colour-label", "--mode", "slide"),
+     "found mode RGB"),
+    ("evaluate-recalibrate-on-one-band-images", evaluate_tool.main,
+     lambda w: [*_eval_args(w, "--data-root", str(w["grey-target"])), "--recalibrate-bn"], "mode L"),
+    ("pipeline-mixed-sizes", run_pipeline.main,
+     lambda w: ["--config", DEMO, "--stages", "step0", *_data(w, "mixed", "--resize", "none")],
+     "holds patches of different sizes"),
+    ("benchmark-stage-mixed-sizes", benchmark.main,
+     lambda w: ["--what", "stage", "--stages", "step0", "--data-root", str(w["mixed"]), "--source", P, "--target", V,
+                "--size", "64", "--backbone", "resnet18"], "batches of 2 need one size: pass --resize 64"),
+    ("prepare-tiles-smaller-than-the-clip", prepare_isprs.main,
+     lambda w: _prepare_args(w, _in(w, "prepared"), "--clip", "20000"), "choose a smaller --clip"),
+    ("prepare-raw-folder-empty", prepare_isprs.main,
+     lambda w: [*_prepare_args(w, _in(w, "prepared")), "--raw", _in(w, "empty")], "no potsdam RGB images"),
+    ("predict-input-folder-empty", predict.main,
+     lambda w: ["--checkpoint", str(w["work"] / "step1"), "--input", _in(w, "empty"), "--out", _in(w, "predicted")],
+     "holds no"),
+    ("collect-results-no-finished-stage", collect_results.main,
+     lambda w: [_in(w, "empty"), "--out", _in(w, "collected")], "holds no finished stage"),
+]
+OUTPUT_FAULTS: list[tuple[str, Callable, Callable[[dict], list[str]], str]] = [
+    # --- the step scripts and the cache they write (4)
+    ("step0-work-dir-is-a-file", _stage("step0"), lambda w: _args(w, "--work-dir", _file(w)),
+     "is a file; choose a folder"),
+    ("step1-stage-folder-is-a-file", _stage("step1"), lambda w: _args(w, "--work-dir", _in(w, "stages")),
+     "stages/step1 is a file"),
+    ("step3-work-dir-under-a-file", _stage("step3"), lambda w: _args(w, "--work-dir", _file(w, "x")),
+     "a-file is a file, not a folder"),
+    ("step0-cache-folder-is-a-file", _stage("step0"), lambda w: _data(w, "cache-in-the-way", "--cache", "true"),
+     "potsdam_irrg/.cache is a file"),
+    # --- the tools (26)
+    ("evaluate-json-is-a-folder", evaluate_tool.main, lambda w: _eval_args(w, "--json", _in(w, "a-folder")),
+     "a-folder is a folder, not a file"),
+    ("evaluate-json-deep-under-a-file", evaluate_tool.main,
+     lambda w: _eval_args(w, "--json", _file(w, "x", "y", "out.json")), "a-file is a file"),
+    ("predict-out-is-a-file", predict.main, lambda w: _predict_args(w, _file(w)), "a-file is a file"),
+    ("predict-out-under-a-file", predict.main, lambda w: _predict_args(w, _file(w, "x")), "a-file is a file"),
+    ("predict-existing-output", predict.main, lambda w: _predict_args(w, _in(w, "pred-out")),
+     "tile_classes.tif exists; pass --overwrite"),
+    ("collect-results-out-is-a-file", collect_results.main, lambda w: [str(w["work"]), "--out", _file(w)],
+     "a-file is a file; choose a folder"),
+    ("collect-results-existing-results", collect_results.main,
+     lambda w: [str(w["work"]), "--out", _in(w, "results-old")], "results.md exists; pass --overwrite"),
+    ("collect-results-picture-is-a-folder", collect_results.main,
+     lambda w: [str(w["work"]), "--out", _in(w, "results-dir"), "--overwrite"], "results.png is a folder"),
+    ("validity-out-under-a-file", validity.main, lambda w: [*STUDY, "--out", _file(w, "x")], "a-file is a file"),
+    ("validity-results-is-a-folder", validity.main, lambda w: [*STUDY, "--out", _in(w, "study")],
+     "validity.json is a folder"),
+    ("pipeline-work-dir-is-a-file", run_pipeline.main, lambda w: ["--config", DEMO, "--work-dir", _file(w)],
+     "a-file is a file; choose a folder"),
+    ("pipeline-results-is-a-folder", run_pipeline.main, lambda w: ["--config", DEMO, "--work-dir", _in(w, "pipe")],
+     "results.json is a folder"),
+    ("prepare-out-is-a-file", prepare_isprs.main, lambda w: _prepare_args(w, _file(w)), "a-file is a file"),
+    ("prepare-out-under-a-file", prepare_isprs.main, lambda w: _prepare_args(w, _file(w, "x")), "a-file is a file"),
+    ("prepare-out-holds-files", prepare_isprs.main, lambda w: _prepare_args(w, _in(w, "prepared-old")),
+     "already holds files; pass --overwrite"),
+    ("synthetic-out-is-a-file", make_synthetic.main, lambda w: ["--out", _file(w)], "a-file is a file"),
+    ("synthetic-out-under-a-file", make_synthetic.main, lambda w: ["--out", _file(w, "x")], "a-file is a file"),
+    ("synthetic-domain-holds-files", make_synthetic.main, lambda w: ["--out", _in(w, "synthetic-old")],
+     "potsdam_rgb already holds files; pass --overwrite"),
+    ("convert-out-exists", convert.main, lambda w: _convert_args(w, str(w["root"] / "truncated.pt")),
+     "truncated.pt exists; pass --overwrite"),
+    ("convert-out-is-a-folder", convert.main, lambda w: _convert_args(w, _in(w, "a-folder"), "--overwrite"),
+     "is a folder, not a file"),
+    ("convert-out-under-a-file", convert.main, lambda w: _convert_args(w, _file(w, "x", "c.pt")), "a-file is a file"),
+    ("benchmark-json-under-a-file", benchmark.main, lambda w: ["--json", _file(w, "x", "b.json")], "a-file is a file"),
+    ("benchmark-json-is-a-folder", benchmark.main, lambda w: ["--json", _in(w, "a-folder")], "is a folder"),
+    ("gpu-report-out-is-a-file", gpu_report.main, lambda w: ["--device", "cpu", "--tiny", "--out", _file(w)],
+     "a-file is a file; choose a folder"),
+    ("gpu-check-work-dir-under-a-file", gpu_check.main, lambda w: ["--work-dir", _file(w, "x")], "a-file is a file"),
+    ("kill-study-work-dir-is-a-file", kill_resume_study.main, lambda w: ["--work-dir", _file(w)],
+     "a-file is a file; choose a folder"),
+]
+FAULT_CASES = DATA_FAULTS + OUTPUT_FAULTS
+
+
+def _tree(root: Path) -> list[str]:
+    """Every path under ``root``, folders included: what a case must leave exactly as it found it."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _visible_lines(err: str) -> list[str]:
+    """The lines a terminal shows of ``err``: a progress bar that erases itself (``\\r``) leaves none."""
+    return [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+
+
+def test_the_fault_catalogue_covers_both_classes():
+    ids = [case for case, *_ in FAULT_CASES]
+    assert len(ids) == len(set(ids)) and not set(ids) & {case for case, *_ in CASES}
+    assert len(DATA_FAULTS) >= 15 and len(OUTPUT_FAULTS) >= 15
+
+
+def test_the_faulty_data_differ_from_good_data_only_in_their_fault(faults):
+    """The good set the faulty ones are made from passes every check of a stage that reads both domains."""
+    cfg = resolve_config("step1", overrides={"data_root": str(faults["good"]), "source": P, "target": V,
+                                             "resize": None, "img_size": 64, "batch_size": 2, "eval_batch_size": 4})
+    check_stage_data(cfg, faults["good"] / P, faults["good"] / V)
+
+
+@pytest.mark.parametrize("case", FAULT_CASES, ids=[c[0] for c in FAULT_CASES])
+def test_a_fault_is_one_line_before_any_work(case, faults, capsys):
+    name, main, argv, phrase = case
+    roots = (faults["root"], faults["data"], faults["raw"])
+    before = [(_snapshot(r), _tree(r)) for r in roots]
+    code = run_cli(main, argv(faults))
+    out, err = capsys.readouterr()
+    lines = _visible_lines(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith("error: ") and phrase in lines[0], lines[0]
+    if (name, main, argv, phrase) in OUTPUT_FAULTS:  # refused before any work: nothing of a result printed
+        assert out == "", out[-2000:]
+    for (hashes, tree), root in zip(before, roots):
+        assert _tree(root) == tree, f"{name} wrote under {root}: {sorted(set(_tree(root)) ^ set(tree))[:5]}"
+        assert _snapshot(root) == hashes, f"{name} changed files under {root}"

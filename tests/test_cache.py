@@ -16,22 +16,10 @@ import data.cache as cache_mod
 from data.cache import IMAGES, INDEX, LABELS, SplitCache, build_cache, cache_folders
 from data.dataset import SegmentationFolder
 from data.transforms import Resize
+from tests.helpers import RAW_VALUES, write_domain
 from utils.errors import UserError
 
-RAW_VALUES = np.arange(7)  # mmseg_raw: 0 boundary, 1..6 classes
 TRAIN_ID_VALUES = np.array([0, 1, 2, 3, 4, 5, 255])
-
-
-def write_domain(root: Path, split: str = "train", n: int = 3, size: tuple[int, int] = (12, 10),
-                 values: np.ndarray = RAW_VALUES, seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> None:
-    """Random uint8 PNG pairs ``<root>/{img_dir,ann_dir}/<split>/q<i>.png`` (one size unless ``sizes``)."""
-    rng = np.random.default_rng(seed)
-    for sub in ("img_dir", "ann_dir"):
-        (root / sub / split).mkdir(parents=True, exist_ok=True)
-    for i, (h, w) in enumerate(sizes or [size] * n):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "img_dir" / split / f"q{i}.png")
-        label = rng.choice(values, size=(h, w)).astype(np.uint8)
-        Image.fromarray(label).save(root / "ann_dir" / split / f"q{i}.png")
 
 
 def assert_same_samples(a: SegmentationFolder, b: SegmentationFolder) -> None:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from data.isprs import (
+    NUM_CLASSES,
     PALETTE,
     POTSDAM,
     VAIHINGEN,
@@ -255,7 +256,9 @@ def test_train_ids_format_maps_boundary_to_255(prepared):
         ids = read_png(ids_out / "ann_dir" / "train" / path.name)
         assert 0 in raw and 255 in ids
         assert np.array_equal(ids, np.where(raw == 0, 255, raw.astype(np.int64) - 1))
-    assert json.loads((ids_out / "meta.json").read_text())["label_format"] == "train_ids"
+    ids_meta = json.loads((ids_out / "meta.json").read_text())
+    assert ids_meta["label_format"] == "train_ids" and ids_meta["label_values"]["train"][-1] == 255
+    assert NUM_CLASSES not in ids_meta["label_values"]["train"]  # a 6 is clutter in mmseg_raw only
 
 
 def test_meta_json_describes_the_output(prepared):
@@ -272,6 +275,11 @@ def test_meta_json_describes_the_output(prepared):
     assert vaihingen["gsd_m"] == 0.09 and vaihingen["bands"] == ["NIR", "R", "G"]
     hist = meta["label_histogram"]["train"]
     assert sum(hist.values()) == meta["counts"]["train"] * 512 * 512 and hist["boundary"] > 0
+    # The values the label files hold, which the data checks read instead of decoding them.
+    for split in ("train", "val"):
+        stored = set().union(*(np.unique(read_png(p)).tolist()
+                               for p in (prepared["potsdam_irrg"][0] / "ann_dir" / split).iterdir()))
+        assert meta["label_values"][split] == sorted(stored)
 
 
 @pytest.mark.parametrize("name", ["potsdam_irrg", "vaihingen_irrg"])
@@ -279,10 +287,11 @@ def test_full_labels_have_no_boundary_and_agree_with_the_eroded_ones(prepared, n
     eroded, full = prepared[name][0], prepared[f"{name}_full"][0]
     meta, meta_full = (json.loads((d / "meta.json").read_text()) for d in (eroded, full))
     assert (meta["labels"], meta_full["labels"]) == ("eroded", "full")
-    assert {k: v for k, v in meta_full.items() if k not in ("labels", "label_histogram")} == {
-        k: v for k, v in meta.items() if k not in ("labels", "label_histogram")}
+    differ = ("labels", "label_histogram", "label_values")
+    assert {k: v for k, v in meta_full.items() if k not in differ} == {k: v for k, v in meta.items() if k not in differ}
     for split in ("train", "val"):
         assert meta_full["label_histogram"][split]["boundary"] == 0 < meta["label_histogram"][split]["boundary"]
+        assert meta["label_values"][split] == [0, *meta_full["label_values"][split]]
         names = sorted(p.relative_to(eroded) for p in eroded.rglob("*.png"))
         assert names == sorted(p.relative_to(full) for p in full.rglob("*.png"))
     for path in sorted((eroded / "ann_dir" / "train").iterdir())[:3]:

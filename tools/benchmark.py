@@ -52,6 +52,7 @@ from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
 from utils.config import OPTIONS, resolve_config
 from utils.errors import UserError, run_cli
+from utils.paths import check_output_files
 from utils.run import seed_everything
 from utils.stages import STAGE_NAMES
 
@@ -288,6 +289,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.json is not None:
+        check_output_files([args.json], "--json")
     if args.size % 32 or args.size <= 0:
         raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
     for name in ("batch", "k", "num_classes", "repeats", "random_batches"):

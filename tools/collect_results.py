@@ -26,6 +26,7 @@ import numpy as np
 from data.domains import CLASS_NAMES
 from utils.checkpoint import atomic_write_bytes
 from utils.errors import UserError, run_cli
+from utils.paths import check_output_files, check_output_folder
 from utils.plots import can_draw, image_png, results_rgb
 from utils.run import read_json
 from utils.stages import STAGE_NAMES
@@ -109,9 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for results.md, .csv and .png")
     parser.add_argument("--overwrite", action="store_true", help="replace results written before")
     args = parser.parse_args(argv)
-    existing = [args.out / name for name in OUTPUTS if (args.out / name).exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it or choose another --out")
+    check_output_folder(args.out, "--out")
+    check_output_files([args.out / name for name in OUTPUTS], "--out", args.overwrite)
     groups = gather(args.runs)
     stats = {key: summarise(runs) for key, runs in groups.items()}
     table = markdown(groups, stats)

@@ -22,7 +22,8 @@ from engine.handoff import handoff_meta, save_handoff
 from models import FCDiscriminatorHighMask, NAPGNet, load_original_checkpoint
 from models.napg import BACKBONES
 from models.original import read_original_checkpoint
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
+from utils.paths import check_output_files
 from utils.stages import ORIGINAL
 
 
@@ -40,8 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.out.exists() and not args.overwrite:
-        raise UserError(f"{args.out} exists; pass --overwrite to replace it or choose another --out")
+    check_output_files([args.out], "--out", args.overwrite)
     ckpt = read_original_checkpoint(args.checkpoint)
     model = NAPGNet(num_classes=args.num_classes, backbone=args.backbone,
                     shared_similarity=not args.per_class_sim)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from tqdm import tqdm
 
+from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
 from data.isprs import DATASETS, LABEL_KINDS, decode_label, raw_to_train_ids
@@ -39,6 +40,7 @@ from engine.refresh import RefreshResult
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 from utils.metrics import PROTOCOLS, format_table
+from utils.paths import check_output_files
 from utils.run import resolve_device, write_json
 
 
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    if args.json:
+        check_output_files([args.json], "--json")
     results, info = evaluate_checkpoint(args)
     for branch, metrics in results.items():
         print(f"{branch} branch, {args.domain}/{args.split}, {info['mode']}, protocol {args.protocol}, {info['bn']}:")
@@ -93,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
     """Evaluate the checkpoint ``args`` name; returns (results, what was evaluated and how)."""
+    folder = None
+    if args.raw is None:  # a prepared folder, checked before the checkpoint is read
+        folder = resolve_domain(Path(args.data_root), args.domain)
+        _check_data(args, folder)
     path = handoff_file(args.checkpoint, "--checkpoint")
     state = load_handoff(path, flag="--checkpoint")
     meta = state["meta"]
@@ -113,7 +121,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
     if protos is not None:
         protos = protos.to(device)
 
-    folder = resolve_domain(Path(args.data_root), args.domain)
     common = {"label_format": args.label_format, "normalize": args.normalize or meta["normalize"],
               "transform": Resize(args.resize) if args.resize else None}
     recalibrated = None
@@ -147,6 +154,16 @@ def _slide_tiles(args: argparse.Namespace):
         image = decode_raw(images[tile])[:, :, ::-1]  # BGR -> the file's band order
         raw_ids, _ = decode_label(decode_raw(labels[tile]))
         yield (torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(raw_to_train_ids(raw_ids)))
+
+
+def _check_data(args: argparse.Namespace, folder: Path) -> None:
+    """The data checks of ``data/checks.py`` for the splits evaluated (sliding windows read one image at a time,
+    so their sizes may differ)."""
+    uses = [SplitUse(folder, args.split)]
+    if args.recalibrate_bn and args.mode == "patch":
+        uses.append(SplitUse(folder, "train", labels=False))
+    check_data(uses, label_format=args.label_format, resize=args.resize,
+               batch_size=args.batch_size if args.mode == "patch" else 1, batch_flag="--batch-size")
 
 
 def _is_target(meta: dict, data_root: str, domain: str) -> bool:

@@ -30,6 +30,7 @@ import torch
 from data.synthetic import make_synthetic
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
+from utils.paths import check_output_folder
 from utils.process import run_group
 from utils.run import write_json
 from utils.stages import STAGES
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=Path, help="folder for each stage's full output (default: "
                         "<work-dir>/logs)")
     args = parser.parse_args(argv)
+    if args.work_dir:
+        check_output_folder(args.work_dir, "--work-dir")
     if not torch.cuda.is_available():
         raise UserError("no CUDA device visible; gpu-check needs a GPU")
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="napg-gpu-check-"))

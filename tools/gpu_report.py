@@ -78,6 +78,7 @@ from utils.checkpoint import atomic_write_bytes
 from utils.config import Config
 from utils.errors import UserError, run_cli
 from utils.gpu_machine import GPU_MACHINE_PACKAGES
+from utils.paths import check_output_files, check_output_folder
 from utils.process import run_group
 from utils.run import seed_everything, write_json
 from utils.stages import STAGES
@@ -735,6 +736,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--part", choices=PART_NAMES, help=argparse.SUPPRESS)  # internal: one part, this process
     parser.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    out = check_output_folder(args.out, "--out")
+    check_output_files([out / "gpu_report.json", out / "gpu_report.md"], "--out")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("no CUDA device visible; run on a GPU machine, or pass --device cpu (with --tiny for a "
                         "quick check)")

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from utils.errors import UserError, run_cli
+from utils.paths import check_output_folder
 from utils.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.kills < 1:
         raise UserError(f"--kills must be >= 1, got {args.kills}")
+    if args.work_dir:
+        check_output_folder(args.work_dir, "--work-dir")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kill-study-"))
     data = Path(args.data_root) if args.data_root else work / "data"
     if not args.data_root and not data.exists():

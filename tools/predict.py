@@ -36,6 +36,7 @@ from engine.logger import PALETTE
 from utils.checkpoint import atomic_write_bytes
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
+from utils.paths import check_output_files, check_output_folder
 from utils.run import resolve_device
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -70,13 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scale is not None and not 0 < args.scale <= 8:
         raise UserError(f"--scale must be in (0, 8], got {args.scale}")
     tiles = list_inputs(args.input)
+    check_output_folder(args.out, "--out")
     outputs = {tile: output_paths(args.out, tile, args.entropy, args.probs) for tile in tiles}
-    existing = [p for paths in outputs.values() for p in paths.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} exists ({len(existing)} outputs in all); pass --overwrite to replace them "
-                        f"or choose another --out")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; choose a folder")
+    check_output_files([p for paths in outputs.values() for p in paths.values()], "--out", args.overwrite)
 
     path = handoff_file(args.checkpoint, "--checkpoint")
     state = load_handoff(path, flag="--checkpoint")

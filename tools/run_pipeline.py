@@ -24,6 +24,7 @@ from engine.pictures import pipeline_panels
 from utils.checkpoint import atomic_write_bytes
 from utils.errors import UserError, run_cli
 from utils.metrics import SUMMARY_KEYS as METRICS
+from utils.paths import check_output_files, check_output_folder
 from utils.plots import image_png
 from utils.run import read_json, staging_dir, write_json
 from utils.stages import STAGE_NAMES, STAGES
@@ -39,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="step 1 starts from this pipeline's step 0 (the stand-in for ImageNet weights when "
                              "there are none; step 0 is then also the source-only row of the table)")
     args, extra = parser.parse_known_args(argv)
-    work_dir = Path(args.work_dir)
+    work_dir = check_output_folder(args.work_dir, "--work-dir")
+    check_output_files([work_dir / "results.json", work_dir / "panels.png"], "--work-dir")
     for stage in args.stages:
         run_dir = work_dir / stage
         # A checkpoint here is an interrupted --overwrite of a finished or unfinished run.

@@ -41,6 +41,7 @@ from tools.evaluate import build_parser as evaluate_parser
 from tools.evaluate import evaluate_checkpoint
 from utils.config import load_yaml, resolve_config
 from utils.errors import UserError, run_cli
+from utils.paths import check_output_files, check_output_folder
 from utils.run import read_json, write_json
 
 # NAPG with one component switched off (in steps 1 and 2): the option that does it.
@@ -69,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds has repeats: {args.seeds}")
+    out = check_output_folder(args.out, "--out")
+    check_output_files([out / "validity.json", out / "validity.png"], "--out")
     study = Study(args, extra)
     results = study.run()
     write_json(args.out / "validity.json", results)
