@@ -7,9 +7,9 @@ Decoding PNGs dominates data loading at ISPRS patch sizes, so a split can be dec
                           index.json  names in order, shape, source file sizes + mtimes, label format, version
 
 Patches are stored at full size: ``Resize`` runs on float images, so resizing before the uint8 store would
-round, and cached samples would no longer equal the PNG path's. A cache is written into a temporary
-folder and renamed into place; every open checks it against the source files and rebuilds a stale one.
-When the domain folder is read-only the cache goes to ``~/.cache/napg`` (or ``cache_dir``) instead.
+round, and cached samples would no longer equal the PNG path's. A cache is written into a staging folder
+and renamed into place (``utils/publish.py``); every open checks it against the source files and rebuilds a
+stale one. When the domain folder is read-only the cache goes to ``~/.cache/napg`` (or ``cache_dir``) instead.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from data.files import (
     to_train_ids,
 )
 from utils.errors import UserError
+from utils.publish import publish_dir
 
 CACHE_VERSION = 1
 FALLBACK_DIR = Path("~/.cache/napg")
@@ -125,24 +124,6 @@ def _common_shape(src: _Sources) -> tuple[int, int]:
                        "(--cache false / cache: false) for this data")
 
 
-def _staging(parent: Path) -> Path | None:
-    """A fresh temporary folder in ``parent``, or None when ``parent`` cannot be written."""
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".building-", dir=parent))
-    except OSError as err:
-        if err.errno in _READ_ONLY:
-            return None
-        if err.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder of the cache goes
-            blocker = next(p for p in (parent, *parent.parents) if p.exists())
-            raise UserError(f"cannot build the uint8 cache in {parent}: {blocker} is a file, not a folder; remove "
-                            f"it or pass --cache false") from None
-        raise
-    # mkdtemp makes the folder private; whoever may read the data may read its cache too.
-    staging.chmod(0o755)
-    return staging
-
-
 def _fill(staging: Path, src: _Sources, shape: tuple[int, int]) -> None:
     """Decode every patch into the memmaps and write the index (source stamps taken before decoding)."""
     height, width = shape
@@ -173,38 +154,31 @@ def _fill(staging: Path, src: _Sources, shape: tuple[int, int]) -> None:
     (staging / INDEX).write_text(json.dumps(index) + "\n")
 
 
-def _publish(staging: Path, folder: Path) -> None:
-    """Rename ``staging`` to ``folder``, replacing a stale cache there."""
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=".stale-", dir=folder.parent))
-        os.rename(folder, old / folder.name)
+def _build_in(folder: Path, src: _Sources, reason: str) -> Path | None:
+    """Build the cache into ``folder``; None when its parent cannot be written."""
     try:
-        os.rename(staging, folder)
+        with ExitStack() as stack:
+            try:
+                staging = stack.enter_context(publish_dir(folder, prefix=".building-"))
+            except OSError as err:
+                if err.errno in _READ_ONLY:
+                    return None
+                if err.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder of the cache goes
+                    blocker = next(p for p in (folder.parent, *folder.parents) if p.exists())
+                    raise UserError(f"cannot build the uint8 cache in {folder.parent}: {blocker} is a file, not a "
+                                    f"folder; remove it or pass --cache false") from None
+                raise
+            # mkdtemp makes the folder private; whoever may read the data may read its cache too.
+            staging.chmod(0o755)
+            shape = _common_shape(src)
+            kind = "images and labels" if src.labels is not None else "images"
+            print(f"cache: {reason}; decoding {len(src.names)} {kind} of {src.images[0].parent} into {folder}",
+                  file=sys.stderr, flush=True)
+            _fill(staging, src, shape)
     except OSError as err:
         # Another process published its cache between our two renames; it was built from the same files.
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-        shutil.rmtree(staging, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _build_in(folder: Path, src: _Sources, reason: str) -> Path | None:
-    """Build the cache into ``folder``; None when its parent cannot be written."""
-    staging = _staging(folder.parent)
-    if staging is None:
-        return None
-    try:
-        shape = _common_shape(src)
-        kind = "images and labels" if src.labels is not None else "images"
-        print(f"cache: {reason}; decoding {len(src.names)} {kind} of {src.images[0].parent} into {folder}",
-              file=sys.stderr, flush=True)
-        _fill(staging, src, shape)
-        _publish(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
-import shutil
 import sys
-import tempfile
 import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from data.isprs import (
 )
 from utils.errors import UserError
 from utils.paths import check_output_folder
+from utils.publish import publish_dir
 
 TOOL_NAME = "prepare_isprs"
 TOOL_VERSION = "1.0"
@@ -279,21 +278,6 @@ def _check_output(raw: Path, out: Path, overwrite: bool) -> None:
     check_output_folder(out, "--out", overwrite)
 
 
-def _publish(staging: Path, out: Path) -> None:
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    try:
-        staging.rename(out)
-    except OSError:
-        old.rename(out)
-        raise
-    shutil.rmtree(old)
-
-
 def _histogram(results: list[TileResult], split: str) -> dict[str, int]:
     total = np.zeros(len(RAW_CLASS_NAMES), dtype=np.int64)
     for result in results:
@@ -392,47 +376,44 @@ def prepare_isprs(
     synthetic = (raw / SYNTHETIC_MARKER).is_file()
 
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        for kind in ("img_dir", "ann_dir"):
-            for split in SPLITS:
-                (staging / kind / split).mkdir(parents=True)
-        jobs = [
-            TileJob(
-                tile, spec.split_of(tile), images[tile], label_files[tile], staging,
-                clip, grid, stride, scale, strict_colors, label_format,
-            )
-            for tile in tiles
-        ]
-        results = _run_jobs(jobs, workers, f"prepare {domain}", verbose)
-        results.sort(key=lambda r: tiles.index(r.tile))
-        meta = {
-            "dataset": spec.name,
-            "domain": domain,
-            "bands": list(spec.bands[bands]),
-            "gsd_m": gsd,
-            "label_format": label_format,
-            "labels": labels,
-            "color_decoding": "strict" if strict_colors else "mmseg",
-            "clip": clip,
-            "grid": grid,
-            "stride": stride,
-            "scale": scale,
-            "splits": {s: [r.tile for r in results if r.split == s] for s in SPLITS},
-            "counts": {s: sum(r.patches for r in results if r.split == s) for s in SPLITS},
-            "label_histogram": {s: _histogram(results, s) for s in SPLITS},
-            "label_values": {s: _stored_values(_histogram(results, s), label_format) for s in SPLITS},
-            "off_palette_pixels": sum(r.off_palette for r in results),
-            "synthetic": synthetic,
-            "tool": TOOL_NAME,
-            "version": TOOL_VERSION,
-        }
-        notes += _check_counts(staging, spec, meta, results)
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(staging, out)
+        with publish_dir(out) as staging:
+            for kind in ("img_dir", "ann_dir"):
+                for split in SPLITS:
+                    (staging / kind / split).mkdir(parents=True)
+            jobs = [
+                TileJob(
+                    tile, spec.split_of(tile), images[tile], label_files[tile], staging,
+                    clip, grid, stride, scale, strict_colors, label_format,
+                )
+                for tile in tiles
+            ]
+            results = _run_jobs(jobs, workers, f"prepare {domain}", verbose)
+            results.sort(key=lambda r: tiles.index(r.tile))
+            meta = {
+                "dataset": spec.name,
+                "domain": domain,
+                "bands": list(spec.bands[bands]),
+                "gsd_m": gsd,
+                "label_format": label_format,
+                "labels": labels,
+                "color_decoding": "strict" if strict_colors else "mmseg",
+                "clip": clip,
+                "grid": grid,
+                "stride": stride,
+                "scale": scale,
+                "splits": {s: [r.tile for r in results if r.split == s] for s in SPLITS},
+                "counts": {s: sum(r.patches for r in results if r.split == s) for s in SPLITS},
+                "label_histogram": {s: _histogram(results, s) for s in SPLITS},
+                "label_values": {s: _stored_values(_histogram(results, s), label_format) for s in SPLITS},
+                "off_palette_pixels": sum(r.off_palette for r in results),
+                "synthetic": synthetic,
+                "tool": TOOL_NAME,
+                "version": TOOL_VERSION,
+            }
+            notes += _check_counts(staging, spec, meta, results)
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         for path in created:
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()

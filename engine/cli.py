@@ -1,11 +1,13 @@
-"""The command line shared by the step scripts: flags -> resolved config -> ``run_stage``."""
+"""The command line shared by the step scripts: flags -> resolved config -> ``run_stage``; and what the tools
+that run stages (tools/run_pipeline.py, tools/validity.py) use instead of command lines."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
-from utils.config import add_config_arguments, config_from_args
+from utils.config import Config, add_config_arguments, config_from_args, overrides_from_args
 from utils.paths import check_output_folder
 from utils.stages import STAGES
 
@@ -28,14 +30,27 @@ def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    train_stage(cfg)
+    return 0
+
+
+def train_stage(cfg: Config) -> dict[str, Any]:
+    """``run_stage(cfg)`` in this process, then leave the process group it joined under torchrun."""
     # A folder that cannot be written fails the run now, not after its data were read and its network built.
     work_dir = check_output_folder(cfg.work_dir, "--work-dir")
-    check_output_folder(work_dir / stage, "--work-dir")
+    check_output_folder(work_dir / cfg.stage, "--work-dir")
     from engine.trainer import run_stage  # heavy imports only when training
     from utils import dist
 
     try:
-        run_stage(cfg)
+        return run_stage(cfg)
     finally:
         dist.shutdown()
-    return 0
+
+
+def flag_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """The options that stage flags in ``argv`` set, as ``resolve_config`` overrides: how a tool parses once
+    the extra flags its user passes on to every stage it runs."""
+    parser = argparse.ArgumentParser(description="options passed on to every stage")
+    add_config_arguments(parser)
+    return overrides_from_args(parser.parse_args(argv))

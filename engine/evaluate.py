@@ -1,20 +1,31 @@
-"""Evaluation of the classifier and the prototype branch over a whole split."""
+"""Evaluation of the classifier and the prototype branch over a whole split, and of a hand-off checkpoint
+on any prepared domain (:func:`evaluate_checkpoint`, what tools/evaluate.py and tools/validity.py call)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.checks import SplitUse, check_data
+from data.dataset import SegmentationFolder
+from data.domains import resolve_domain
+from data.loaders import build_loader
+from data.transforms import Resize
 from engine.device import amp_dtype, autocast
+from engine.handoff import handoff_file, handoff_network, load_handoff
 from engine.inference import SlideConfig, predict_image
+from engine.refresh import RefreshResult
 from models.labels import resize_labels
 from utils import dist
 from utils.errors import UserError
 from utils.metrics import PROTOCOLS, ConfusionMatrix
+from utils.run import resolve_device
 
 
 @torch.no_grad()
@@ -134,3 +145,101 @@ def recalibrate_bn(model: nn.Module, loader: Iterable[dict[str, Any]], device: t
     if used == 0:
         raise UserError("BatchNorm re-estimation needs batches of at least 2 images; raise the batch size")
     return used
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A hand-off checkpoint's network, rebuilt to evaluate one domain."""
+
+    path: Path  # the checkpoint file read
+    state: dict[str, Any]  # as ``load_handoff`` returns it
+    model: nn.Module
+    device: torch.device
+    bn_domain: str  # "source" or "target": the BatchNorm statistics that evaluate the domain
+    bn: str  # those statistics, in words
+
+
+@dataclass(frozen=True)
+class CheckpointScores:
+    """What :func:`evaluate_checkpoint` measured, and how."""
+
+    results: dict[str, dict[str, Any]]  # {"classifier": metrics, "prototype": metrics} (see :func:`evaluate`)
+    checkpoint: Path
+    mode: str  # "patch", or the sliding-window settings
+    bn: str  # the BatchNorm statistics used, in words
+    recalibrated_bn: dict[str, Any] | None = None  # {"split": "train", "images": n} after re-estimation
+
+
+def load_for_evaluation(checkpoint: str | Path, data_root: str | Path | None, domain: str, device: str = "auto",
+                        bn_domain: str = "auto") -> LoadedCheckpoint:
+    """Read ``checkpoint`` (a file or a finished run folder) and rebuild its network on ``device``.
+
+    ``bn_domain`` "auto" evaluates the checkpoint's target domain with its target BatchNorm statistics and
+    any other domain with its source statistics (for a ``--bn-stats domain`` network).
+    """
+    path = handoff_file(checkpoint, "--checkpoint")
+    state = load_handoff(path, flag="--checkpoint")
+    meta = state["meta"]
+    torch_device = resolve_device(device)
+    model = handoff_network(state, torch_device)
+    if bn_domain == "auto":
+        bn_domain = "target" if _is_target(meta, data_root, domain) else "source"
+    bn = f"{bn_domain} BatchNorm statistics" if meta["bn_stats"] == "domain" else "shared BatchNorm statistics"
+    return LoadedCheckpoint(path, state, model, torch_device, bn_domain, bn)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, domain: str, *, split: str = "val",
+                        batch_size: int = 8, num_workers: int = 2, resize: int | None = None,
+                        recalibrate: bool = False, protocol: str = "standard", prototypes: str = "auto",
+                        label_format: str | None = None, normalize: str | None = None, bn_domain: str = "auto",
+                        device: str = "auto") -> CheckpointScores:
+    """Scores of ``checkpoint`` on the ``split`` patches of the prepared ``domain`` under ``data_root``.
+
+    ``resize`` resizes the patches as the run did; ``recalibrate`` first re-estimates the BatchNorm
+    statistics on the domain's *train* images (AdaBN; no labels read). ``prototypes`` picks the set for
+    the prototype branch: auto (target if present), target, source_target or none. ``normalize`` defaults
+    to the checkpoint's, ``bn_domain`` as :func:`load_for_evaluation`.
+    """
+    folder = resolve_domain(Path(data_root), domain)  # the data are checked before the checkpoint is read
+    uses = [SplitUse(folder, split)] + ([SplitUse(folder, "train", labels=False)] if recalibrate else [])
+    check_data(uses, label_format=label_format, resize=resize, batch_size=batch_size, batch_flag="--batch-size")
+    loaded = load_for_evaluation(checkpoint, data_root, domain, device, bn_domain)
+    meta = loaded.state["meta"]
+    protos = _pick_prototypes(loaded.state.get("prototypes"), prototypes)
+    if protos is not None:
+        protos = protos.to(loaded.device)
+    common = {"label_format": label_format, "normalize": normalize or meta["normalize"],
+              "transform": Resize(resize) if resize else None}
+    bn, recalibrated = loaded.bn, None
+    if recalibrate:
+        train = SegmentationFolder(folder, "train", with_labels=False, **common)
+        train_loader = build_loader(train, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+        used = recalibrate_bn(loaded.model, train_loader, loaded.device, domain=loaded.bn_domain)
+        recalibrated = {"split": "train", "images": used}
+        bn += f", re-estimated on {used} {domain}/train images"
+    dataset = SegmentationFolder(folder, split, **common)
+    loader = build_loader(dataset, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+    results = evaluate(loaded.model, loader, protos, loaded.device, meta["num_classes"], protocol=protocol,
+                       domain=loaded.bn_domain)
+    return CheckpointScores(results, loaded.path, "patch", bn, recalibrated)
+
+
+def _is_target(meta: dict, data_root: str | Path | None, domain: str) -> bool:
+    """Whether ``domain`` is the checkpoint's target domain (same folder, or same name when unresolvable)."""
+    if meta.get("target") is None:
+        return False
+    try:
+        return resolve_domain(data_root, meta["target"]) == resolve_domain(data_root, domain)
+    except UserError:
+        return str(meta["target"]) == str(domain)
+
+
+def _pick_prototypes(protos: dict | None, which: str) -> torch.Tensor | None:
+    if not protos or which == "none":
+        return None
+    if which == "auto":
+        return RefreshResult.from_state(protos, torch.device("cpu")).for_target
+    if protos.get(which) is None:
+        raise UserError(f"the checkpoint has no '{which}' prototypes (use --prototypes auto)")
+    return protos[which]

@@ -9,13 +9,15 @@ A stage writes ``<work_dir>/<stage>/``::
     eval.json      final target-val and source-val metrics
     manifest.json  written last: the stage is complete
 
-``--overwrite`` of a trained folder trains in ``<stage>.new`` and swaps it in only when it is finished.
+``--overwrite`` of a trained folder trains in ``<stage>.new`` and swaps it in only when it is finished;
+:class:`RunFolder` decides what an invocation does with the folder.
 """
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,8 @@ from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from utils.config import Config, dump_config
 from utils.errors import UserError
 from utils.metrics import SUMMARY_KEYS
-from utils.run import environment_info, rng_state, set_rng_state, staging_dir, write_json
+from utils.publish import replace_dir
+from utils.run import environment_info, rng_state, set_rng_state, write_json
 
 # Options that must not change when a stage is resumed.
 RESUME_FIXED = ("source", "target", "num_classes", "backbone", "batch_size", "img_size", "resize", "clusters",
@@ -51,75 +54,129 @@ class Progress:
     best: dict[str, Any] | None = None  # the oracle selection's best so far (--select-on-target-val)
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config) -> tuple[Path, bool]:
-    """The folder this invocation trains in, and whether it resumes there; refuses to touch finished work.
+class State(Enum):
+    """What a stage's run folder holds (read from its files by :attr:`RunFolder.state`)."""
 
-    ``--overwrite`` of a folder holding a checkpoint trains in a staging folder (``<stage>.new``) that
-    replaces the old run only once the new one is finished, so no failure of the new run loses the old
-    one; ``--resume`` continues such an interrupted replacement. A folder without a checkpoint was never
-    trained (killed or stopped by an error early): it is simply started again.
+    FRESH = "fresh"  # nothing trained: no folder, or one that stopped before its first checkpoint
+    PARTIAL = "partial"  # last.pt without manifest.json: an interrupted run
+    FINISHED = "finished"  # manifest.json: a complete run
+    REPLACING = "replacing"  # <stage>.new/last.pt: an interrupted --overwrite of a finished or unfinished run
+
+
+class Action(Enum):
+    """What an invocation does with a run folder (:meth:`RunFolder.next_action`)."""
+
+    START = "start"  # train from the beginning in the run folder
+    RESUME = "resume"  # continue from last.pt, in the run folder or in the replacement's staging twin
+    SKIP = "skip"  # keep the finished run
+    REPLACE = "replace"  # train anew in the staging twin, which replaces the run folder once finished
+
+
+class RunFolder:
+    """``<work_dir>/<stage>`` and its staging twin ``<stage>.new``: the one place that decides whether an
+    invocation starts, resumes, skips or replaces a run (the stage itself, tools/run_pipeline.py and
+    tools/validity.py all ask :meth:`next_action`).
+
+    ``--overwrite`` of a folder holding a checkpoint trains in ``<stage>.new``, which replaces the old run
+    only once the new one is finished, so no failure of the new run loses the old one; ``--resume``
+    continues such an interrupted replacement. A folder without a checkpoint was never trained (killed or
+    stopped by an error early): it is simply started again.
     """
-    complete_swap(run_dir)
-    staging = staging_dir(run_dir)
-    finished = (run_dir / "manifest.json").exists()
-    has_checkpoint = (run_dir / "last.pt").exists()
-    if cfg.resume:
-        if (staging / "last.pt").exists():
-            return staging, True
-        if finished:
-            raise UserError(f"{run_dir} is already finished; nothing to resume (to train it again, drop --resume "
-                            f"and pass --overwrite)")
-        if has_checkpoint:
-            return run_dir, True
-        if not run_dir.exists():
-            raise UserError(f"--resume: no run {run_dir} to continue (check --work-dir, or drop --resume to start "
-                            f"the stage)")
-        print(f"{run_dir} has no checkpoint yet (it stopped before its first one); starting it again")
-        return run_dir, False
-    if finished or has_checkpoint:
-        if cfg.overwrite:
-            return staging, False
-        what = "a finished" if finished else "an unfinished"
-        hint = "" if finished else " continue it with --resume, or"
-        if (staging / "last.pt").exists():
-            hint = f" continue the interrupted replacement in {staging} with --resume, or"
-        raise UserError(f"{run_dir} holds {what} {cfg.stage} run;{hint} pass --overwrite to replace it, "
+
+    def __init__(self, work_dir: str | Path, stage: str) -> None:
+        self.stage = stage
+        self.path = Path(work_dir) / stage
+        self.staging = self.path.with_name(stage + ".new")
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run folder holds a finished run (a replacement may be under way beside it)."""
+        return (self.path / "manifest.json").exists()
+
+    @property
+    def state(self) -> State:
+        """What the folder holds; an interrupted replacement beside it comes first."""
+        if (self.staging / "last.pt").exists():
+            return State.REPLACING
+        if self.finished:
+            return State.FINISHED
+        return State.PARTIAL if (self.path / "last.pt").exists() else State.FRESH
+
+    def next_action(self, resume: bool | None = None, overwrite: bool = False) -> Action:
+        """What to do with this folder; refuses, with one line, to touch finished work unasked.
+
+        ``resume`` True is ``--resume`` (continue, or fail if there is nothing to continue), False a plain
+        start (which refuses a folder holding a run unless ``overwrite``), None whatever carries the work on
+        (the pipeline and the study: a finished run is skipped, an interrupted one resumed)::
+
+            state       resume=None        resume=True   resume=False    resume=False, overwrite
+            FRESH       START              START [1]     START           START
+            PARTIAL     RESUME             RESUME        error           REPLACE
+            FINISHED    SKIP               error         error           REPLACE
+            REPLACING   RESUME [2]         RESUME        error [3]       REPLACE [3]
+
+        ``resume=None`` with ``overwrite`` is the last column; ``resume=True`` ignores ``overwrite``. [1] an
+        error when there is no folder at all.
+        [2] in the staging twin, as every RESUME of a replacement. [3] as PARTIAL or FINISHED for the run it
+        replaces (START when there is none); REPLACE discards the interrupted replacement.
+        """
+        holds_run = self.finished or (self.path / "last.pt").exists()
+        if resume is None:
+            if overwrite:
+                return Action.REPLACE if holds_run else Action.START
+            return {State.FRESH: Action.START, State.FINISHED: Action.SKIP}.get(self.state, Action.RESUME)
+        if resume:
+            state = self.state
+            if state in (State.PARTIAL, State.REPLACING):
+                return Action.RESUME
+            if state is State.FINISHED:
+                raise UserError(f"{self.path} is already finished; nothing to resume (to train it again, drop "
+                                f"--resume and pass --overwrite)")
+            if not self.path.exists():
+                raise UserError(f"--resume: no run {self.path} to continue (check --work-dir, or drop --resume "
+                                f"to start the stage)")
+            print(f"{self.path} has no checkpoint yet (it stopped before its first one); starting it again")
+            return Action.START
+        if not holds_run:
+            return Action.START
+        if overwrite:
+            return Action.REPLACE
+        what = "a finished" if self.finished else "an unfinished"
+        hint = "" if self.finished else " continue it with --resume, or"
+        if self.state is State.REPLACING:
+            hint = f" continue the interrupted replacement in {self.staging} with --resume, or"
+        raise UserError(f"{self.path} holds {what} {self.stage} run;{hint} pass --overwrite to replace it, "
                         f"or choose another --work-dir")
-    return run_dir, False
 
+    def train_dir(self, action: Action) -> Path:
+        """The folder ``action`` trains in: the staging twin for a replacement (new or resumed)."""
+        replacing = action is Action.REPLACE or action is Action.RESUME and self.state is State.REPLACING
+        return self.staging if replacing else self.path
 
-def swap_in(staging: Path, run_dir: Path) -> None:
-    """Replace ``run_dir`` by the finished run in ``staging`` (two renames; see :func:`complete_swap`)."""
-    old = run_dir.with_name(run_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if run_dir.exists():
-        run_dir.rename(old)
-    staging.rename(run_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    def clear(self, action: Action) -> None:
+        """Empty what a START or REPLACE trains in: the staging twin of an earlier --overwrite entirely, or
+        what a run that never saved a checkpoint wrote (only the run's own files: a folder may hold other
+        things of the user's)."""
+        if action is Action.REPLACE:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        for name in ("config.yaml", "env.json", "metrics.jsonl", "eval.json", "best.pt", "tb"):
+            path = self.path / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
+    def swap_in(self) -> None:
+        """Replace the run folder by the finished run in the staging twin (two renames, through
+        ``<stage>.old``; see :meth:`complete_swap`)."""
+        replace_dir(self.staging, self.path, aside=self.path.with_name(self.stage + ".old"))
 
-def complete_swap(run_dir: Path) -> None:
-    """Finish a :func:`swap_in` that a crash cut short between its renames."""
-    staging = staging_dir(run_dir)
-    if dist.is_main() and (staging / "manifest.json").exists() and not run_dir.exists():
-        swap_in(staging, run_dir)
-    dist.barrier()
-
-
-def clear_untrained(folder: Path, staging: bool) -> None:
-    """Empty a staging folder of an earlier --overwrite, or remove what a run that never saved a checkpoint
-    wrote (only the run's own files: a folder may hold other things of the user's)."""
-    if staging:
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    for name in ("config.yaml", "env.json", "metrics.jsonl", "eval.json", "best.pt", "tb"):
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    def complete_swap(self) -> None:
+        """Finish a :meth:`swap_in` that a crash cut short between its renames (every rank calls it)."""
+        if dist.is_main() and (self.staging / "manifest.json").exists() and not self.path.exists():
+            self.swap_in()
+        dist.barrier()
 
 
 def save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], progress: Progress,

@@ -20,13 +20,12 @@ from engine.logger import RunLogger, panel
 from engine.pictures import predict_patch, write_stage_pictures
 from engine.refresh import RefreshResult, refresh_prototypes
 from engine.rundir import (
+    Action,
     Progress,
-    clear_untrained,
+    RunFolder,
     load_last,
-    prepare_run_dir,
     save_last,
     save_stage_handoff,
-    swap_in,
     write_results,
     write_start,
 )
@@ -44,14 +43,16 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     """Train one stage as configured and return its final target-val metrics."""
     stage = cfg.stage
     check_num_classes(cfg.num_classes)
-    run_dir = Path(cfg.work_dir) / stage
+    folder = RunFolder(cfg.work_dir, stage)
     device = dist.init_from_env(resolve_device(cfg.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA-only), this run is on {device}; "
                         f"use --amp bf16 or --amp off")
-    out_dir, resume = prepare_run_dir(run_dir, cfg)
+    folder.complete_swap()
+    action = folder.next_action(cfg.resume, cfg.overwrite)
+    out_dir = folder.train_dir(action)
     init_state, init_source = resolve_init(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
 
@@ -60,10 +61,10 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     # The previous stage's prototypes: the fallback for classes without samples at the first refresh.
     protos = handoff_prototypes(init_state, device)
     progress = Progress()
-    if resume:
+    if action is Action.RESUME:
         progress, protos = load_last(out_dir, cfg, napg, data, device)
     elif dist.is_main():
-        clear_untrained(out_dir, staging=out_dir != run_dir)
+        folder.clear(action)
         write_start(out_dir, cfg, napg, init_source)
     dist.barrier()
 
@@ -83,8 +84,8 @@ def run_stage(cfg: Config) -> dict[str, Any]:
         return {"stopped": True}
     require_finite_weights(napg, loop.protos)  # the hand-off never carries a diverged network
     results = _finish(out_dir, napg, loop.protos, data, cfg, init_source, time.time() - start_time)
-    if out_dir != run_dir and dist.is_main():
-        swap_in(out_dir, run_dir)
+    if out_dir == folder.staging and dist.is_main():
+        folder.swap_in()
     dist.barrier()
     return results
 

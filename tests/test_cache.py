@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data.cache as cache_mod
 from data.cache import IMAGES, INDEX, LABELS, SplitCache, build_cache, cache_folders
 from data.dataset import SegmentationFolder
 from data.transforms import Resize
@@ -169,14 +169,14 @@ def test_read_only_root_falls_back(tmp_path, monkeypatch):
     """The same as the chmod test, for runs as root: creating folders inside the domain fails with EROFS."""
     root = tmp_path / "domain"
     write_domain(root)
-    real_mkdtemp = cache_mod.tempfile.mkdtemp
+    real_mkdtemp = tempfile.mkdtemp
 
     def mkdtemp(*args, dir=None, **kwargs):
         if dir is not None and Path(dir).is_relative_to(root):
             raise OSError(30, "Read-only file system", str(dir))
         return real_mkdtemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(cache_mod.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     _check_fallback(tmp_path, root)
 
 

@@ -64,15 +64,32 @@ def _is_module(name: str) -> bool:
     return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
+# The layers, lowest first: a module imports only modules of its own layer or lower ones.
+LAYERS = {"utils": 0, "data": 1, "models": 1, "losses": 1, "engine": 2, "tools": 3}
+STEP_SCRIPTS = sorted(ROOT.glob("step*.py"))
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every module of the project (libraries, tools, step scripts) -> the project modules it imports."""
+    paths = [p for package in LAYERS for p in sorted((ROOT / package).rglob("*.py"))] + STEP_SCRIPTS
+    return {_module_name(path): _project_imports(path) - {_module_name(path)} for path in paths}
+
+
+def _layer(module: str) -> int:
+    return LAYERS.get(module.split(".")[0], LAYERS["tools"])  # the step scripts are at the top, with tools/
+
+
 def test_libraries_import_downward_without_cycles():
-    graph = {}
-    for package in LIBRARIES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-            graph[name] = _project_imports(path) - {name}
+    graph = _import_graph()
     assert len(graph) > 30
-    upward = {m: sorted(i for i in deps if i.startswith("tools")) for m, deps in graph.items()}
-    assert not {m: d for m, d in upward.items() if d}, "library modules must not import tools/"
+    upward = {m: sorted(d for d in deps if _layer(d) > _layer(m)) for m, deps in graph.items()}
+    assert not {m: d for m, d in upward.items() if d}, (
+        f"imports must go down the layers utils < data, models, losses < engine < tools and the step scripts: "
+        f"{ {m: d for m, d in upward.items() if d} }")
 
     state: dict[str, str] = {}
 
@@ -90,6 +107,21 @@ def test_libraries_import_downward_without_cycles():
             visit(module, [module])
 
 
+def test_training_never_imports_the_synthetic_generator():
+    """Nothing the step scripts or the trainer import, directly or not, is of data/synthetic/."""
+    graph = _import_graph()
+    reached: set[str] = set()
+    todo = [_module_name(p) for p in STEP_SCRIPTS] + ["engine.trainer"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            # Importing a.b.c also runs the packages a and a.b.
+            todo += [*graph.get(module, ()), *(module.rsplit(".", n)[0] for n in range(1, module.count(".") + 1))]
+    synthetic = sorted(m for m in reached if m == "data.synthetic" or m.startswith("data.synthetic."))
+    assert len(reached) > 20 and not synthetic, f"the training path imports {synthetic}"
+
+
 def test_stage_names_are_tested_only_in_the_stage_table():
     pattern = re.compile(r'== "step|!= "step|\bstage ==|\bstage !=')
     offenders = [f"{path.relative_to(ROOT)}:{n}" for package in ("engine", "tools", "utils")
@@ -104,10 +136,13 @@ def test_readme_layout_names_every_module():
     block = layout[layout.index("```") + 3:layout.index("```", layout.index("```") + 3)]
     text: dict[str, str] = {}
     folder = ""
-    for line in block.splitlines():  # "engine/     a.py, b.py" and indented continuation lines
-        folder = line[:12].strip().rstrip("/") or folder
+    for line in block.splitlines():  # "engine/     a.py, b.py", "data/synthetic/  c.py" and indented continuations
+        if line[:1].strip():
+            folder = line.split()[0].rstrip("/")
         text[folder] = text.get(folder, "") + line
-    missing = [f"{package}/{path.name}" for package in (*LIBRARIES, "tools")
-               for path in sorted((ROOT / package).glob("*.py"))
-               if path.name != "__init__.py" and path.name not in text.get(package, "")]
+    modules = [path for package in (*LIBRARIES, "tools") for path in sorted((ROOT / package).rglob("*.py"))
+               if path.name != "__init__.py"]
+    assert any(path.parent.parent != ROOT for path in modules)  # the subpackages are walked too
+    missing = [path.relative_to(ROOT).as_posix() for path in modules
+               if path.name not in text.get(path.parent.relative_to(ROOT).as_posix(), "")]
     assert not missing, f"the README's layout section does not name {missing}"

@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.calibration import CLASS_SHARES, DOMAIN_BANDS, target_colour_means
 from data.isprs import PALETTE, POTSDAM, SYNTHETIC_MARKER, VAIHINGEN
-from data.synthetic import (
-    EROSION_RADIUS_PX,
-    SOURCE,
-    SOURCE_LOOK,
-    TARGET,
-    TARGET_LOOK,
-    erode_labels,
-    make_synthetic,
-    make_tile,
-    target_look,
-)
+from data.synthetic import make_synthetic
+from data.synthetic.calibration import CLASS_SHARES, DOMAIN_BANDS, target_colour_means
+from data.synthetic.downloads import EROSION_RADIUS_PX, erode_labels
+from data.synthetic.pair import SOURCE, SOURCE_LOOK, TARGET, TARGET_LOOK, make_tile, target_look
 from tests.helpers import REAL_SAMPLES
 from tools import make_synthetic as make_synthetic_tool
 from utils.errors import UserError, run_cli

@@ -30,18 +30,14 @@ from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
 from data.isprs import DATASETS, LABEL_KINDS, decode_label, raw_to_train_ids
-from data.loaders import build_loader
 from data.prepare import decode_raw, find_tiles
-from data.transforms import Resize
-from engine.evaluate import evaluate, evaluate_tiles, recalibrate_bn
-from engine.handoff import handoff_file, handoff_network, load_handoff
+from engine.evaluate import CheckpointScores, evaluate_checkpoint, evaluate_tiles, load_for_evaluation
 from engine.inference import SlideConfig
-from engine.refresh import RefreshResult
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 from utils.metrics import PROTOCOLS, format_table
 from utils.paths import check_output_files
-from utils.run import resolve_device, write_json
+from utils.run import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,56 +80,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_args(args)
     if args.json:
         check_output_files([args.json], "--json")
-    results, info = evaluate_checkpoint(args)
-    for branch, metrics in results.items():
-        print(f"{branch} branch, {args.domain}/{args.split}, {info['mode']}, protocol {args.protocol}, {info['bn']}:")
+    if args.mode == "slide":
+        scores = _evaluate_slide(args)
+    else:
+        scores = evaluate_checkpoint(args.checkpoint, args.data_root, args.domain, split=args.split,
+                                     batch_size=args.batch_size, num_workers=args.num_workers, resize=args.resize,
+                                     recalibrate=args.recalibrate_bn, protocol=args.protocol,
+                                     prototypes=args.prototypes, label_format=args.label_format,
+                                     normalize=args.normalize, bn_domain=args.bn_domain, device=args.device)
+    for branch, metrics in scores.results.items():
+        print(f"{branch} branch, {args.domain}/{args.split}, {scores.mode}, protocol {args.protocol}, {scores.bn}:")
         print(format_table(metrics, CLASS_NAMES))
     if args.json:
-        write_json(Path(args.json), {"checkpoint": info["checkpoint"], "domain": args.domain, "split": args.split,
-                                     "mode": info["mode"], "protocol": args.protocol, "bn": info["bn"],
-                                     "recalibrated_bn": info["recalibrated_bn"], **results})
+        write_json(Path(args.json), {"checkpoint": str(scores.checkpoint), "domain": args.domain, "split": args.split,
+                                     "mode": scores.mode, "protocol": args.protocol, "bn": scores.bn,
+                                     "recalibrated_bn": scores.recalibrated_bn, **scores.results})
     return 0
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
-    """Evaluate the checkpoint ``args`` name; returns (results, what was evaluated and how)."""
-    folder = None
-    if args.raw is None:  # a prepared folder, checked before the checkpoint is read
-        folder = resolve_domain(Path(args.data_root), args.domain)
-        _check_data(args, folder)
-    path = handoff_file(args.checkpoint, "--checkpoint")
-    state = load_handoff(path, flag="--checkpoint")
-    meta = state["meta"]
-    device = resolve_device(args.device)
-    model = handoff_network(state, device)
-    bn_domain = args.bn_domain
-    if bn_domain == "auto":
-        bn_domain = "target" if _is_target(meta, args.data_root, args.domain) else "source"
-    bn = f"{bn_domain} BatchNorm statistics" if meta["bn_stats"] == "domain" else "shared BatchNorm statistics"
-    if args.mode == "slide":
-        cfg = SlideConfig(crop=args.crop, stride=args.stride, scale=args.scale or meta["input_scale"],
-                          batch_size=args.batch_size, normalize=args.normalize or meta["normalize"], domain=bn_domain)
-        results = evaluate_tiles(model, tqdm(_slide_tiles(args), desc="tiles", unit="tile"), cfg, device,
-                                 meta["num_classes"])
-        mode = f"slide (crop {cfg.crop}, stride {cfg.stride}, scale {cfg.scale:g})"
-        return results, {"checkpoint": str(path), "bn": bn, "recalibrated_bn": None, "mode": mode}
-    protos = _pick_prototypes(state.get("prototypes"), args.prototypes)
-    if protos is not None:
-        protos = protos.to(device)
-
-    common = {"label_format": args.label_format, "normalize": args.normalize or meta["normalize"],
-              "transform": Resize(args.resize) if args.resize else None}
-    recalibrated = None
-    if args.recalibrate_bn:
-        train = SegmentationFolder(folder, "train", with_labels=False, **common)
-        used = recalibrate_bn(model, build_loader(train, args.batch_size, shuffle=False, drop_last=False,
-                                                  num_workers=args.num_workers), device, domain=bn_domain)
-        recalibrated = {"split": "train", "images": used}
-        bn += f", re-estimated on {used} {args.domain}/train images"
-    dataset = SegmentationFolder(folder, args.split, **common)
-    loader = build_loader(dataset, args.batch_size, shuffle=False, drop_last=False, num_workers=args.num_workers)
-    results = evaluate(model, loader, protos, device, meta["num_classes"], protocol=args.protocol, domain=bn_domain)
-    return results, {"checkpoint": str(path), "bn": bn, "recalibrated_bn": recalibrated, "mode": "patch"}
+def _evaluate_slide(args: argparse.Namespace) -> CheckpointScores:
+    """Sliding-window scores of the checkpoint over the images ``args`` name (see :func:`_slide_tiles`)."""
+    if args.raw is None:  # a prepared folder, checked before the checkpoint is read (one image at a time, so
+        # its sizes may differ)
+        check_data([SplitUse(resolve_domain(Path(args.data_root), args.domain), args.split)],
+                   label_format=args.label_format, resize=args.resize, batch_size=1, batch_flag="--batch-size")
+    loaded = load_for_evaluation(args.checkpoint, args.data_root, args.domain, args.device, args.bn_domain)
+    meta = loaded.state["meta"]
+    cfg = SlideConfig(crop=args.crop, stride=args.stride, scale=args.scale or meta["input_scale"],
+                      batch_size=args.batch_size, normalize=args.normalize or meta["normalize"],
+                      domain=loaded.bn_domain)
+    results = evaluate_tiles(loaded.model, tqdm(_slide_tiles(args), desc="tiles", unit="tile"), cfg, loaded.device,
+                             meta["num_classes"])
+    mode = f"slide (crop {cfg.crop}, stride {cfg.stride}, scale {cfg.scale:g})"
+    return CheckpointScores(results, loaded.path, mode, loaded.bn)
 
 
 def _slide_tiles(args: argparse.Namespace):
@@ -154,26 +133,6 @@ def _slide_tiles(args: argparse.Namespace):
         image = decode_raw(images[tile])[:, :, ::-1]  # BGR -> the file's band order
         raw_ids, _ = decode_label(decode_raw(labels[tile]))
         yield (torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(raw_to_train_ids(raw_ids)))
-
-
-def _check_data(args: argparse.Namespace, folder: Path) -> None:
-    """The data checks of ``data/checks.py`` for the splits evaluated (sliding windows read one image at a time,
-    so their sizes may differ)."""
-    uses = [SplitUse(folder, args.split)]
-    if args.recalibrate_bn and args.mode == "patch":
-        uses.append(SplitUse(folder, "train", labels=False))
-    check_data(uses, label_format=args.label_format, resize=args.resize,
-               batch_size=args.batch_size if args.mode == "patch" else 1, batch_flag="--batch-size")
-
-
-def _is_target(meta: dict, data_root: str, domain: str) -> bool:
-    """Whether ``domain`` is the checkpoint's target domain (same folder, or same name when unresolvable)."""
-    if meta.get("target") is None:
-        return False
-    try:
-        return resolve_domain(data_root, meta["target"]) == resolve_domain(data_root, domain)
-    except UserError:
-        return str(meta["target"]) == str(domain)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -197,16 +156,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"need --crop >= 32 and 1 <= --stride <= --crop, got --crop {args.crop} --stride {args.stride}")
     if args.scale is not None and not 0 < args.scale <= 8:
         raise UserError(f"--scale must be in (0, 8], got {args.scale}")
-
-
-def _pick_prototypes(protos: dict | None, which: str) -> torch.Tensor | None:
-    if not protos or which == "none":
-        return None
-    if which == "auto":
-        return RefreshResult.from_state(protos, torch.device("cpu")).for_target
-    if protos.get(which) is None:
-        raise UserError(f"the checkpoint has no '{which}' prototypes (use --prototypes auto)")
-    return protos[which]
 
 
 if __name__ == "__main__":

@@ -19,14 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from engine.cli import stage_main
+from engine.cli import flag_overrides, train_stage
 from engine.pictures import pipeline_panels
+from engine.rundir import Action, RunFolder, State
 from utils.checkpoint import atomic_write_bytes
+from utils.config import load_yaml, resolve_config
 from utils.errors import UserError, run_cli
 from utils.metrics import SUMMARY_KEYS as METRICS
 from utils.paths import check_output_files, check_output_folder
 from utils.plots import image_png
-from utils.run import read_json, staging_dir, write_json
+from utils.run import read_json, write_json
 from utils.stages import STAGE_NAMES, STAGES
 
 
@@ -42,30 +44,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     work_dir = check_output_folder(args.work_dir, "--work-dir")
     check_output_files([work_dir / "results.json", work_dir / "panels.png"], "--work-dir")
+    yaml_data, overrides = load_yaml(args.config), flag_overrides(extra)
     for stage in args.stages:
-        run_dir = work_dir / stage
-        # A checkpoint here is an interrupted --overwrite of a finished or unfinished run.
-        replacing = (staging_dir(run_dir) / "last.pt").exists()
-        if (run_dir / "manifest.json").exists() and not args.overwrite and not replacing:
-            print(f"{stage}: finished run found in {run_dir}, kept")
+        folder = RunFolder(work_dir, stage)
+        action = folder.next_action(overwrite=args.overwrite)
+        if action is Action.SKIP:
+            print(f"{stage}: finished run found in {folder.path}, kept")
             continue
-        stage_argv = ["--config", args.config, "--work-dir", str(work_dir), *extra]
+        options = {**overrides, "work_dir": str(work_dir), "resume": action is Action.RESUME,
+                   "overwrite": action is Action.REPLACE}
         warm_start = STAGES[stage].warm_start
         if args.warm_start and warm_start is not None:
-            stage_argv += ["--init", str(work_dir / warm_start)]
-        if args.overwrite:
-            stage_argv.append("--overwrite")
-        elif replacing or (run_dir / "last.pt").exists():
-            stage_argv.append("--resume")
-        # Otherwise the stage starts afresh (a folder without a checkpoint was never trained).
+            options["init"] = str(work_dir / warm_start)
+        cfg = resolve_config(stage, yaml_data, options, yaml_name=args.config)
         print(f"== {stage} ==", flush=True)
-        stage_main(stage, stage_argv)
-        if not (run_dir / "manifest.json").exists():
+        train_stage(cfg)
+        if folder.state is not State.FINISHED:
             raise UserError(f"{stage} stopped before the end; run the same command again to continue")
     results = collect_results(work_dir)
     write_json(work_dir / "results.json", results)
     print(results_table(results))
-    finished = [work_dir / s for s in STAGES if (work_dir / s / "manifest.json").exists()]
+    finished = [folder.path for folder in (RunFolder(work_dir, s) for s in STAGES) if folder.finished]
     if finished and results:
         atomic_write_bytes(work_dir / "panels.png", image_png(pipeline_panels(finished, torch.device("cpu"))))
         print(f"pictures: {work_dir / 'panels.png'} (input, ground truth, then each stage's prediction); "

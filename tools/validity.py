@@ -25,6 +25,7 @@ reads a label of the target's train split except the oracle; nothing is selected
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import sys
@@ -36,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.domains import resolve_domain
 from data.synthetic import SIZES, make_synthetic
-from engine.cli import stage_main
-from tools.evaluate import build_parser as evaluate_parser
-from tools.evaluate import evaluate_checkpoint
-from utils.config import load_yaml, resolve_config
+from engine.cli import flag_overrides, train_stage
+from engine.evaluate import evaluate_checkpoint
+from engine.rundir import Action, RunFolder
+from utils.config import Config, load_yaml, resolve_config
 from utils.errors import UserError, run_cli
 from utils.paths import check_output_files, check_output_folder
 from utils.run import read_json, write_json
@@ -87,13 +88,13 @@ class Study:
     def __init__(self, args: argparse.Namespace, extra: list[str]):
         self.args, self.extra, self.out = args, extra, args.out
         self.data_root = self.out / "data"
-        yaml_data = load_yaml(args.config)
-        cfg = {s: resolve_config(s, yaml_data, yaml_name=args.config) for s in ("step1", "step2")}
-        self.source, self.target = cfg["step1"].source, cfg["step1"].target
-        self.batch_size, self.resize = cfg["step1"].batch_size, cfg["step1"].resize
-        self.iters_cap = cfg["step1"].iters_per_epoch
+        self.yaml_data = load_yaml(args.config)
+        self.overrides = flag_overrides(extra)  # the user's extra flags, parsed once
+        step1, step2 = (self._config(stage, self.out, {}) for stage in ("step1", "step2"))
+        self.source, self.target = step1.source, step1.target
+        self.batch_size, self.resize, self.iters_cap = step1.batch_size, step1.resize, step1.iters_per_epoch
         # Equal budgets: the source-only and oracle runs train as many iterations as steps 1 + 2 together.
-        self.napg_epochs = cfg["step1"].epochs + cfg["step2"].epochs
+        self.napg_epochs = step1.epochs + step2.epochs
 
     # ------------------------------------------------------------------ runs
     def run(self) -> dict[str, Any]:
@@ -103,8 +104,8 @@ class Study:
             if not (warm_run / "manifest.json").exists():
                 raise UserError(f"--warm-start {warm_run}: not a finished run folder (no manifest.json)")
         else:
-            warm_run = self._stage("step0", self.out / "warm_start", [
-                "--seed", "0", "--epochs", str(self.args.warm_epochs), "--lr", str(self.args.warm_lr)]) / "step0"
+            warm_run = self._stage("step0", self.out / "warm_start", {
+                "seed": 0, "epochs": self.args.warm_epochs, "lr": self.args.warm_lr}) / "step0"
         results: dict[str, Any] = {"data_seed": self.args.data_seed, "size": self.args.size,
                                    "config": str(self.args.config), "extra_flags": self.extra,
                                    "warm_start": {"run": str(warm_run), **self._scores(warm_run)}, "runs": {}}
@@ -114,23 +115,22 @@ class Study:
                              "oracle_epochs": oracle_epochs, "warm_start_epochs": self.args.warm_epochs,
                              "warm_start_lr": self.args.warm_lr}
         for seed in self.args.seeds:
-            folder, s = self.out / f"seed{seed}", ["--seed", str(seed), "--init", str(warm_run)]
+            folder, s = self.out / f"seed{seed}", {"seed": seed, "init": str(warm_run)}
             run: dict[str, Any] = {}
-            src_only = self._stage("step0", folder / "source_only", [*s, "--epochs", str(self.napg_epochs)])
+            src_only = self._stage("step0", folder / "source_only", {**s, "epochs": self.napg_epochs})
             run["source_only"] = self._scores(src_only / "step0")
             run["source_only_bn"] = {"target_val": self._evaluate(src_only / "step0", self.target, recalibrate=True),
                                      "source_val": run["source_only"]["source_val"]}
-            variants = {"napg": []} | ({f"napg_{k}": _flags(v) for k, v in ABLATIONS.items()}
-                                      if self.args.ablate else {})
-            for name, flags in variants.items():
-                napg = self._stage("step1", folder / name, [*s, *flags])
-                self._stage("step2", folder / name, ["--seed", str(seed), *flags])
+            variants = {"napg": {}} | ({f"napg_{k}": v for k, v in ABLATIONS.items()} if self.args.ablate else {})
+            for name, ablation in variants.items():
+                napg = self._stage("step1", folder / name, {**s, **ablation})
+                self._stage("step2", folder / name, {"seed": seed, **ablation})
                 run[name] = self._scores(napg / "step2")
                 if self.args.with_step3 and name == "napg":
-                    self._stage("step3", folder / name, ["--seed", str(seed)])
+                    self._stage("step3", folder / name, {"seed": seed})
                     run["napg_step3"] = self._scores(napg / "step3")
-            oracle = self._stage("step0", folder / "oracle", [*s, "--epochs", str(oracle_epochs),
-                                                              "--source", self.target, "--target", self.target])
+            oracle = self._stage("step0", folder / "oracle", {**s, "epochs": oracle_epochs,
+                                                              "source": self.target, "target": self.target})
             run["oracle"] = {"target_val": _summary(read_json(oracle / "step0" / "eval.json")),
                              "source_val": self._evaluate(oracle / "step0", self.source, recalibrate=False)}
             results["runs"][str(seed)] = run
@@ -150,18 +150,21 @@ class Study:
         make_synthetic(self.data_root, "prepared", seed=self.args.data_seed, size=self.args.size)
         write_json(stamp, wanted)
 
-    def _stage(self, stage: str, work_dir: Path, flags: list[str]) -> Path:
+    def _config(self, stage: str, work_dir: Path, options: dict[str, Any]) -> Config:
+        """``stage``'s config in ``work_dir``: the study's YAML, then ``options``, then the user's extra flags."""
+        return resolve_config(stage, self.yaml_data, {"data_root": str(self.data_root), "work_dir": str(work_dir),
+                                                      **options, **self.overrides}, yaml_name=str(self.args.config))
+
+    def _stage(self, stage: str, work_dir: Path, options: dict[str, Any]) -> Path:
         """Run ``stage`` into ``work_dir/stage`` unless it is finished there; returns ``work_dir``."""
-        run_dir = work_dir / stage
-        if (run_dir / "manifest.json").exists():
-            print(f"{run_dir}: finished, kept", flush=True)
+        folder = RunFolder(work_dir, stage)
+        action = folder.next_action()  # an interrupted run continues, one without a checkpoint starts again
+        if action is Action.SKIP:
+            print(f"{folder.path}: finished, kept", flush=True)
             return work_dir
-        argv = ["--config", str(self.args.config), "--data-root", str(self.data_root), "--work-dir", str(work_dir),
-                *flags, *self.extra]
-        if (run_dir / "last.pt").exists():
-            argv.append("--resume")  # an interrupted run continues (one without a checkpoint starts again)
-        print(f"== {run_dir} ==", flush=True)
-        stage_main(stage, argv)
+        cfg = dataclasses.replace(self._config(stage, work_dir, options), resume=action is Action.RESUME)
+        print(f"== {folder.path} ==", flush=True)
+        train_stage(cfg)
         return work_dir
 
     def _batches(self, domain: str) -> int:
@@ -174,16 +177,9 @@ class Study:
         return {"target_val": _summary(ev), "source_val": _summary(ev["source_val"])}
 
     def _evaluate(self, run_dir: Path, domain: str, recalibrate: bool) -> dict[str, Any]:
-        argv = ["--checkpoint", str(run_dir), "--data-root", str(self.data_root), "--domain", domain,
-                "--batch-size", str(self.batch_size), "--num-workers", "0"]
-        argv += ["--resize", str(self.resize)] if self.resize else []
-        argv += ["--recalibrate-bn"] if recalibrate else []
-        results, _ = evaluate_checkpoint(evaluate_parser().parse_args(argv))
-        return _summary(results)
-
-
-def _flags(options: dict[str, Any]) -> list[str]:
-    return [x for k, v in options.items() for x in ("--" + k.replace("_", "-"), str(v))]
+        scores = evaluate_checkpoint(run_dir, self.data_root, domain, batch_size=self.batch_size, num_workers=0,
+                                     resize=self.resize, recalibrate=recalibrate)
+        return _summary(scores.results)
 
 
 def _summary(results: dict[str, Any]) -> dict[str, Any]:

@@ -424,10 +424,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 choices=None, help=f"{opt.help} (default {default})")
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options (and ``preset``) that the flags of :func:`add_config_arguments` set: the ``overrides``
+    of :func:`resolve_config`."""
+    overrides = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
+    return {**overrides, "preset": args.preset} if args.preset else overrides
+
+
 def config_from_args(stage: str, args: argparse.Namespace) -> Config:
     yaml_data = load_yaml(args.config) if args.config else {}
-    overrides = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
-    return resolve_config(stage, yaml_data, overrides, preset=args.preset,
+    return resolve_config(stage, yaml_data, overrides_from_args(args),
                           yaml_name=str(args.config) if args.config else "config")
 
 

@@ -49,11 +49,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def staging_dir(run_dir: Path) -> Path:
-    """Where ``--overwrite`` trains the run that replaces ``run_dir`` once it is finished."""
-    return run_dir.with_name(run_dir.name + ".new")
-
-
 def git_hash() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,

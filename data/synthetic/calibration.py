@@ -1,4 +1,4 @@
-"""Target statistics of the real ISPRS data sets that the synthetic pair (data/synthetic.py) imitates.
+"""Target statistics of the real ISPRS data sets that the synthetic pair (data/synthetic/) imitates.
 
 Numbers only: the generator does not read them (its scene and look constants were fitted to them once),
 tests/test_synthetic.py checks the generated data against them. Nothing here reads /work/shared or any
