@@ -80,8 +80,6 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
     ``auto_k=(k_max, threshold)`` replaces ``clusters`` by the variance rule of ``auto_clusters`` on the
     pooled (source + target) centroids.
     """
-    was_training = model.training
-    model.eval()
     forward_src = _Forward(model, device, amp, "source")
     forward_tgt = _Forward(model, device, amp, "target")
     num_classes = len(clusters)
@@ -115,7 +113,6 @@ def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], targe
                 pool_tgt_only.add(_target_centroids(forward_tgt, batch, tau, num_classes, device))
     else:
         raise ValueError(f"unknown refresh mode {mode}")
-    model.train(was_training)
 
     src, tgt, tgt_only = pool_src.gather(), pool_tgt.gather(), pool_tgt_only.gather()
     gen = torch.Generator().manual_seed(seed)
@@ -165,13 +162,14 @@ def balanced_pool(source: torch.Tensor | None, target: torch.Tensor | None,
 
 
 class _Forward:
-    """The network without prototypes on one domain's images, under the configured precision."""
+    """The network without prototypes on one domain's images, in eval mode with that domain's BatchNorm
+    statistics, under the configured precision."""
 
     def __init__(self, model: nn.Module, device: torch.device, amp: str, domain: str):
         self.model, self.device, self.dtype, self.domain = model, device, amp_dtype(amp), domain
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self.model.domain(self.domain), autocast(self.device, self.dtype):
+        with self.model.evaluating(self.domain), autocast(self.device, self.dtype):
             return self.model(x.to(self.device, non_blocking=True))
 
 

@@ -267,7 +267,8 @@ def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
                                      ("source_val", "source", protos.source_target)):
         if data[role] is not None:
             results[role] = evaluate(unwrap(napg.model), data[role], prototypes, device, cfg.num_classes,
-                                     max_batches=cfg.eval_max_batches, amp=cfg.amp, domain=domain)
+                                     max_batches=cfg.eval_max_batches, amp=cfg.amp, domain=domain,
+                                     normalize=cfg.normalize)
     return results
 
 
@@ -284,7 +285,7 @@ def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, c
             values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
             logger.scalars(step, values, prefix=f"{prefix}/{branch}/", epoch=epoch, kind="eval", split=role)
     if dist.is_main():
-        _log_panels(napg, data, protos, logger, step, protos.source_target.device)
+        _log_panels(napg, data, protos, logger, step, cfg.normalize)
     results = all_results["target_val"]
     source_miou = all_results["source_val"]["classifier"]["miou"]
     tqdm.write(f"{cfg.stage} epoch {epoch}: target-{cfg.target_eval_split} mIoU "
@@ -302,19 +303,17 @@ def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, c
 
 @torch.no_grad()
 def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, step: int,
-                device: torch.device) -> None:
+                normalize: str) -> None:
     """Input, ground truth, prediction and entropy of the first source and target-val patches."""
     model = unwrap(napg.model)
-    was_training = model.training
-    model.eval()
     for tag, dataset in (("source", data["source_refresh"].dataset),
                          ("target", data["target_val"].dataset if data["target_val"] is not None else None)):
         if dataset is None:
             continue
         sample = dataset[0]
-        pred, entropy = predict_patch(model, sample["img"], protos.for_target, device, tag)
+        pred, entropy = predict_patch(model, sample["img"], protos.for_target, protos.source_target.device, tag,
+                                      normalize)
         logger.image(f"panels/{tag}", step, panel(sample["img"], sample.get("label"), pred, entropy))
-    model.train(was_training)
 
 
 def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: int, out_dir: Path) -> str:
@@ -351,7 +350,7 @@ def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: Ref
                     confusion: list[list[int]]) -> None:
     """confusion.png and panels.png of the final target evaluation, also logged to TensorBoard (``final/``)."""
     pictures = write_stage_pictures(run_dir, unwrap(napg.model), data["target_val"].dataset, protos.for_target,
-                                    protos.source_target.device, confusion,
+                                    protos.source_target.device, cfg.normalize, confusion,
                                     f"{cfg.stage} target-{cfg.target_eval_split} (rows sum to 1)")
     logger = RunLogger(run_dir)
     for name, rgb in pictures.items():

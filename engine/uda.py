@@ -6,7 +6,7 @@ adversarial losses, discriminator losses, optimiser steps. ``NAPG.distill_step``
 
 A step never waits for the device: its losses and monitored values come back as detached 0-dim tensors,
 which the trainer reads (and checks for NaN) once every ``--log-every`` iterations. Images may arrive as
-uint8 and are converted and normalised on the device (``data.dataset.to_model_input``).
+uint8 and are converted and normalised on the device (``data.preprocess.to_model_input``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.dataset import to_model_input
+from data.preprocess import to_model_input
 from data.transforms import warp_to_strong
 from engine.device import amp_dtype, autocast, unwrap
 from losses import (
