@@ -54,15 +54,16 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
     src_dir = resolve_domain(root, cfg.source)
     common = {"label_format": cfg.label_format, "normalize": cfg.normalize, "cache": cfg.cache}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
-    # Training batches travel to the device as uint8 and are normalised there (NAPG's steps); a resize and
-    # step 3's strong views compute in float on the workers, so their samples stay float.
+    # Batches travel to the device as uint8 and are normalised there (data.preprocess.to_model_input); a
+    # resize and step 3's strong views compute in float on the workers, so their samples stay float.
     uint8 = not cfg.resize
     src_train = SegmentationFolder(src_dir, "train", transform=train_tf, uint8=uint8, **common)
     if not cfg.proto_ignore_index and src_train.meta.get("labels") == "eroded":
         raise UserError(f"the legacy prototype NLL has no ignore index (as released), but {src_dir} holds eroded "
                         f"labels whose class borders are ignored pixels; prepare the source with "
                         f"tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
-    src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
+    src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, uint8=uint8, **common)
+    src_val = SegmentationFolder(src_dir, "val", transform=eval_tf, uint8=uint8, **common)
     seed, bs, ebs = cfg.seed, cfg.batch_size, cfg.eval_batch_size
     # Workers stay alive between passes (the refresh and evaluation loaders are read every epoch).
     loader_kw = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda",
@@ -71,7 +72,7 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
         "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
         "source_refresh": shuffled_loader(src_refresh, ebs, seed, **loader_kw) if cfg.refresh == "legacy"
         else eval_loader(src_refresh, ebs, **loader_kw),
-        "source_val": eval_loader(SegmentationFolder(src_dir, "val", transform=eval_tf, **common), ebs, **loader_kw),
+        "source_val": eval_loader(src_val, ebs, **loader_kw),
         "target": None, "target_refresh": None, "target_val": None,
     }
     stage = STAGES[cfg.stage]
@@ -81,8 +82,9 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
         tgt_tf = strong_tf if strong else train_tf
         tgt_train = SegmentationFolder(tgt_dir, "train", transform=tgt_tf, with_labels=False,
                                        uint8=uint8 and not strong, **common)
-        tgt_refresh = SegmentationFolder(tgt_dir, "train", transform=eval_tf, with_labels=False, **common)
-        tgt_val = SegmentationFolder(tgt_dir, cfg.target_eval_split, transform=eval_tf, **common)
+        tgt_refresh = SegmentationFolder(tgt_dir, "train", transform=eval_tf, with_labels=False, uint8=uint8,
+                                         **common)
+        tgt_val = SegmentationFolder(tgt_dir, cfg.target_eval_split, transform=eval_tf, uint8=uint8, **common)
         data["target"] = BatchStream(tgt_train, bs, seed=seed + 1, **loader_kw)
         data["target_refresh"] = eval_loader(tgt_refresh, ebs, **loader_kw)
         data["target_val"] = eval_loader(tgt_val, ebs, **loader_kw)

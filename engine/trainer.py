@@ -18,7 +18,7 @@ from engine.evaluate import evaluate
 from engine.handoff import handoff_prototypes, resolve_init
 from engine.logger import RunLogger, panel
 from engine.pictures import predict_patch, write_stage_pictures
-from engine.refresh import RefreshResult, refresh_prototypes
+from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from engine.rundir import (
     Progress,
     clear_untrained,
@@ -96,6 +96,7 @@ class _StageLoop:
                  progress: Progress, out_dir: Path, device: torch.device):
         self.cfg, self.napg, self.data, self.protos = cfg, napg, data, protos
         self.progress, self.out_dir, self.device = progress, out_dir, device
+        self.refresh_spec = RefreshSpec.from_config(cfg)
         self.logger = RunLogger(out_dir, enabled=dist.is_main())
         self.iters = iters_per_epoch(cfg, data)
         self.signals = StopSignals()
@@ -117,8 +118,7 @@ class _StageLoop:
         cfg, p = self.cfg, self.progress
         tau = cfg.tau_at(p.epoch)
         if p.iteration == 0 or self.protos is None:  # an epoch's start (or a resume without prototypes)
-            self.protos = refresh(self.napg, self.data, cfg, tau, self.protos, self.device, epoch=p.epoch)
-            _log_refresh(self.logger, p.global_step, p.epoch, tau, self.protos)
+            self._refresh(tau)
         asked_to_stop = self._train_iterations(tau)
         if p.iteration < self.iters or self.signal:  # stopped inside the epoch: a signal skips its evaluation
             self._save_last()
@@ -129,6 +129,15 @@ class _StageLoop:
         p.epoch, p.iteration = p.epoch + 1, 0
         self._save_last()
         self.stopped = asked_to_stop or bool(self.signal)
+
+    def _refresh(self, tau: float | None) -> None:
+        """This epoch's prototypes (docs/method.md §3), logged."""
+        p = self.progress
+        # Prototypes come from the network being trained (in step 3 the student, as in the original).
+        self.protos = refresh_prototypes(unwrap(self.napg.model), self.data["source_refresh"],
+                                         self.data["target_refresh"], tau, self.refresh_spec, self.device,
+                                         previous=self.protos, epoch=p.epoch)
+        _log_refresh(self.logger, p.global_step, p.epoch, tau, self.protos)
 
     def _train_iterations(self, tau: float | None) -> bool:
         """The epoch's remaining iterations; True when it ended early on --stop-after or a signal."""
@@ -218,25 +227,6 @@ class _Window:
         """``iter_time`` (s per iteration) and ``data_time_fraction`` over the window."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {"iter_time": elapsed / max(self.iterations, 1), "data_time_fraction": self.data_seconds / elapsed}
-
-
-def refresh(napg: NAPG, data: dict[str, Any], cfg: Config, tau: float | None,
-            previous: RefreshResult | None, device: torch.device,
-            max_batches: int | None = None, epoch: int = 1) -> RefreshResult:
-    """The prototype refresh before ``epoch`` (``max_batches`` overrides the config's cap)."""
-    # Prototypes come from the network being trained (in step 3 the student, as in the original).
-    model = unwrap(napg.model)
-    set_epoch = getattr(getattr(data["source_refresh"], "sampler", None), "set_epoch", None)
-    if set_epoch is not None:  # the legacy refresh's shuffled source loader: a new order every epoch
-        set_epoch(epoch)
-    clusters = cfg.clusters
-    kwargs = {"backend": cfg.kmeans_backend, "n_init": cfg.kmeans_n_init, "seed": cfg.kmeans_seed}
-    return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,
-                              previous=previous, mode=cfg.refresh,
-                              max_batches=max_batches if max_batches is not None else cfg.refresh_max_batches,
-                              cluster_kwargs=kwargs, amp=cfg.amp,
-                              auto_k=(cfg.auto_k_max, cfg.auto_k_threshold) if cfg.auto_k else None,
-                              balance=cfg.refresh_balance, seed=cfg.kmeans_seed)
 
 
 def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:

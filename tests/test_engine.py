@@ -110,14 +110,14 @@ def test_bf16_autocast_stays_close_to_float32():
 
 
 def test_refresh_with_auto_k_follows_the_variance_rule():
-    from engine.refresh import refresh_prototypes
+    from engine.refresh import RefreshSpec, refresh_prototypes
     from models.labels import resize_labels
     from models.prototypes import auto_clusters, class_centroids
 
     torch.manual_seed(0)
     model = NAPGNet(backbone="resnet18").eval()
     batches = [{"img": torch.rand(2, 3, 64, 64), "label": torch.randint(0, 6, (2, 64, 64))} for _ in range(3)]
-    result = refresh_prototypes(model, batches, None, None, [1] * 6, torch.device("cpu"), auto_k=(2, 0.5))
+    result = refresh_prototypes(model, batches, None, None, RefreshSpec((1,) * 6, auto_k=(2, 0.5)), torch.device("cpu"))
     pools = [[] for _ in range(6)]
     with torch.no_grad():
         for batch in batches:

@@ -16,7 +16,7 @@ import torch
 
 import engine.trainer as trainer
 from engine.build import build_napg
-from engine.refresh import refresh_prototypes
+from engine.refresh import RefreshSpec, refresh_prototypes
 from engine.safety import read_back
 from tools.benchmark import random_data
 from utils.config import resolve_config
@@ -60,8 +60,8 @@ def test_iterations_between_log_points_read_nothing_back(stage, preset, read_bac
     seed_everything(0)
     napg = build_napg(cfg, torch.device("cpu"))
     data = random_data(cfg, batches=1)
-    protos = refresh_prototypes(napg.model, data["source_refresh"], data["target_refresh"], 0.5, cfg.clusters,
-                                torch.device("cpu"))
+    protos = refresh_prototypes(napg.model, data["source_refresh"], data["target_refresh"], 0.5,
+                                RefreshSpec(cfg.clusters), torch.device("cpu"))
     read_backs.clear()  # the refresh reads its k-means results back: it runs once per epoch, not per iteration
     for _ in range(cfg.log_every - 1):
         logs, _ = trainer.train_iteration(napg, data, protos, epoch=1, tau=0.5)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import resource
@@ -48,9 +49,11 @@ from data.dataset import SegmentationFolder
 from data.domains import resolve_domain
 from data.loaders import build_loader
 from engine.build import build_data, build_napg, build_transforms
+from engine.device import unwrap
 from engine.evaluate import evaluate
 from engine.handoff import check_fits, handoff_file, load_handoff
-from engine.trainer import refresh, train_iteration
+from engine.refresh import RefreshSpec, refresh_prototypes
+from engine.trainer import train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
 from utils.config import OPTIONS, Config, resolve_config
@@ -195,8 +198,10 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     tau = cfg.tau_at(epoch)
     uses_target = napg.uses_target and data["target"] is not None
 
+    spec = RefreshSpec.from_config(cfg)
+    refresh_data = (unwrap(model), data["source_refresh"], data["target_refresh"], tau)
     # A one-batch refresh gives the starting prototypes and warms up the refresh path.
-    protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
+    protos = refresh_prototypes(*refresh_data, dataclasses.replace(spec, max_batches=1), device)
 
     def iteration() -> tuple[float, float]:
         sync(device)
@@ -211,7 +216,7 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
 
     sync(device)
     start = time.perf_counter()
-    protos = refresh(napg, data, cfg, tau, protos, device)
+    protos = refresh_prototypes(*refresh_data, spec, device, previous=protos)
     sync(device)
     refresh_s = time.perf_counter() - start
     eval_s = float("nan")

@@ -112,7 +112,9 @@ def gflop_per_image(cfg: Config, device: torch.device) -> float:
 def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Training throughput of ``stage`` under ``setting`` on in-memory random batches."""
     from engine.build import build_napg
-    from engine.trainer import refresh, train_iteration
+    from engine.device import unwrap
+    from engine.refresh import RefreshSpec, refresh_prototypes
+    from engine.trainer import train_iteration
 
     cfg = stage_config(stage, _bench_args(scale, device, setting), None)
     cfg = dataclasses.replace(cfg, **SETTINGS[setting])
@@ -123,7 +125,8 @@ def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.
     napg = build_napg(cfg, device)
     epoch = cfg.steady_epoch()
     tau = cfg.tau_at(epoch)
-    protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
+    protos = refresh_prototypes(unwrap(napg.model), data["source_refresh"], data["target_refresh"], tau,
+                                dataclasses.replace(RefreshSpec.from_config(cfg), max_batches=1), device)
     data_seconds: list[float] = []
 
     def step() -> None:
@@ -144,8 +147,9 @@ def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.
 def part_passes(scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """One step-2 refresh pass and one evaluation pass over a data set of the paper's size (bf16)."""
     from engine.build import build_napg
+    from engine.device import unwrap
     from engine.evaluate import evaluate
-    from engine.trainer import refresh
+    from engine.refresh import RefreshSpec, refresh_prototypes
 
     cfg = stage_config("step2", _bench_args(scale, device), None)
     cfg = dataclasses.replace(cfg, **SETTINGS["bf16-cl"], eval_batch_size=scale["batch"])
@@ -157,10 +161,12 @@ def part_passes(scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
             "target_val": one["target_val"] * math.ceil(scale["target"] / scale["batch"])}
     napg = build_napg(cfg, device)
     tau = cfg.tau_at(cfg.steady_epoch())
-    refresh(napg, data, cfg, tau, None, device, max_batches=1)  # warm-up
+    spec = RefreshSpec.from_config(cfg)
+    refresh_data = (unwrap(napg.model), data["source_refresh"], data["target_refresh"], tau)
+    refresh_prototypes(*refresh_data, dataclasses.replace(spec, max_batches=1), device)  # warm-up
     sync(device)
     start = time.perf_counter()
-    protos = refresh(napg, data, cfg, tau, None, device)
+    protos = refresh_prototypes(*refresh_data, spec, device)
     sync(device)
     refresh_s = time.perf_counter() - start
     start = time.perf_counter()
