@@ -1,6 +1,6 @@
-"""Builders of a stage: the network with its discriminators and optimisers, the sample transforms, the
-datasets and loaders of every role, and the epoch length. The trainer and the measuring tools
-(``tools/benchmark.py``, ``tools/gpu_report.py``) build from here.
+"""Builders of a stage: its method (``Stage.method``) with the network, discriminators and optimisers, the
+sample transforms, the datasets and loaders of every role, and the epoch length. The trainer and the
+measuring tools (``tools/benchmark.py``, ``tools/gpu_report.py``) build from here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from data.dataset import SegmentationFolder
 from data.domains import resolve_domain
 from data.loaders import BatchStream, eval_loader, shuffled_loader
 from data.transforms import Compose, RejectIgnored, Resize, WeakAugment, WeakStrongAugment
-from engine.uda import NAPG
+from engine.methods import Method, method_class
 from models import FCDiscriminatorHighMask, NAPGNet
 from models.napg import FEATURE_STRIDE
 from utils import dist
@@ -24,8 +24,9 @@ from utils.errors import UserError
 from utils.stages import STAGES
 
 
-def build_napg(cfg: Config, device: torch.device, init_state: dict[str, Any] | None = None) -> NAPG:
-    """Network, discriminators (not in step 0) and optimisers of a stage, ready on ``device``."""
+def build_method(cfg: Config, device: torch.device, init_state: dict[str, Any] | None = None) -> Method:
+    """The stage's method (``Stage.method``) with its network, discriminators (``Stage.adversarial``) and
+    optimisers, ready on ``device``; ``init_state`` is the hand-off the stage starts from."""
     model = NAPGNet(num_classes=cfg.num_classes,
                     backbone=cfg.backbone, pretrained=cfg.pretrained if init_state is None else None,
                     shared_similarity=cfg.shared_similarity, head_impl=cfg.head_impl,
@@ -40,7 +41,7 @@ def build_napg(cfg: Config, device: torch.device, init_state: dict[str, Any] | N
             if disc is not None and key in init_state:
                 disc.load_state_dict(init_state[key])
     model, d1, d2 = prepare_modules(model, d1, d2, cfg, device)
-    return NAPG(model, d1, d2, cfg)
+    return method_class(STAGES[cfg.stage].method)(model, d1, d2, cfg)
 
 
 def bn_stats_of(cfg: Config) -> str:
@@ -125,11 +126,12 @@ def build_transforms(cfg: Config) -> tuple[Any, Any, Any]:
     Steps 0-2 use no augmentation, as the paper's scripts: training only takes a random crop of
     ``img_size`` when patches are larger. ``resize`` (the demo's small images) resizes every patch
     first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``. Without
-    ``proto_ignore_index`` (legacy) the pixels that the prototype NLL reads must not be ignored ones.
+    ``proto_ignore_index`` (legacy) the pixels that the prototype NLL reads must not be ignored ones
+    (where the stage's method has that loss, ``Method.prototype_nll``).
     """
     resize = [Resize(cfg.resize)] if cfg.resize else []
     crop = [WeakAugment(cfg.img_size, scale_range=(1.0, 1.0), hflip=0.0)]
-    if not cfg.proto_ignore_index and not STAGES[cfg.stage].teacher:  # step 3 has no prototype NLL
+    if not cfg.proto_ignore_index and method_class(STAGES[cfg.stage].method).prototype_nll:
         crop.append(RejectIgnored(FEATURE_STRIDE))
     strong = WeakStrongAugment(cfg.img_size, scale_range=tuple(cfg.weak_scale), hflip=cfg.hflip,
                                n_ops=cfg.randaug_n, magnitude=cfg.randaug_m, cutout_frac=cfg.cutout_frac)

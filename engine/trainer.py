@@ -1,5 +1,9 @@
 """A training stage from resolved config to run folder: build, then per epoch refresh the prototypes,
-train, evaluate; at the end evaluate and hand off (the run folder: ``engine/rundir.py``)."""
+train, evaluate; at the end evaluate and hand off (the run folder: ``engine/rundir.py``).
+
+Words: a *stage* is one of step0..step3 (``utils/stages.py``), an *iteration* one optimiser update of the
+stage's method (``Method.train_step``, ``engine/methods/``), an *epoch* a pass over the stage's epoch role.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ import torch
 from tqdm import tqdm
 
 from data.domains import CLASS_NAMES, check_num_classes
-from engine.build import build_data, build_napg, iters_per_epoch
+from engine.build import build_data, build_method, iters_per_epoch
 from engine.device import unwrap
 from engine.evaluate import evaluate
 from engine.handoff import handoff_prototypes, resolve_init
 from engine.logger import RunLogger, panel
+from engine.methods.base import Logs, Method
 from engine.pictures import predict_patch, write_stage_pictures
 from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from engine.rundir import (
@@ -31,13 +36,11 @@ from engine.rundir import (
     write_start,
 )
 from engine.safety import StopSignals, read_back, require_finite_weights
-from engine.uda import NAPG, Logs
 from utils import dist
 from utils.config import Config
 from utils.errors import NonFiniteError, StageInterrupted, UserError
 from utils.metrics import SUMMARY_KEYS, format_table
 from utils.run import resolve_device, seed_everything
-from utils.stages import STAGES
 
 
 def run_stage(cfg: Config) -> dict[str, Any]:
@@ -56,19 +59,19 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.deterministic)
 
     data = build_data(cfg, device)
-    napg = build_napg(cfg, device, init_state)
+    method = build_method(cfg, device, init_state)
     # The previous stage's prototypes: the fallback for classes without samples at the first refresh.
     protos = handoff_prototypes(init_state, device)
     progress = Progress()
     if resume:
-        progress, protos = load_last(out_dir, cfg, napg, data, device)
+        progress, protos = load_last(out_dir, cfg, method, data, device)
     elif dist.is_main():
         clear_untrained(out_dir, staging=out_dir != run_dir)
-        write_start(out_dir, cfg, napg, init_source)
+        write_start(out_dir, cfg, method, init_source)
     dist.barrier()
 
     start_time = time.time()
-    loop = _StageLoop(cfg, napg, data, protos, progress, out_dir, device)
+    loop = _StageLoop(cfg, method, data, protos, progress, out_dir, device)
     try:
         while progress.epoch <= cfg.epochs and not loop.stopped:
             loop.train_epoch()
@@ -81,8 +84,8 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     if progress.epoch <= cfg.epochs:
         print(f"{stage}: stopped after {loop.invocation_iters} iterations; continue with --resume")
         return {"stopped": True}
-    require_finite_weights(napg, loop.protos)  # the hand-off never carries a diverged network
-    results = _finish(out_dir, napg, loop.protos, data, cfg, init_source, time.time() - start_time)
+    require_finite_weights(method, loop.protos)  # the hand-off never carries a diverged network
+    results = _finish(out_dir, method, loop.protos, data, cfg, init_source, time.time() - start_time)
     if out_dir != run_dir and dist.is_main():
         swap_in(out_dir, run_dir)
     dist.barrier()
@@ -92,9 +95,9 @@ def run_stage(cfg: Config) -> dict[str, Any]:
 class _StageLoop:
     """The epochs of one invocation: where it stands (``progress``), its prototypes, logger and stop state."""
 
-    def __init__(self, cfg: Config, napg: NAPG, data: dict[str, Any], protos: RefreshResult | None,
+    def __init__(self, cfg: Config, method: Method, data: dict[str, Any], protos: RefreshResult | None,
                  progress: Progress, out_dir: Path, device: torch.device):
-        self.cfg, self.napg, self.data, self.protos = cfg, napg, data, protos
+        self.cfg, self.method, self.data, self.protos = cfg, method, data, protos
         self.progress, self.out_dir, self.device = progress, out_dir, device
         self.refresh_spec = RefreshSpec.from_config(cfg)
         self.logger = RunLogger(out_dir, enabled=dist.is_main())
@@ -134,7 +137,7 @@ class _StageLoop:
         """This epoch's prototypes (docs/method.md §3), logged."""
         p = self.progress
         # Prototypes come from the network being trained (in step 3 the student, as in the original).
-        self.protos = refresh_prototypes(unwrap(self.napg.model), self.data["source_refresh"],
+        self.protos = refresh_prototypes(unwrap(self.method.model), self.data["source_refresh"],
                                          self.data["target_refresh"], tau, self.refresh_spec, self.device,
                                          previous=self.protos, epoch=p.epoch)
         _log_refresh(self.logger, p.global_step, p.epoch, tau, self.protos)
@@ -147,7 +150,7 @@ class _StageLoop:
         window = _Window()
         stopping = False
         while p.iteration < self.iters and not stopping:
-            logs, data_seconds = train_iteration(self.napg, self.data, self.protos, p.epoch, tau)
+            logs, data_seconds = train_iteration(self.method, self.data, self.protos, p.epoch)
             p.iteration += 1
             p.global_step += 1
             self.invocation_iters += 1
@@ -166,7 +169,7 @@ class _StageLoop:
             if not (log_now or eval_now or save_now or stopping):
                 continue
             try:
-                values = read_back(self.napg, logs)
+                values = read_back(self.method, logs)
             except NonFiniteError as err:
                 raise UserError(_diverged_message(err, cfg, p.epoch, p.iteration, self.out_dir)) from None
             if log_now:
@@ -181,35 +184,51 @@ class _StageLoop:
         return stopping
 
     def _log_train(self, values: dict[str, float], window: _Window, tau: float | None) -> None:
-        napg, p = self.napg, self.progress
-        values.update(window.times(), lr=napg.opt_g.param_groups[0]["lr"],
+        method, p = self.method, self.progress
+        values.update(window.times(), lr=method.opt_g.param_groups[0]["lr"],
                       tau=tau if tau is not None else float("nan"))
-        if napg.opt_d1 is not None:
-            values["lr_d"] = napg.opt_d1.param_groups[0]["lr"]
+        if method.opt_d1 is not None:
+            values["lr_d"] = method.opt_d1.param_groups[0]["lr"]
         self.logger.scalars(p.global_step, values, prefix="train/", epoch=p.epoch, iteration=p.iteration,
                             kind="train")
 
     def _evaluate(self) -> None:
+        """Evaluate both val splits, then, each in a call of its own: log the metrics, draw the panels,
+        print the summary line, and keep ``best.pt`` (``--select-on-target-val``)."""
+        if self.data["target_val"] is None:
+            return
+        cfg, p = self.cfg, self.progress
+        all_results = evaluate_stage(self.method, self.data, self.protos, cfg)
+        _log_eval(self.logger, p.global_step, p.epoch, all_results)
+        if dist.is_main():
+            _log_panels(self.method, self.data, self.protos, self.logger, p.global_step, cfg.normalize)
+        _print_eval(cfg, p.epoch, all_results)
+        if cfg.select_on_target_val and dist.is_main():
+            self._keep_best(all_results["target_val"])
+
+    def _keep_best(self, results: dict[str, Any]) -> None:
+        """Write ``best.pt`` when the target-val classifier mIoU beats the best so far (an oracle selection)."""
         p = self.progress
-        p.best = _evaluate_and_log(self.napg, self.data, self.protos, self.cfg, self.logger, p.global_step,
-                                   p.epoch, self.out_dir, p.best)
+        miou = results["classifier"]["miou"]
+        if p.best is None or miou > p.best["miou"]:
+            p.best = {"miou": miou, "epoch": p.epoch, "step": p.global_step}
+            save_stage_handoff(self.out_dir / "best.pt", self.method, self.protos, self.cfg, p.epoch,
+                               selected_on="target-val mIoU (oracle selection)", target_val=results)
 
     def _save_last(self) -> None:
-        save_last(self.out_dir, self.napg, self.protos, self.data, self.progress, self.cfg)
+        save_last(self.out_dir, self.method, self.protos, self.data, self.progress, self.cfg)
 
 
-# ---------------------------------------------------------------------------------------------- steps
-def train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epoch: int,
-                    tau: float | None) -> tuple[Logs, float]:
+# ---------------------------------------------------------------------------------------------- iterations
+def train_iteration(method: Method, data: dict[str, Any], protos: RefreshResult,
+                    epoch: int) -> tuple[Logs, float]:
     """One iteration: its detached logs (device tensors, not waited for) and the seconds spent waiting for
     the next batches."""
     start = time.perf_counter()
     src = next(data["source"])
-    tgt = next(data["target"]) if data["target"] is not None and napg.uses_target else None
+    tgt = next(data["target"]) if method.uses_target else None
     data_seconds = time.perf_counter() - start
-    if STAGES[napg.stage].teacher:
-        return napg.distill_step(src, tgt, protos.source_target, protos.for_target), data_seconds
-    return napg.train_step(src, tgt, protos.source_target, epoch, tau), data_seconds
+    return method.train_step(src, tgt, protos, epoch), data_seconds
 
 
 class _Window:
@@ -229,14 +248,14 @@ class _Window:
         return {"iter_time": elapsed / max(self.iterations, 1), "data_time_fraction": self.data_seconds / elapsed}
 
 
-def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
+def _log_refresh(logger: RunLogger, iteration: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
     values = {f"count_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_source_target)}
     values.update({f"count_target_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_target)})
     values.update({f"k_{name}": k for name, k in zip(CLASS_NAMES, protos.clusters)})
     for domain, sizes in protos.pool_sizes.items():  # before balancing
         values.update({f"pool_{domain}_{name}": n for name, n in zip(CLASS_NAMES, sizes)})
     values["tau"] = tau if tau is not None else float("nan")
-    logger.scalars(step, values, prefix="prototypes/", epoch=epoch, kind="refresh",
+    logger.scalars(iteration, values, prefix="prototypes/", epoch=epoch, kind="refresh",
                    kept_previous=[CLASS_NAMES[c] for c in protos.kept_previous])
     if protos.kept_previous:
         names = ", ".join(CLASS_NAMES[c] for c in protos.kept_previous)
@@ -244,7 +263,7 @@ def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, pr
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
+def evaluate_stage(method: Method, data: dict[str, Any], protos: RefreshResult,
                    cfg: Config) -> dict[str, dict[str, Any]]:
     """Target-val and source-val metrics of both branches, each domain with its own BN statistics.
 
@@ -256,46 +275,36 @@ def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
     for role, domain, prototypes in (("target_val", "target", protos.for_target),
                                      ("source_val", "source", protos.source_target)):
         if data[role] is not None:
-            results[role] = evaluate(unwrap(napg.model), data[role], prototypes, device, cfg.num_classes,
+            results[role] = evaluate(unwrap(method.model), data[role], prototypes, device, cfg.num_classes,
                                      max_batches=cfg.eval_max_batches, amp=cfg.amp, domain=domain,
                                      normalize=cfg.normalize)
     return results
 
 
-def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: Config,
-                      logger: RunLogger, step: int, epoch: int, run_dir: Path,
-                      best: dict[str, Any] | None) -> dict[str, Any] | None:
-    if data["target_val"] is None:
-        return best
-    all_results = evaluate_stage(napg, data, protos, cfg)
+def _log_eval(logger: RunLogger, iteration: int, epoch: int, all_results: dict[str, dict[str, Any]]) -> None:
+    """Summary metrics and per-class IoU of every role and branch (``eval/``: target val, ``eval_source/``)."""
     for role, results in all_results.items():
         prefix = "eval" if role == "target_val" else "eval_source"
         for branch, m in results.items():
             values = {k: m[k] for k in SUMMARY_KEYS}
             values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
-            logger.scalars(step, values, prefix=f"{prefix}/{branch}/", epoch=epoch, kind="eval", split=role)
-    if dist.is_main():
-        _log_panels(napg, data, protos, logger, step, cfg.normalize)
+            logger.scalars(iteration, values, prefix=f"{prefix}/{branch}/", epoch=epoch, kind="eval", split=role)
+
+
+def _print_eval(cfg: Config, epoch: int, all_results: dict[str, dict[str, Any]]) -> None:
     results = all_results["target_val"]
     source_miou = all_results["source_val"]["classifier"]["miou"]
     tqdm.write(f"{cfg.stage} epoch {epoch}: target-{cfg.target_eval_split} mIoU "
                f"{100 * results['classifier']['miou']:.2f} (prototypes "
                f"{100 * results.get('prototype', {}).get('miou', float('nan')):.2f}), source-val mIoU "
                f"{100 * source_miou:.2f}")
-    if cfg.select_on_target_val and dist.is_main():
-        miou = results["classifier"]["miou"]
-        if best is None or miou > best["miou"]:
-            best = {"miou": miou, "epoch": epoch, "step": step}
-            save_stage_handoff(run_dir / "best.pt", napg, protos, cfg, epoch,
-                          selected_on="target-val mIoU (oracle selection)", target_val=results)
-    return best
 
 
 @torch.no_grad()
-def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, step: int,
+def _log_panels(method: Method, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, iteration: int,
                 normalize: str) -> None:
     """Input, ground truth, prediction and entropy of the first source and target-val patches."""
-    model = unwrap(napg.model)
+    model = unwrap(method.model)
     for tag, dataset in (("source", data["source_refresh"].dataset),
                          ("target", data["target_val"].dataset if data["target_val"] is not None else None)):
         if dataset is None:
@@ -303,7 +312,7 @@ def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger:
         sample = dataset[0]
         pred, entropy = predict_patch(model, sample["img"], protos.for_target, protos.source_target.device, tag,
                                       normalize)
-        logger.image(f"panels/{tag}", step, panel(sample["img"], sample.get("label"), pred, entropy))
+        logger.image(f"panels/{tag}", iteration, panel(sample["img"], sample.get("label"), pred, entropy))
 
 
 def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: int, out_dir: Path) -> str:
@@ -316,16 +325,16 @@ def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: i
             f"Lower --lr (now {cfg.lr}) or --lr-d (now {cfg.lr_d}){amp}, and {again}")
 
 
-def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: Config,
+def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str, Any], cfg: Config,
             init_source: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
     """Final evaluation, hand-off checkpoint and the manifest that marks the stage complete."""
-    all_results = evaluate_stage(napg, data, protos, cfg)
+    all_results = evaluate_stage(method, data, protos, cfg)
     results = all_results.get("target_val", {})
-    ranks = _rank_consistency(napg, protos)
+    ranks = _rank_consistency(method, protos)
     if dist.is_main():
-        save_stage_handoff(run_dir / "model.pt", napg, protos, cfg, cfg.epochs)
+        save_stage_handoff(run_dir / "model.pt", method, protos, cfg, cfg.epochs)
         if results:
-            _write_pictures(run_dir, napg, data, protos, cfg, results["classifier"]["confusion"])
+            _write_pictures(run_dir, method, data, protos, cfg, results["classifier"]["confusion"])
         write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks)  # the manifest: last
         if results:
             print(f"{cfg.stage} target-{cfg.target_eval_split} (classifier):")
@@ -336,10 +345,10 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
     return results
 
 
-def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: Config,
+def _write_pictures(run_dir: Path, method: Method, data: dict[str, Any], protos: RefreshResult, cfg: Config,
                     confusion: list[list[int]]) -> None:
     """confusion.png and panels.png of the final target evaluation, also logged to TensorBoard (``final/``)."""
-    pictures = write_stage_pictures(run_dir, unwrap(napg.model), data["target_val"].dataset, protos.for_target,
+    pictures = write_stage_pictures(run_dir, unwrap(method.model), data["target_val"].dataset, protos.for_target,
                                     protos.source_target.device, cfg.normalize, confusion,
                                     f"{cfg.stage} target-{cfg.target_eval_split} (rows sum to 1)")
     logger = RunLogger(run_dir)
@@ -348,11 +357,11 @@ def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: Ref
     logger.close()
 
 
-def _rank_consistency(napg: NAPG, protos: RefreshResult) -> dict[str, Any]:
+def _rank_consistency(method: Method, protos: RefreshResult) -> dict[str, Any]:
     """Whether every rank ends with bit-identical parameters and prototypes."""
     if not dist.is_dist():
         return {"world_size": 1}
-    nets = [m for m in (napg.model, napg.d1, napg.d2) if m is not None]
+    nets = [m for m in (method.model, method.d1, method.d2) if m is not None]
     return {"world_size": dist.world_size(),
             "identical_parameters": dist.identical_across_ranks([p.detach() for m in nets
                                                                  for p in unwrap(m).parameters()]),

@@ -48,7 +48,7 @@ from torch.utils.data import default_collate
 from data.dataset import SegmentationFolder
 from data.domains import resolve_domain
 from data.loaders import build_loader
-from engine.build import build_data, build_napg, build_transforms
+from engine.build import build_data, build_method, build_transforms
 from engine.device import unwrap
 from engine.evaluate import evaluate
 from engine.handoff import check_fits, handoff_file, load_handoff
@@ -192,7 +192,7 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     if args.init is not None:
         init_state = load_handoff(handoff_file(args.init))
         check_fits(init_state, cfg, args.init)
-    napg = build_napg(cfg, device, init_state)
+    napg = build_method(cfg, device, init_state)
     model = napg.model
     epoch = args.epoch or cfg.steady_epoch()
     tau = cfg.tau_at(epoch)
@@ -206,7 +206,7 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     def iteration() -> tuple[float, float]:
         sync(device)
         start = time.perf_counter()
-        _, data_seconds = train_iteration(napg, data, protos, epoch, tau)
+        _, data_seconds = train_iteration(napg, data, protos, epoch)
         sync(device)
         return data_seconds, time.perf_counter() - start
 

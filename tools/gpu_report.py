@@ -111,7 +111,7 @@ def gflop_per_image(cfg: Config, device: torch.device) -> float:
 
 def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Training throughput of ``stage`` under ``setting`` on in-memory random batches."""
-    from engine.build import build_napg
+    from engine.build import build_method
     from engine.device import unwrap
     from engine.refresh import RefreshSpec, refresh_prototypes
     from engine.trainer import train_iteration
@@ -122,7 +122,7 @@ def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data = random_data(cfg, batches=1)
-    napg = build_napg(cfg, device)
+    napg = build_method(cfg, device)
     epoch = cfg.steady_epoch()
     tau = cfg.tau_at(epoch)
     protos = refresh_prototypes(unwrap(napg.model), data["source_refresh"], data["target_refresh"], tau,
@@ -130,7 +130,7 @@ def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.
     data_seconds: list[float] = []
 
     def step() -> None:
-        data_seconds.append(train_iteration(napg, data, protos, epoch, tau)[1])
+        data_seconds.append(train_iteration(napg, data, protos, epoch)[1])
 
     times_s = [ms / 1000 for ms in time_steps({"train": step}, device, scale["repeats"], scale["warmup"])["train"]]
     images = cfg.batch_size * (2 if napg.uses_target else 1)
@@ -146,7 +146,7 @@ def part_variant(stage: str, setting: str, scale: dict[str, Any], device: torch.
 
 def part_passes(scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """One step-2 refresh pass and one evaluation pass over a data set of the paper's size (bf16)."""
-    from engine.build import build_napg
+    from engine.build import build_method
     from engine.device import unwrap
     from engine.evaluate import evaluate
     from engine.refresh import RefreshSpec, refresh_prototypes
@@ -159,7 +159,7 @@ def part_passes(scale: dict[str, Any], device: torch.device) -> dict[str, Any]:
     data = {"source_refresh": one["source_refresh"] * math.ceil(scale["source"] / scale["batch"]),
             "target_refresh": one["target_refresh"] * math.ceil(scale["target"] / scale["batch"]),
             "target_val": one["target_val"] * math.ceil(scale["target"] / scale["batch"])}
-    napg = build_napg(cfg, device)
+    napg = build_method(cfg, device)
     tau = cfg.tau_at(cfg.steady_epoch())
     spec = RefreshSpec.from_config(cfg)
     refresh_data = (unwrap(napg.model), data["source_refresh"], data["target_refresh"], tau)
