@@ -6,7 +6,6 @@ Layout: ``<root>/img_dir/<split>/*.png`` (uint8, 3 channels) and ``<root>/ann_di
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,44 +26,8 @@ from data.files import (
     resolve_label_format,
     to_train_ids,
 )
-from utils.config import OPTIONS
+from data.preprocess import NORMALIZATIONS, normalize_images, unit_float
 from utils.errors import UserError
-
-NORMALIZATIONS = OPTIONS["normalize"].choices
-
-# mmseg's ImageNet statistics in 0..255 units, applied in slot order (R,G,B or NIR,R,G).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-
-
-@functools.cache
-def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """mmseg's mean and std in [0, 1] units, [3, 1, 1] each, made once per device (a copy to a GPU
-    from host memory would wait for the device every time)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / 255.0
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) / 255.0
-    return mean.to(device), std.to(device)
-
-
-def normalize_images(x: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Images [..., 3, H, W] in [0, 1] -> the network's input: ``unit`` as is, ``imagenet`` by mean/std."""
-    if normalize == "unit":
-        return x
-    mean, std = _imagenet_stats(x.device)
-    return (x - mean) / std
-
-
-def to_model_input(img: torch.Tensor, device: torch.device, normalize: str) -> torch.Tensor:
-    """A batch of images [B, 3, H, W] on ``device`` as the network takes it.
-
-    uint8 batches (``SegmentationFolder(uint8=True)``) travel as they are (a quarter of float32's bytes)
-    and are scaled and normalised on the device, giving the same values as the dataset's float path;
-    float batches are already normalised. The copy does not wait for the device (pinned memory).
-    """
-    x = img.to(device, non_blocking=True)
-    if x.dtype != torch.uint8:
-        return x
-    return normalize_images(x.float().div_(255.0), normalize)
 
 
 def finish_sample(sample: dict[str, Any], transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
@@ -89,7 +52,7 @@ class SegmentationFolder(Dataset):
     ``cache=True`` reads decoded patches from a memory-mapped uint8 cache (``data/cache.py``, built on
     first use, in ``cache_dir`` when the folder is read-only) instead of the files; samples are identical.
     ``uint8=True`` keeps ``img`` uint8 [3, H, W] through the transform and leaves the scaling and
-    normalisation to :func:`to_model_input` on the device; a transform that must resample (a patch smaller
+    normalisation to ``data.preprocess.to_model_input`` on the device; a transform that must resample (a patch smaller
     than the crop) returns float, normalised here as usual. A split has one patch size (the prepare tool's),
     so a batch is all uint8 or all float.
     """
@@ -150,7 +113,7 @@ class SegmentationFolder(Dataset):
                     )
                 ids = to_train_ids(raw, self.label_format, path)
         img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-        sample: dict[str, Any] = {"img": img if self.uint8 else img.float().div_(255.0), "name": self.names[index]}
+        sample: dict[str, Any] = {"img": img if self.uint8 else unit_float(img), "name": self.names[index]}
         if ids is not None:
             sample["label"] = torch.from_numpy(ids)
         return finish_sample(sample, self.transform, self.normalize)

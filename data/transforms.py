@@ -23,6 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from data.domains import IGNORE_INDEX
+from data.preprocess import unit_float
 from utils.errors import UserError
 
 # The released code re-warped the teacher's 128-px map (1/4 of the 512-px view); see warp_to_strong.
@@ -121,8 +122,7 @@ def weak_view(x: Tensor, params: dict[str, Tensor], mode: str, fill: float) -> T
         # Unscaled crop: exact slicing, no interpolation.
         out = x[..., top : top + ch, left : left + cw]
         return out.flip(-1) if bool(params["flip"]) else out.clone()
-    if x.dtype == torch.uint8:  # a uint8 image (data.dataset's uint8 samples) resamples as the float path does
-        x = x.float().div_(255.0)
+    x = unit_float(x)  # a uint8 image (data.dataset's uint8 samples) resamples as the float path does
     theta = weak_to_full(_batch(params))
     return _resample_one(x, theta, (ch, cw), mode, fill)
 

@@ -4,6 +4,7 @@ steps, peak memory and the loader's rate."""
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from collections.abc import Callable
@@ -16,6 +17,9 @@ from torch.utils.data import default_collate
 from data.dataset import SegmentationFolder, finish_sample
 from data.loaders import build_loader
 from engine.build import build_transforms
+from engine.device import unwrap
+from engine.methods.base import Method
+from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from utils.config import Config, resolve_config
 from utils.stages import STAGES
 
@@ -32,6 +36,17 @@ def stage_config(stage: str, *, size: int, batch: int, backbone: str, device: st
         "compile": compile, "cache": cache, "device": device, "source": source, "target": target,
         "progress": False, "data_root": None if data_root is None else str(data_root)})
 
+
+
+def refresh_once(method: Method, data: dict[str, Any], cfg: Config, tau: float | None, device: torch.device,
+                 previous: RefreshResult | None = None, max_batches: int | None = None) -> RefreshResult:
+    """One prototype refresh over ``data``'s refresh roles with the network being trained, as the trainer runs
+    it before an epoch (``max_batches`` overrides the config's cap)."""
+    spec = RefreshSpec.from_config(cfg)
+    if max_batches is not None:
+        spec = dataclasses.replace(spec, max_batches=max_batches)
+    return refresh_prototypes(unwrap(method.model), data["source_refresh"], data["target_refresh"], tau, spec,
+                              device, previous=previous)
 
 def set_up_device(cfg: Config, device: torch.device) -> None:
     """cuDNN autotuning as the trainer sets it (``engine/trainer.run_stage``), and the peak-memory counter

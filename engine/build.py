@@ -1,6 +1,6 @@
-"""Builders of a stage: the network with its discriminators and optimisers, the sample transforms, the
-datasets and loaders of every role, and the epoch length. The trainer and the measuring tools
-(``tools/benchmark.py``, ``tools/gpu_report.py``) build from here.
+"""Builders of a stage: its method (``Stage.method``) with the network, discriminators and optimisers, the
+sample transforms, the datasets and loaders of every role, and the epoch length. The trainer and the
+measuring tools (``tools/benchmark.py``, ``tools/gpu_report.py``) build from here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from data.dataset import SegmentationFolder
 from data.domains import resolve_domain
 from data.loaders import BatchStream, eval_loader, shuffled_loader
 from data.transforms import Compose, RejectIgnored, Resize, WeakAugment, WeakStrongAugment
-from engine.uda import NAPG
+from engine.methods import Method, method_class
 from models import FCDiscriminatorHighMask, NAPGNet
 from models.napg import FEATURE_STRIDE
 from utils import dist
@@ -25,8 +25,9 @@ from utils.errors import UserError
 from utils.stages import STAGES
 
 
-def build_napg(cfg: Config, device: torch.device, init_state: dict[str, Any] | None = None) -> NAPG:
-    """Network, discriminators (not in step 0) and optimisers of a stage, ready on ``device``."""
+def build_method(cfg: Config, device: torch.device, init_state: dict[str, Any] | None = None) -> Method:
+    """The stage's method (``Stage.method``) with its network, discriminators (``Stage.adversarial``) and
+    optimisers, ready on ``device``; ``init_state`` is the hand-off the stage starts from."""
     model = NAPGNet(num_classes=cfg.num_classes,
                     backbone=cfg.backbone, pretrained=cfg.pretrained if init_state is None else None,
                     shared_similarity=cfg.shared_similarity, head_impl=cfg.head_impl,
@@ -41,7 +42,7 @@ def build_napg(cfg: Config, device: torch.device, init_state: dict[str, Any] | N
             if disc is not None and key in init_state:
                 disc.load_state_dict(init_state[key])
     model, d1, d2 = prepare_modules(model, d1, d2, cfg, device)
-    return NAPG(model, d1, d2, cfg)
+    return method_class(STAGES[cfg.stage].method)(model, d1, d2, cfg)
 
 
 def bn_stats_of(cfg: Config) -> str:
@@ -58,15 +59,16 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
     check_stage_data(cfg, src_dir, tgt_dir)
     common = {"label_format": cfg.label_format, "normalize": cfg.normalize, "cache": cfg.cache}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
-    # Training batches travel to the device as uint8 and are normalised there (NAPG's steps); a resize and
-    # step 3's strong views compute in float on the workers, so their samples stay float.
+    # Batches travel to the device as uint8 and are normalised there (data.preprocess.to_model_input); a
+    # resize and step 3's strong views compute in float on the workers, so their samples stay float.
     uint8 = not cfg.resize
     src_train = SegmentationFolder(src_dir, "train", transform=train_tf, uint8=uint8, **common)
     if not cfg.proto_ignore_index and src_train.meta.get("labels") == "eroded":
         raise UserError(f"the legacy prototype NLL has no ignore index (as released), but {src_dir} holds eroded "
                         f"labels whose class borders are ignored pixels; prepare the source with "
                         f"tools/prepare_isprs.py --labels full, or pass --proto-ignore-index true")
-    src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, **common)
+    src_refresh = SegmentationFolder(src_dir, "train", transform=eval_tf, uint8=uint8, **common)
+    src_val = SegmentationFolder(src_dir, "val", transform=eval_tf, uint8=uint8, **common)
     seed, bs, ebs = cfg.seed, cfg.batch_size, cfg.eval_batch_size
     # Workers stay alive between passes (the refresh and evaluation loaders are read every epoch).
     loader_kw = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda",
@@ -75,7 +77,7 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
         "source": BatchStream(src_train, bs, seed=seed, **loader_kw),
         "source_refresh": shuffled_loader(src_refresh, ebs, seed, **loader_kw) if cfg.refresh == "legacy"
         else eval_loader(src_refresh, ebs, **loader_kw),
-        "source_val": eval_loader(SegmentationFolder(src_dir, "val", transform=eval_tf, **common), ebs, **loader_kw),
+        "source_val": eval_loader(src_val, ebs, **loader_kw),
         "target": None, "target_refresh": None, "target_val": None,
     }
     if tgt_dir is not None:
@@ -83,8 +85,9 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
         tgt_tf = strong_tf if strong else train_tf
         tgt_train = SegmentationFolder(tgt_dir, "train", transform=tgt_tf, with_labels=False,
                                        uint8=uint8 and not strong, **common)
-        tgt_refresh = SegmentationFolder(tgt_dir, "train", transform=eval_tf, with_labels=False, **common)
-        tgt_val = SegmentationFolder(tgt_dir, cfg.target_eval_split, transform=eval_tf, **common)
+        tgt_refresh = SegmentationFolder(tgt_dir, "train", transform=eval_tf, with_labels=False, uint8=uint8,
+                                         **common)
+        tgt_val = SegmentationFolder(tgt_dir, cfg.target_eval_split, transform=eval_tf, uint8=uint8, **common)
         data["target"] = BatchStream(tgt_train, bs, seed=seed + 1, **loader_kw)
         data["target_refresh"] = eval_loader(tgt_refresh, ebs, **loader_kw)
         data["target_val"] = eval_loader(tgt_val, ebs, **loader_kw)
@@ -134,11 +137,12 @@ def build_transforms(cfg: Config) -> tuple[Any, Any, Any]:
     Steps 0-2 use no augmentation, as the paper's scripts: training only takes a random crop of
     ``img_size`` when patches are larger. ``resize`` (the demo's small images) resizes every patch
     first. Step 3's target samples get the weak/strong views of ``WeakStrongAugment``. Without
-    ``proto_ignore_index`` (legacy) the pixels that the prototype NLL reads must not be ignored ones.
+    ``proto_ignore_index`` (legacy) the pixels that the prototype NLL reads must not be ignored ones
+    (where the stage's method has that loss, ``Method.prototype_nll``).
     """
     resize = [Resize(cfg.resize)] if cfg.resize else []
     crop = [WeakAugment(cfg.img_size, scale_range=(1.0, 1.0), hflip=0.0)]
-    if not cfg.proto_ignore_index and not STAGES[cfg.stage].teacher:  # step 3 has no prototype NLL
+    if not cfg.proto_ignore_index and method_class(STAGES[cfg.stage].method).prototype_nll:
         crop.append(RejectIgnored(FEATURE_STRIDE))
     strong = WeakStrongAugment(cfg.img_size, scale_range=tuple(cfg.weak_scale), hflip=cfg.hflip,
                                n_ops=cfg.randaug_n, magnitude=cfg.randaug_m, cutout_frac=cfg.cutout_frac)

@@ -16,6 +16,7 @@ from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
 from data.domains import resolve_domain
 from data.loaders import build_loader
+from data.preprocess import to_model_input
 from data.transforms import Resize
 from engine.device import amp_dtype, autocast
 from engine.handoff import handoff_file, handoff_network, load_handoff
@@ -31,40 +32,39 @@ from utils.run import resolve_device
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: torch.Tensor | None,
              device: torch.device, num_classes: int = 6, protocol: str = "standard",
-             max_batches: int | None = None, amp: str = "off", domain: str = "target") -> dict[str, dict[str, Any]]:
+             max_batches: int | None = None, amp: str = "off", domain: str = "target",
+             normalize: str = "unit") -> dict[str, dict[str, Any]]:
     """Global confusion matrices of the classifier (and, given prototypes, the prototype branch).
 
     ``standard``: both branches' maps are bilinearly upsampled to the label resolution [H, W] and every
     patch of the split counts. ``napg_legacy``: the original protocol, classifier argmax at H/4 and
     prototype argmax at H/16 against nearest-downsampled labels, the last batch left out, IoU + 1.
-    ``domain`` ("source" or "target") picks the BatchNorm statistics of a ``--bn-stats domain`` network.
+    ``domain`` ("source" or "target") picks the BatchNorm statistics of a ``--bn-stats domain`` network;
+    ``normalize`` is the network's input normalisation, applied to uint8 batches (``data.preprocess``).
     Returns ``{"classifier": metrics, "prototype": metrics}`` (``prototype`` only with prototypes); the
     classifier's also hold its ``confusion`` counts [C][C] (rows = ground truth).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
-    was_training = model.training
-    model.eval()
     cm_cls = ConfusionMatrix(num_classes)
     cm_proto = ConfusionMatrix(num_classes) if prototypes is not None else None
-    batches = list_batches(loader, protocol, max_batches)
-    for batch in batches:
-        x = batch["img"].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
-        with model.domain(domain), autocast(device, amp_dtype(amp)):
-            out = model(x, prototypes)
-        if protocol == "standard":
-            full = y.shape[-2:]
-            cm_cls.update(_upsampled_argmax(out["logits_up"], full), y)
-            if cm_proto is not None:
-                cm_proto.update(_upsampled_argmax(out["proto_prob"], full), y)
-        else:
-            logits_up = out["logits_up"].float()
-            cm_cls.update(logits_up.argmax(1), resize_labels(y, logits_up.shape[-2:]))
-            if cm_proto is not None:
-                prob = out["proto_prob"].float()
-                cm_proto.update(prob.argmax(1), resize_labels(y, prob.shape[-2:]))
-    model.train(was_training)
+    with model.evaluating(domain):
+        for batch in list_batches(loader, protocol, max_batches):
+            x = to_model_input(batch["img"], device, normalize)
+            y = batch["label"].to(device, non_blocking=True)
+            with autocast(device, amp_dtype(amp)):
+                out = model(x, prototypes)
+            if protocol == "standard":
+                full = y.shape[-2:]
+                cm_cls.update(_upsampled_argmax(out["logits_up"], full), y)
+                if cm_proto is not None:
+                    cm_proto.update(_upsampled_argmax(out["proto_prob"], full), y)
+            else:
+                logits_up = out["logits_up"].float()
+                cm_cls.update(logits_up.argmax(1), resize_labels(y, logits_up.shape[-2:]))
+                if cm_proto is not None:
+                    prob = out["proto_prob"].float()
+                    cm_proto.update(prob.argmax(1), resize_labels(y, prob.shape[-2:]))
     if not cm_cls.matrix.sum() and not dist.is_dist():
         hint = " (napg_legacy leaves out the last batch: lower the batch size)" if protocol == "napg_legacy" else ""
         raise UserError(f"no labelled pixels were evaluated{hint}")
@@ -82,8 +82,8 @@ def evaluate_tiles(model: nn.Module, tiles: Iterable[tuple[torch.Tensor, torch.T
                    device: torch.device, num_classes: int = 6) -> dict[str, dict[str, Any]]:
     """Sliding-window metrics of the classifier over whole tiles, one confusion matrix for all of them.
 
-    ``tiles`` yields (image [3, H, W] uint8 or in [0, 1], train-id label [H, W]); the prediction is made at
-    the label's full resolution (see ``engine.inference``). Returns ``{"classifier": metrics}``.
+    ``tiles`` yields (image [3, H, W] uint8 or float network input, train-id label [H, W]); the prediction is
+    made at the label's full resolution (see ``engine.inference``). Returns ``{"classifier": metrics}``.
     """
     cm = ConfusionMatrix(num_classes)
     for image, label in tiles:

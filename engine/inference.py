@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data.dataset import normalize_images
+from data.preprocess import to_model_input
 from engine.device import amp_dtype, autocast
 from losses.adversarial import self_information
 
@@ -54,21 +54,17 @@ def _window_px(cfg: SlideConfig) -> tuple[int, int]:
 
 @torch.no_grad()
 def _window_logits(model: nn.Module, windows: torch.Tensor, cfg: SlideConfig, device: torch.device) -> torch.Tensor:
-    """Windows [B, 3, h, w] (uint8 or [0, 1] floats) -> float32 logits [B, C, h, w] on ``device``."""
-    x = windows.to(device)
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    size = x.shape[-2:]
-    if cfg.scale != 1.0:
-        net_size = (max(1, round(size[0] * cfg.scale)), max(1, round(size[1] * cfg.scale)))
-        x = F.interpolate(x, net_size, mode="bilinear", align_corners=False, antialias=True)
-    x = normalize_images(x, cfg.normalize)
+    """Windows [B, 3, h, w] (uint8, or float network input) -> float32 logits [B, C, h, w] on ``device``."""
+    size = windows.shape[-2:]
+    net_size = (max(1, round(size[0] * cfg.scale)), max(1, round(size[1] * cfg.scale)))
+    x = to_model_input(windows, device, cfg.normalize, size=net_size)
     if cfg.hflip:
         x = torch.cat([x, x.flip(-1)])
     # The network takes sides that are multiples of 32: pad bottom and right with zeros (as mmseg pads a
     # short window), then cut the padding off the logits at network resolution.
     net_h, net_w = x.shape[-2:]
     x = F.pad(x, (0, -net_w % 32, 0, -net_h % 32))
-    with model.domain(cfg.domain), autocast(device, amp_dtype(cfg.amp)):
+    with model.evaluating(cfg.domain), autocast(device, amp_dtype(cfg.amp)):
         logits = model(x)["logits_up"].float()
     if x.shape[-2:] != (net_h, net_w):
         logits = F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)[..., :net_h, :net_w]
@@ -82,10 +78,11 @@ def _window_logits(model: nn.Module, windows: torch.Tensor, cfg: SlideConfig, de
 @torch.no_grad()
 def slide_bands(model: nn.Module, image: torch.Tensor, cfg: SlideConfig, device: torch.device,
                 progress: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
-    """Mean window logits of ``image`` [3, H, W] (uint8, or floats in [0, 1]) in row bands.
+    """Mean window logits of ``image`` [3, H, W] (uint8, or float network input) in row bands.
 
     Yields ``(y0, logits)`` with ``logits`` float32 [C, h, W] (on the CPU) for rows ``y0 .. y0 + h``;
-    the bands are consecutive and cover the image. ``model`` must be in eval mode.
+    the bands are consecutive and cover the image. Each window batch runs in eval mode with
+    ``cfg.domain``'s BatchNorm statistics (``NAPGNet.evaluating``).
     """
     height, width = image.shape[-2:]
     win, step = _window_px(cfg)
@@ -134,22 +131,17 @@ def predict_image(model: nn.Module, image: torch.Tensor, cfg: SlideConfig, devic
     """Class ids (and, on request, entropy and uint8 probabilities) of ``image`` [3, H, W]."""
     height, width = image.shape[-2:]
     out = Prediction(np.zeros((height, width), np.uint8))
-    was_training = model.training
-    model.eval()
-    try:
-        for y0, logits in slide_bands(model, image, cfg, device, progress):
-            rows = slice(y0, y0 + logits.shape[1])
-            out.classes[rows] = logits.argmax(0).numpy()
-            if entropy or probs:
-                p = logits.softmax(0)
-                if entropy:
-                    if out.entropy is None:
-                        out.entropy = np.zeros((height, width), np.float32)
-                    out.entropy[rows] = self_information(p[None]).sum(1)[0].numpy()
-                if probs:
-                    if out.probs is None:
-                        out.probs = np.zeros((p.shape[0], height, width), np.uint8)
-                    out.probs[:, rows] = (p * 255).round().to(torch.uint8).numpy()
-    finally:
-        model.train(was_training)
+    for y0, logits in slide_bands(model, image, cfg, device, progress):
+        rows = slice(y0, y0 + logits.shape[1])
+        out.classes[rows] = logits.argmax(0).numpy()
+        if entropy or probs:
+            p = logits.softmax(0)
+            if entropy:
+                if out.entropy is None:
+                    out.entropy = np.zeros((height, width), np.float32)
+                out.entropy[rows] = self_information(p[None]).sum(1)[0].numpy()
+            if probs:
+                if out.probs is None:
+                    out.probs = np.zeros((p.shape[0], height, width), np.uint8)
+                out.probs[:, rows] = (p * 255).round().to(torch.uint8).numpy()
     return out

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, resolve_domain
+from data.preprocess import to_model_input
 from engine.build import build_transforms
 from engine.handoff import handoff_network, handoff_prototypes, load_handoff
 from engine.logger import colorize, image_rgb, panel
@@ -29,10 +30,11 @@ PANEL_PATCHES = 4
 
 @torch.no_grad()
 def predict_patch(model: nn.Module, img: torch.Tensor, prototypes: torch.Tensor | None, device: torch.device,
-                  domain: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prediction [H, W] and normalised entropy [H, W] of one patch ``img`` [3, H, W] (model in eval mode)."""
-    with model.domain(domain):
-        out = model(img[None].to(device), prototypes)
+                  domain: str, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prediction [H, W] and normalised entropy [H, W] of one patch ``img`` [3, H, W] (uint8 or network input),
+    in eval mode with ``domain``'s BatchNorm statistics."""
+    with model.evaluating(domain):
+        out = model(to_model_input(img[None], device, normalize), prototypes)
     prob = F.interpolate(out["logits_up"].float(), size=img.shape[-2:], mode="bilinear",
                          align_corners=False).softmax(1)
     return prob.argmax(1)[0].cpu(), self_information(prob).sum(1)[0].cpu()
@@ -40,21 +42,19 @@ def predict_patch(model: nn.Module, img: torch.Tensor, prototypes: torch.Tensor 
 
 @torch.no_grad()
 def panel_rows(model: nn.Module, dataset: Dataset, prototypes: torch.Tensor | None, device: torch.device,
-               domain: str = "target", count: int = PANEL_PATCHES) -> np.ndarray:
+               normalize: str, domain: str = "target", count: int = PANEL_PATCHES) -> np.ndarray:
     """Input | ground truth | prediction | entropy of the first ``count`` patches, one row each: [H*n, 4W, 3]."""
-    was_training = model.training
-    model.eval()
     rows = []
     for i in range(min(count, len(dataset))):
         sample = dataset[i]
-        pred, entropy = predict_patch(model, sample["img"], prototypes, device, domain)
+        pred, entropy = predict_patch(model, sample["img"], prototypes, device, domain, normalize)
         rows.append(panel(sample["img"], sample.get("label"), pred, entropy))
-    model.train(was_training)
     return np.concatenate(rows, axis=0)
 
 
 def write_stage_pictures(run_dir: Path, model: nn.Module, dataset: Dataset, prototypes: torch.Tensor | None,
-                         device: torch.device, confusion: list[list[int]], title: str) -> dict[str, np.ndarray]:
+                         device: torch.device, normalize: str, confusion: list[list[int]],
+                         title: str) -> dict[str, np.ndarray]:
     """Write ``confusion.png`` (row-normalised) and ``panels.png`` into ``run_dir``; returns them as RGB arrays.
 
     The panels need only NumPy; without matplotlib the confusion picture is skipped with a one-line note.
@@ -62,7 +62,7 @@ def write_stage_pictures(run_dir: Path, model: nn.Module, dataset: Dataset, prot
     pictures = {}
     if can_draw("confusion.png"):
         pictures["confusion"] = confusion_rgb(np.array(confusion), CLASS_NAMES, title)
-    pictures["panels"] = panel_rows(model, dataset, prototypes, device)
+    pictures["panels"] = panel_rows(model, dataset, prototypes, device, normalize)
     for name, rgb in pictures.items():
         atomic_write_bytes(run_dir / f"{name}.png", image_png(rgb))
     return pictures
@@ -86,8 +86,9 @@ def pipeline_panels(stage_dirs: list[Path], device: torch.device) -> np.ndarray:
     columns = [[image_rgb(s["img"]) for s in samples], [colorize(s["label"]) for s in samples]]
     for stage_dir in stage_dirs:
         state = load_handoff(stage_dir, flag="stage folder")
-        model = handoff_network(state, device).eval()
+        model = handoff_network(state, device)
         stored = handoff_prototypes(state, device)
         protos = stored.for_target if stored is not None else None
-        columns.append([colorize(predict_patch(model, s["img"], protos, device, "target")[0]) for s in samples])
+        columns.append([colorize(predict_patch(model, s["img"], protos, device, "target", cfg.normalize)[0])
+                        for s in samples])
     return np.concatenate([np.concatenate(row, axis=1) for row in zip(*columns)], axis=0)

@@ -4,21 +4,27 @@ Image-level class centroids of the features ``f`` are pooled per class from the 
 and, once target pseudo-labels are switched on, from confident target pixels; each pool is clustered
 into its class's K_c groups. ``P_ST`` (source + target) drives training; ``P_T`` (target only) is what
 steps 2 and 3 evaluate with. Each domain's features are extracted with its own BatchNorm statistics
-(``--bn-stats domain``), and ``balance=True`` gives both domains equal weight in each class's pool.
+(``--bn-stats domain``), and ``RefreshSpec.balance`` gives both domains equal weight in each class's pool.
+
+A stage describes its refresh once (:class:`RefreshSpec`); :func:`refresh_prototypes` runs one of two
+passes over the data (:data:`PASSES`: the paper's clean pass or the released code's lock-step loop), then
+the same clustering.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from data.preprocess import to_model_input
 from engine.device import amp_dtype, autocast
 from models.labels import pseudo_labels, resize_labels
+from models.napg import FEATURE_CHANNELS
 from models.prototypes import (
     CentroidPool,
     auto_clusters,
@@ -26,6 +32,7 @@ from models.prototypes import (
     class_centroids,
 )
 from utils import dist
+from utils.config import Config
 
 
 @dataclass
@@ -59,82 +66,156 @@ class RefreshResult:
                    state["counts_source_target"], state["counts_target"], state["kept_previous"], state["clusters"])
 
 
+@dataclass(frozen=True)
+class RefreshSpec:
+    """How a stage rebuilds its prototypes; made once per stage (:meth:`from_config`), the same every epoch.
+
+    ``loop`` names the pass over the refresh data (:data:`PASSES`). ``kmeans_*`` go to the clustering
+    (``models.prototypes.cluster_class``); ``seed`` also draws the balanced pools. ``auto_k`` replaces
+    ``clusters`` by the variance rule of ``auto_clusters`` (k_max, threshold). ``max_batches`` caps each
+    role's batches (smoke runs); ``amp`` runs the network in reduced precision (centroids and clustering
+    stay float32); ``normalize`` is the network's input normalisation of uint8 batches.
+    """
+
+    clusters: tuple[int, ...]  # K_c per class
+    loop: str = "clean"  # "clean" (paper) or "legacy" (the released code's lock-step loop)
+    kmeans_backend: str = "torch"
+    kmeans_n_init: int | str = 10
+    seed: int = 0
+    auto_k: tuple[int, float] | None = None
+    balance: bool = False
+    max_batches: int | None = None
+    amp: str = "off"
+    normalize: str = "unit"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RefreshSpec:
+        return cls(clusters=cfg.clusters, loop=cfg.refresh, kmeans_backend=cfg.kmeans_backend,
+                   kmeans_n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed,
+                   auto_k=(cfg.auto_k_max, cfg.auto_k_threshold) if cfg.auto_k else None,
+                   balance=cfg.refresh_balance, max_batches=cfg.refresh_max_batches, amp=cfg.amp,
+                   normalize=cfg.normalize)
+
+    @property
+    def kmeans(self) -> dict[str, Any]:
+        """The clustering's keyword arguments (``build_prototypes``)."""
+        return {"backend": self.kmeans_backend, "n_init": self.kmeans_n_init, "seed": self.seed}
+
+
+@dataclass
+class _Pools:
+    """Centroids [N_c, D] per class from one refresh pass: ``source`` and ``target`` make P_ST (the
+    target's only while pseudo-labels are on), ``target_only`` makes P_T."""
+
+    source: CentroidPool
+    target: CentroidPool
+    target_only: CentroidPool
+
+
 @torch.no_grad()
 def refresh_prototypes(model: nn.Module, source: Iterable[dict[str, Any]], target: Iterable[dict[str, Any]] | None,
-                       tau: float | None, clusters: Sequence[int], device: torch.device, *,
-                       previous: RefreshResult | None = None, mode: str = "clean",
-                       max_batches: int | None = None, cluster_kwargs: dict[str, Any] | None = None,
-                       feature_dim: int = 128, amp: str = "off",
-                       auto_k: tuple[int, float] | None = None, balance: bool = False,
-                       seed: int = 0) -> RefreshResult:
-    """Pool centroids over the refresh data and cluster them into prototypes.
+                       tau: float | None, spec: RefreshSpec, device: torch.device,
+                       previous: RefreshResult | None = None, epoch: int = 1) -> RefreshResult:
+    """The prototypes of ``epoch``: pool centroids over the refresh data, then cluster them (§3).
 
-    ``mode="clean"``: one pass over every source-train and every target-train image.
-    ``mode="legacy"``: the released code's lock-step loop, ``len(source) - 1`` source batches with the
-    target loader stepped alongside (restarting from its first batch when it runs out, so a small target
-    set is counted several times); the target-only pool uses ``len(target) - 1`` batches.
-    ``amp`` runs the network in reduced precision; centroids and clustering stay float32.
-    ``balance=True`` clusters each class's source + target pool with both domains weighted equally
-    (:func:`balanced_pool`, seeded by ``seed``); otherwise every centroid counts once, so the domain
-    with more images dominates.
-    ``auto_k=(k_max, threshold)`` replaces ``clusters`` by the variance rule of ``auto_clusters`` on the
-    pooled (source + target) centroids.
+    ``source`` yields labelled source batches, ``target`` unlabelled target batches; target centroids
+    are pooled only with a threshold ``tau`` (None before target pseudo-labels are on). ``previous``
+    fills the classes without samples (the last refresh, or at a stage's first refresh the previous
+    stage's). ``model`` is the bare network (not wrapped), run in eval mode with each domain's BatchNorm
+    statistics.
     """
-    was_training = model.training
-    model.eval()
-    forward_src = _Forward(model, device, amp, "source")
-    forward_tgt = _Forward(model, device, amp, "target")
-    num_classes = len(clusters)
-    pool_src = CentroidPool(num_classes)
-    pool_tgt = CentroidPool(num_classes)
-    pool_tgt_only = CentroidPool(num_classes)
     use_target = target is not None and tau is not None
+    pools = PASSES[spec.loop](_Centroids(model, spec, device, tau), source, target if use_target else None,
+                              spec.max_batches, epoch)
+    return _cluster(pools, spec, previous, device, use_target)
 
-    if mode == "clean":
-        for batch in _limit(source, max_batches):
-            pool_src.add(_source_centroids(forward_src, batch, num_classes, device))
-        if use_target:
-            for batch in _limit(target, max_batches):
-                centroids = _target_centroids(forward_tgt, batch, tau, num_classes, device)
-                pool_tgt.add(centroids)
-                pool_tgt_only.add(centroids)
-    elif mode == "legacy":
-        n_src = len(source) - 1
-        if max_batches is not None:
-            n_src = min(n_src, max_batches)
-        lockstep = itertools.cycle(target) if use_target else None
-        for batch in itertools.islice(source, n_src):
-            pool_src.add(_source_centroids(forward_src, batch, num_classes, device))
-            if lockstep is not None:
-                pool_tgt.add(_target_centroids(forward_tgt, next(lockstep), tau, num_classes, device))
-        if use_target:
-            n_tgt = len(target) - 1
-            if max_batches is not None:
-                n_tgt = min(n_tgt, max_batches)
-            for batch in itertools.islice(target, n_tgt):
-                pool_tgt_only.add(_target_centroids(forward_tgt, batch, tau, num_classes, device))
-    else:
-        raise ValueError(f"unknown refresh mode {mode}")
-    model.train(was_training)
 
-    src, tgt, tgt_only = pool_src.gather(), pool_tgt.gather(), pool_tgt_only.gather()
-    gen = torch.Generator().manual_seed(seed)
-    pooled = [balanced_pool(s, t, gen) if balance else _cat(s, t) for s, t in zip(src, tgt)]
-    if auto_k is not None:
-        clusters = auto_clusters(pooled, k_min=1, k_max=auto_k[0], threshold=auto_k[1])
-    k_max = max(clusters)
+class _Centroids:
+    """The per-image class centroids of one refresh batch, each domain in its own statistics."""
+
+    def __init__(self, model: nn.Module, spec: RefreshSpec, device: torch.device, tau: float | None):
+        self.model, self.spec, self.device, self.tau = model, spec, device, tau
+        self.num_classes = len(spec.clusters)
+
+    def _forward(self, batch: dict[str, Any], domain: str) -> dict[str, torch.Tensor]:
+        x = to_model_input(batch["img"], self.device, self.spec.normalize)
+        with self.model.evaluating(domain), autocast(self.device, amp_dtype(self.spec.amp)):
+            return self.model(x)
+
+    def source(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Centroids of the ground-truth classes."""
+        feats = self._forward(batch, "source")["features"]
+        labels = resize_labels(batch["label"].to(self.device, non_blocking=True), feats.shape[-2:])
+        return class_centroids(feats.float(), labels, self.num_classes)
+
+    def target(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Centroids of the classifier's confident pseudo-labels (confidence >= tau)."""
+        out = self._forward(batch, "target")
+        feats = out["features"]
+        labels = pseudo_labels(out["logits_up"].float().softmax(1), self.tau)
+        return class_centroids(feats.float(), resize_labels(labels, feats.shape[-2:]), self.num_classes)
+
+
+def clean_pass(centroids: _Centroids, source: Iterable[dict[str, Any]], target: Iterable[dict[str, Any]] | None,
+               max_batches: int | None, epoch: int) -> _Pools:
+    """``paper``: one pass over every source-train and every target-train image, in loader order (the
+    same every ``epoch``)."""
+    pools = _Pools(*(CentroidPool(centroids.num_classes) for _ in range(3)))
+    for batch in _limit(source, max_batches):
+        pools.source.add(centroids.source(batch))
+    for batch in _limit(target, max_batches) if target is not None else ():
+        found = centroids.target(batch)
+        pools.target.add(found)
+        pools.target_only.add(found)
+    return pools
+
+
+def lockstep_pass(centroids: _Centroids, source: Sized, target: Sized | None, max_batches: int | None,
+                  epoch: int) -> _Pools:
+    """``legacy``: the released code's lock-step loop, ``len(source) - 1`` batches of a shuffled source
+    loader (a new order every ``epoch``) with the target loader stepped alongside, restarting from its
+    first batch when it runs out (so a small target set is counted several times); the target-only pool
+    reads ``len(target) - 1`` batches."""
+    pools = _Pools(*(CentroidPool(centroids.num_classes) for _ in range(3)))
+    set_epoch = getattr(getattr(source, "sampler", None), "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
+    lockstep = itertools.cycle(target) if target is not None else None
+    for batch in itertools.islice(source, _capped(len(source) - 1, max_batches)):
+        pools.source.add(centroids.source(batch))
+        if lockstep is not None:
+            pools.target.add(centroids.target(next(lockstep)))
+    if target is not None:
+        for batch in itertools.islice(target, _capped(len(target) - 1, max_batches)):
+            pools.target_only.add(centroids.target(batch))
+    return pools
+
+
+# ``--refresh`` -> the pass that pools the centroids.
+PASSES = {"clean": clean_pass, "legacy": lockstep_pass}
+
+
+def _cluster(pools: _Pools, spec: RefreshSpec, previous: RefreshResult | None, device: torch.device,
+             use_target: bool) -> RefreshResult:
+    """Gather every rank's pools, balance the domains (``spec.balance``) and cluster each class into K_c groups."""
+    src, tgt, tgt_only = pools.source.gather(), pools.target.gather(), pools.target_only.gather()
+    gen = torch.Generator().manual_seed(spec.seed)
+    pooled = [balanced_pool(s, t, gen) if spec.balance else _cat(s, t) for s, t in zip(src, tgt)]
+    clusters = spec.clusters
+    if spec.auto_k is not None:
+        clusters = auto_clusters(pooled, k_min=1, k_max=spec.auto_k[0], threshold=spec.auto_k[1])
+    num_classes, k_max = len(clusters), max(clusters)
     # A class with no sample keeps its previous prototypes: the last refresh's, or at a stage's first
     # refresh the previous stage's (any K, see build_prototypes); without either, zeros.
-    zeros = torch.zeros(num_classes * k_max, feature_dim, device=device)
+    zeros = torch.zeros(num_classes * k_max, FEATURE_CHANNELS, device=device)
     prev_st = previous.source_target if previous is not None else zeros
-    kwargs = cluster_kwargs or {}
-    p_st, report = build_prototypes(pooled, clusters, previous=prev_st, **kwargs)
+    p_st, report = build_prototypes(pooled, clusters, previous=prev_st, **spec.kmeans)
     result = RefreshResult(p_st, None, counts_source_target=[_n(p) for p in pooled],
                            kept_previous=list(report.get("kept_previous", [])), clusters=list(clusters),
                            pool_sizes={"source": [_n(p) for p in src], "target": [_n(p) for p in tgt]})
     if use_target:
         prev_t = previous.target if previous is not None and previous.target is not None else p_st
-        result.target, _ = build_prototypes(tgt_only, clusters, previous=prev_t, **kwargs)
+        result.target, _ = build_prototypes(tgt_only, clusters, previous=prev_t, **spec.kmeans)
         result.counts_target = [_n(p) for p in tgt_only]
     # Every rank clustered the same gathered pools; broadcasting rank 0's result rules out any
     # last-bit difference between ranks.
@@ -164,34 +245,12 @@ def balanced_pool(source: torch.Tensor | None, target: torch.Tensor | None,
     return torch.cat([source if source is large else grown, target if target is large else grown])
 
 
-class _Forward:
-    """The network without prototypes on one domain's images, under the configured precision."""
-
-    def __init__(self, model: nn.Module, device: torch.device, amp: str, domain: str):
-        self.model, self.device, self.dtype, self.domain = model, device, amp_dtype(amp), domain
-
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self.model.domain(self.domain), autocast(self.device, self.dtype):
-            return self.model(x.to(self.device, non_blocking=True))
-
-
-def _source_centroids(forward: _Forward, batch: dict[str, Any], num_classes: int, device: torch.device):
-    out = forward(batch["img"])
-    feats = out["features"]
-    labels = resize_labels(batch["label"].to(device, non_blocking=True), feats.shape[-2:])
-    return class_centroids(feats.float(), labels, num_classes)
-
-
-def _target_centroids(forward: _Forward, batch: dict[str, Any], tau: float, num_classes: int,
-                      device: torch.device):
-    out = forward(batch["img"])
-    feats = out["features"]
-    labels = pseudo_labels(out["logits_up"].float().softmax(1), tau)
-    return class_centroids(feats.float(), resize_labels(labels, feats.shape[-2:]), num_classes)
-
-
 def _limit(loader: Iterable[dict[str, Any]], n: int | None) -> Iterator[dict[str, Any]]:
     return iter(loader) if n is None else itertools.islice(loader, n)
+
+
+def _capped(n: int, cap: int | None) -> int:
+    return n if cap is None else min(n, cap)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -28,8 +28,8 @@ from data.files import read_meta
 from engine.build import bn_stats_of
 from engine.device import unwrap
 from engine.handoff import handoff_meta, save_handoff
+from engine.methods.base import Method
 from engine.refresh import RefreshResult
-from engine.uda import NAPG
 from models.napg import weights_record
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint, sha256_file
@@ -179,7 +179,7 @@ class RunFolder:
         dist.barrier()
 
 
-def save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], progress: Progress,
+def save_last(run_dir: Path, napg: Method, protos: RefreshResult, data: dict[str, Any], progress: Progress,
               cfg: Config) -> None:
     """Everything needed to continue exactly here: weights, optimisers, prototypes, RNG, data position."""
     if not dist.is_main():
@@ -192,7 +192,7 @@ def save_last(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, 
     save_checkpoint(state, run_dir / "last.pt")
 
 
-def load_last(run_dir: Path, cfg: Config, napg: NAPG, data: dict[str, Any],
+def load_last(run_dir: Path, cfg: Config, napg: Method, data: dict[str, Any],
               device: torch.device) -> tuple[Progress, RefreshResult]:
     """Restore what :func:`save_last` wrote into ``napg``, the data streams and the RNGs."""
     state = load_checkpoint(run_dir / "last.pt", map_location=device)
@@ -210,7 +210,7 @@ def load_last(run_dir: Path, cfg: Config, napg: NAPG, data: dict[str, Any],
     return Progress(state["epoch"], state["iteration"], state["global_step"], state["best"]), protos
 
 
-def save_stage_handoff(path: Path, napg: NAPG, protos: RefreshResult, cfg: Config, epoch: int,
+def save_stage_handoff(path: Path, napg: Method, protos: RefreshResult, cfg: Config, epoch: int,
                   **extra: Any) -> None:
     meta = handoff_meta(stage=cfg.stage, source=cfg.source, target=cfg.target,
                         num_classes=cfg.num_classes, backbone=cfg.backbone,
@@ -230,7 +230,7 @@ def _input_scale(cfg: Config) -> float:
     return cfg.resize / side
 
 
-def write_start(out_dir: Path, cfg: Config, napg: NAPG, init_source: dict[str, Any] | None) -> None:
+def write_start(out_dir: Path, cfg: Config, napg: Method, init_source: dict[str, Any] | None) -> None:
     """config.yaml and env.json of a run that starts training (the main process only)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")

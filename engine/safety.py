@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from engine.device import unwrap
-from engine.uda import NAPG, Logs, require_finite
+from engine.methods.base import Logs, Method, require_finite
 from utils import dist
 from utils.errors import NonFiniteError
 
@@ -60,30 +60,30 @@ class StopSignals:
         self._previous = {}
 
 
-def _peaks(napg: NAPG, protos: Any = None) -> torch.Tensor:
+def _peaks(method: Method, protos: Any = None) -> torch.Tensor:
     """The largest magnitude of every weight (and prototype) tensor, [N] float32 on the device: NaN or
     infinite exactly when one of its values is. One reduction per tensor, nothing read back."""
-    tensors = [p for m in (napg.model, napg.d1, napg.d2) if m is not None for p in unwrap(m).parameters()]
+    tensors = [p for m in (method.model, method.d1, method.d2) if m is not None for p in unwrap(m).parameters()]
     if protos is not None:
         tensors += [t for t in (protos.source_target, protos.target) if t is not None]
     return torch.stack([t.detach().abs().amax().float() for t in tensors])
 
 
 @torch.no_grad()
-def require_finite_weights(napg: NAPG, protos: Any = None) -> None:
+def require_finite_weights(method: Method, protos: Any = None) -> None:
     """Raise :class:`NonFiniteError` when a network weight (or a prototype) is NaN or infinite."""
-    if not bool(_peaks(napg, protos).isfinite().all()):
+    if not bool(_peaks(method, protos).isfinite().all()):
         raise NonFiniteError("the final weights or prototypes")
 
 
 @torch.no_grad()
-def read_back(napg: NAPG, logs: Logs) -> dict[str, float]:
+def read_back(method: Method, logs: Logs) -> dict[str, float]:
     """A step's ``logs`` as floats, read from the device in one transfer together with the weights' check.
 
     Raises :class:`NonFiniteError` naming a NaN/infinite loss term, or the weights when one of them is.
     """
     names = list(logs)
-    values = torch.cat([torch.stack([logs[k].float() for k in names]), _peaks(napg).isfinite().all()[None].float()])
+    values = torch.cat([torch.stack([logs[k].float() for k in names]), _peaks(method).isfinite().all()[None].float()])
     *numbers, weights_finite = values.tolist()
     out = dict(zip(names, numbers))
     require_finite(out)

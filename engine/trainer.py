@@ -1,5 +1,9 @@
 """A training stage from resolved config to run folder: build, then per epoch refresh the prototypes,
-train, evaluate; at the end evaluate and hand off (the run folder: ``engine/rundir.py``)."""
+train, evaluate; at the end evaluate and hand off (the run folder: ``engine/rundir.py``).
+
+Words: a *stage* is one of step0..step3 (``utils/stages.py``), an *iteration* one optimiser update of the
+stage's method (``Method.train_step``, ``engine/methods/``), an *epoch* a pass over the stage's epoch role.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,14 @@ import torch
 from tqdm import tqdm
 
 from data.domains import CLASS_NAMES, check_num_classes
-from engine.build import build_data, build_napg, iters_per_epoch
+from engine.build import build_data, build_method, iters_per_epoch
 from engine.device import unwrap
 from engine.evaluate import evaluate
 from engine.handoff import handoff_prototypes, resolve_init
 from engine.logger import RunLogger, panel
+from engine.methods.base import Logs, Method
 from engine.pictures import predict_patch, write_stage_pictures
-from engine.refresh import RefreshResult, refresh_prototypes
+from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from engine.rundir import (
     Action,
     Progress,
@@ -30,13 +35,11 @@ from engine.rundir import (
     write_start,
 )
 from engine.safety import StopSignals, read_back, require_finite_weights
-from engine.uda import NAPG, Logs
 from utils import dist
 from utils.config import Config
 from utils.errors import NonFiniteError, StageInterrupted, UserError
 from utils.metrics import SUMMARY_KEYS, format_table
 from utils.run import resolve_device, seed_everything
-from utils.stages import STAGES
 
 
 def run_stage(cfg: Config) -> dict[str, Any]:
@@ -57,19 +60,19 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.deterministic)
 
     data = build_data(cfg, device)
-    napg = build_napg(cfg, device, init_state)
+    method = build_method(cfg, device, init_state)
     # The previous stage's prototypes: the fallback for classes without samples at the first refresh.
     protos = handoff_prototypes(init_state, device)
     progress = Progress()
     if action is Action.RESUME:
-        progress, protos = load_last(out_dir, cfg, napg, data, device)
+        progress, protos = load_last(out_dir, cfg, method, data, device)
     elif dist.is_main():
         folder.clear(action)
-        write_start(out_dir, cfg, napg, init_source)
+        write_start(out_dir, cfg, method, init_source)
     dist.barrier()
 
     start_time = time.time()
-    loop = _StageLoop(cfg, napg, data, protos, progress, out_dir, device)
+    loop = _StageLoop(cfg, method, data, protos, progress, out_dir, device)
     try:
         while progress.epoch <= cfg.epochs and not loop.stopped:
             loop.train_epoch()
@@ -82,8 +85,8 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     if progress.epoch <= cfg.epochs:
         print(f"{stage}: stopped after {loop.invocation_iters} iterations; continue with --resume")
         return {"stopped": True}
-    require_finite_weights(napg, loop.protos)  # the hand-off never carries a diverged network
-    results = _finish(out_dir, napg, loop.protos, data, cfg, init_source, time.time() - start_time)
+    require_finite_weights(method, loop.protos)  # the hand-off never carries a diverged network
+    results = _finish(out_dir, method, loop.protos, data, cfg, init_source, time.time() - start_time)
     if out_dir == folder.staging and dist.is_main():
         folder.swap_in()
     dist.barrier()
@@ -93,10 +96,11 @@ def run_stage(cfg: Config) -> dict[str, Any]:
 class _StageLoop:
     """The epochs of one invocation: where it stands (``progress``), its prototypes, logger and stop state."""
 
-    def __init__(self, cfg: Config, napg: NAPG, data: dict[str, Any], protos: RefreshResult | None,
+    def __init__(self, cfg: Config, method: Method, data: dict[str, Any], protos: RefreshResult | None,
                  progress: Progress, out_dir: Path, device: torch.device):
-        self.cfg, self.napg, self.data, self.protos = cfg, napg, data, protos
+        self.cfg, self.method, self.data, self.protos = cfg, method, data, protos
         self.progress, self.out_dir, self.device = progress, out_dir, device
+        self.refresh_spec = RefreshSpec.from_config(cfg)
         self.logger = RunLogger(out_dir, enabled=dist.is_main())
         self.iters = iters_per_epoch(cfg, data)
         self.signals = StopSignals()
@@ -118,8 +122,7 @@ class _StageLoop:
         cfg, p = self.cfg, self.progress
         tau = cfg.tau_at(p.epoch)
         if p.iteration == 0 or self.protos is None:  # an epoch's start (or a resume without prototypes)
-            self.protos = refresh(self.napg, self.data, cfg, tau, self.protos, self.device, epoch=p.epoch)
-            _log_refresh(self.logger, p.global_step, p.epoch, tau, self.protos)
+            self._refresh(tau)
         asked_to_stop = self._train_iterations(tau)
         if p.iteration < self.iters or self.signal:  # stopped inside the epoch: a signal skips its evaluation
             self._save_last()
@@ -131,6 +134,15 @@ class _StageLoop:
         self._save_last()
         self.stopped = asked_to_stop or bool(self.signal)
 
+    def _refresh(self, tau: float | None) -> None:
+        """This epoch's prototypes (docs/method.md §3), logged."""
+        p = self.progress
+        # Prototypes come from the network being trained (in step 3 the student, as in the original).
+        self.protos = refresh_prototypes(unwrap(self.method.model), self.data["source_refresh"],
+                                         self.data["target_refresh"], tau, self.refresh_spec, self.device,
+                                         previous=self.protos, epoch=p.epoch)
+        _log_refresh(self.logger, p.global_step, p.epoch, tau, self.protos)
+
     def _train_iterations(self, tau: float | None) -> bool:
         """The epoch's remaining iterations; True when it ended early on --stop-after or a signal."""
         cfg, p = self.cfg, self.progress
@@ -139,7 +151,7 @@ class _StageLoop:
         window = _Window()
         stopping = False
         while p.iteration < self.iters and not stopping:
-            logs, data_seconds = train_iteration(self.napg, self.data, self.protos, p.epoch, tau)
+            logs, data_seconds = train_iteration(self.method, self.data, self.protos, p.epoch)
             p.iteration += 1
             p.global_step += 1
             self.invocation_iters += 1
@@ -158,7 +170,7 @@ class _StageLoop:
             if not (log_now or eval_now or save_now or stopping):
                 continue
             try:
-                values = read_back(self.napg, logs)
+                values = read_back(self.method, logs)
             except NonFiniteError as err:
                 raise UserError(_diverged_message(err, cfg, p.epoch, p.iteration, self.out_dir)) from None
             if log_now:
@@ -173,35 +185,51 @@ class _StageLoop:
         return stopping
 
     def _log_train(self, values: dict[str, float], window: _Window, tau: float | None) -> None:
-        napg, p = self.napg, self.progress
-        values.update(window.times(), lr=napg.opt_g.param_groups[0]["lr"],
+        method, p = self.method, self.progress
+        values.update(window.times(), lr=method.opt_g.param_groups[0]["lr"],
                       tau=tau if tau is not None else float("nan"))
-        if napg.opt_d1 is not None:
-            values["lr_d"] = napg.opt_d1.param_groups[0]["lr"]
+        if method.opt_d1 is not None:
+            values["lr_d"] = method.opt_d1.param_groups[0]["lr"]
         self.logger.scalars(p.global_step, values, prefix="train/", epoch=p.epoch, iteration=p.iteration,
                             kind="train")
 
     def _evaluate(self) -> None:
+        """Evaluate both val splits, then, each in a call of its own: log the metrics, draw the panels,
+        print the summary line, and keep ``best.pt`` (``--select-on-target-val``)."""
+        if self.data["target_val"] is None:
+            return
+        cfg, p = self.cfg, self.progress
+        all_results = evaluate_stage(self.method, self.data, self.protos, cfg)
+        _log_eval(self.logger, p.global_step, p.epoch, all_results)
+        if dist.is_main():
+            _log_panels(self.method, self.data, self.protos, self.logger, p.global_step, cfg.normalize)
+        _print_eval(cfg, p.epoch, all_results)
+        if cfg.select_on_target_val and dist.is_main():
+            self._keep_best(all_results["target_val"])
+
+    def _keep_best(self, results: dict[str, Any]) -> None:
+        """Write ``best.pt`` when the target-val classifier mIoU beats the best so far (an oracle selection)."""
         p = self.progress
-        p.best = _evaluate_and_log(self.napg, self.data, self.protos, self.cfg, self.logger, p.global_step,
-                                   p.epoch, self.out_dir, p.best)
+        miou = results["classifier"]["miou"]
+        if p.best is None or miou > p.best["miou"]:
+            p.best = {"miou": miou, "epoch": p.epoch, "step": p.global_step}
+            save_stage_handoff(self.out_dir / "best.pt", self.method, self.protos, self.cfg, p.epoch,
+                               selected_on="target-val mIoU (oracle selection)", target_val=results)
 
     def _save_last(self) -> None:
-        save_last(self.out_dir, self.napg, self.protos, self.data, self.progress, self.cfg)
+        save_last(self.out_dir, self.method, self.protos, self.data, self.progress, self.cfg)
 
 
-# ---------------------------------------------------------------------------------------------- steps
-def train_iteration(napg: NAPG, data: dict[str, Any], protos: RefreshResult, epoch: int,
-                    tau: float | None) -> tuple[Logs, float]:
+# ---------------------------------------------------------------------------------------------- iterations
+def train_iteration(method: Method, data: dict[str, Any], protos: RefreshResult,
+                    epoch: int) -> tuple[Logs, float]:
     """One iteration: its detached logs (device tensors, not waited for) and the seconds spent waiting for
     the next batches."""
     start = time.perf_counter()
     src = next(data["source"])
-    tgt = next(data["target"]) if data["target"] is not None and napg.uses_target else None
+    tgt = next(data["target"]) if method.uses_target else None
     data_seconds = time.perf_counter() - start
-    if STAGES[napg.stage].teacher:
-        return napg.distill_step(src, tgt, protos.source_target, protos.for_target), data_seconds
-    return napg.train_step(src, tgt, protos.source_target, epoch, tau), data_seconds
+    return method.train_step(src, tgt, protos, epoch), data_seconds
 
 
 class _Window:
@@ -221,33 +249,14 @@ class _Window:
         return {"iter_time": elapsed / max(self.iterations, 1), "data_time_fraction": self.data_seconds / elapsed}
 
 
-def refresh(napg: NAPG, data: dict[str, Any], cfg: Config, tau: float | None,
-            previous: RefreshResult | None, device: torch.device,
-            max_batches: int | None = None, epoch: int = 1) -> RefreshResult:
-    """The prototype refresh before ``epoch`` (``max_batches`` overrides the config's cap)."""
-    # Prototypes come from the network being trained (in step 3 the student, as in the original).
-    model = unwrap(napg.model)
-    set_epoch = getattr(getattr(data["source_refresh"], "sampler", None), "set_epoch", None)
-    if set_epoch is not None:  # the legacy refresh's shuffled source loader: a new order every epoch
-        set_epoch(epoch)
-    clusters = cfg.clusters
-    kwargs = {"backend": cfg.kmeans_backend, "n_init": cfg.kmeans_n_init, "seed": cfg.kmeans_seed}
-    return refresh_prototypes(model, data["source_refresh"], data["target_refresh"], tau, clusters, device,
-                              previous=previous, mode=cfg.refresh,
-                              max_batches=max_batches if max_batches is not None else cfg.refresh_max_batches,
-                              cluster_kwargs=kwargs, amp=cfg.amp,
-                              auto_k=(cfg.auto_k_max, cfg.auto_k_threshold) if cfg.auto_k else None,
-                              balance=cfg.refresh_balance, seed=cfg.kmeans_seed)
-
-
-def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
+def _log_refresh(logger: RunLogger, iteration: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
     values = {f"count_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_source_target)}
     values.update({f"count_target_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_target)})
     values.update({f"k_{name}": k for name, k in zip(CLASS_NAMES, protos.clusters)})
     for domain, sizes in protos.pool_sizes.items():  # before balancing
         values.update({f"pool_{domain}_{name}": n for name, n in zip(CLASS_NAMES, sizes)})
     values["tau"] = tau if tau is not None else float("nan")
-    logger.scalars(step, values, prefix="prototypes/", epoch=epoch, kind="refresh",
+    logger.scalars(iteration, values, prefix="prototypes/", epoch=epoch, kind="refresh",
                    kept_previous=[CLASS_NAMES[c] for c in protos.kept_previous])
     if protos.kept_previous:
         names = ", ".join(CLASS_NAMES[c] for c in protos.kept_previous)
@@ -255,7 +264,7 @@ def _log_refresh(logger: RunLogger, step: int, epoch: int, tau: float | None, pr
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
+def evaluate_stage(method: Method, data: dict[str, Any], protos: RefreshResult,
                    cfg: Config) -> dict[str, dict[str, Any]]:
     """Target-val and source-val metrics of both branches, each domain with its own BN statistics.
 
@@ -267,55 +276,44 @@ def evaluate_stage(napg: NAPG, data: dict[str, Any], protos: RefreshResult,
     for role, domain, prototypes in (("target_val", "target", protos.for_target),
                                      ("source_val", "source", protos.source_target)):
         if data[role] is not None:
-            results[role] = evaluate(unwrap(napg.model), data[role], prototypes, device, cfg.num_classes,
-                                     max_batches=cfg.eval_max_batches, amp=cfg.amp, domain=domain)
+            results[role] = evaluate(unwrap(method.model), data[role], prototypes, device, cfg.num_classes,
+                                     max_batches=cfg.eval_max_batches, amp=cfg.amp, domain=domain,
+                                     normalize=cfg.normalize)
     return results
 
 
-def _evaluate_and_log(napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: Config,
-                      logger: RunLogger, step: int, epoch: int, run_dir: Path,
-                      best: dict[str, Any] | None) -> dict[str, Any] | None:
-    if data["target_val"] is None:
-        return best
-    all_results = evaluate_stage(napg, data, protos, cfg)
+def _log_eval(logger: RunLogger, iteration: int, epoch: int, all_results: dict[str, dict[str, Any]]) -> None:
+    """Summary metrics and per-class IoU of every role and branch (``eval/``: target val, ``eval_source/``)."""
     for role, results in all_results.items():
         prefix = "eval" if role == "target_val" else "eval_source"
         for branch, m in results.items():
             values = {k: m[k] for k in SUMMARY_KEYS}
             values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
-            logger.scalars(step, values, prefix=f"{prefix}/{branch}/", epoch=epoch, kind="eval", split=role)
-    if dist.is_main():
-        _log_panels(napg, data, protos, logger, step, protos.source_target.device)
+            logger.scalars(iteration, values, prefix=f"{prefix}/{branch}/", epoch=epoch, kind="eval", split=role)
+
+
+def _print_eval(cfg: Config, epoch: int, all_results: dict[str, dict[str, Any]]) -> None:
     results = all_results["target_val"]
     source_miou = all_results["source_val"]["classifier"]["miou"]
     tqdm.write(f"{cfg.stage} epoch {epoch}: target-{cfg.target_eval_split} mIoU "
                f"{100 * results['classifier']['miou']:.2f} (prototypes "
                f"{100 * results.get('prototype', {}).get('miou', float('nan')):.2f}), source-val mIoU "
                f"{100 * source_miou:.2f}")
-    if cfg.select_on_target_val and dist.is_main():
-        miou = results["classifier"]["miou"]
-        if best is None or miou > best["miou"]:
-            best = {"miou": miou, "epoch": epoch, "step": step}
-            save_stage_handoff(run_dir / "best.pt", napg, protos, cfg, epoch,
-                          selected_on="target-val mIoU (oracle selection)", target_val=results)
-    return best
 
 
 @torch.no_grad()
-def _log_panels(napg: NAPG, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, step: int,
-                device: torch.device) -> None:
+def _log_panels(method: Method, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, iteration: int,
+                normalize: str) -> None:
     """Input, ground truth, prediction and entropy of the first source and target-val patches."""
-    model = unwrap(napg.model)
-    was_training = model.training
-    model.eval()
+    model = unwrap(method.model)
     for tag, dataset in (("source", data["source_refresh"].dataset),
                          ("target", data["target_val"].dataset if data["target_val"] is not None else None)):
         if dataset is None:
             continue
         sample = dataset[0]
-        pred, entropy = predict_patch(model, sample["img"], protos.for_target, device, tag)
-        logger.image(f"panels/{tag}", step, panel(sample["img"], sample.get("label"), pred, entropy))
-    model.train(was_training)
+        pred, entropy = predict_patch(model, sample["img"], protos.for_target, protos.source_target.device, tag,
+                                      normalize)
+        logger.image(f"panels/{tag}", iteration, panel(sample["img"], sample.get("label"), pred, entropy))
 
 
 def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: int, out_dir: Path) -> str:
@@ -328,16 +326,16 @@ def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: i
             f"Lower --lr (now {cfg.lr}) or --lr-d (now {cfg.lr_d}){amp}, and {again}")
 
 
-def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, Any], cfg: Config,
+def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str, Any], cfg: Config,
             init_source: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
     """Final evaluation, hand-off checkpoint and the manifest that marks the stage complete."""
-    all_results = evaluate_stage(napg, data, protos, cfg)
+    all_results = evaluate_stage(method, data, protos, cfg)
     results = all_results.get("target_val", {})
-    ranks = _rank_consistency(napg, protos)
+    ranks = _rank_consistency(method, protos)
     if dist.is_main():
-        save_stage_handoff(run_dir / "model.pt", napg, protos, cfg, cfg.epochs)
+        save_stage_handoff(run_dir / "model.pt", method, protos, cfg, cfg.epochs)
         if results:
-            _write_pictures(run_dir, napg, data, protos, cfg, results["classifier"]["confusion"])
+            _write_pictures(run_dir, method, data, protos, cfg, results["classifier"]["confusion"])
         write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks)  # the manifest: last
         if results:
             print(f"{cfg.stage} target-{cfg.target_eval_split} (classifier):")
@@ -348,11 +346,11 @@ def _finish(run_dir: Path, napg: NAPG, protos: RefreshResult, data: dict[str, An
     return results
 
 
-def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: RefreshResult, cfg: Config,
+def _write_pictures(run_dir: Path, method: Method, data: dict[str, Any], protos: RefreshResult, cfg: Config,
                     confusion: list[list[int]]) -> None:
     """confusion.png and panels.png of the final target evaluation, also logged to TensorBoard (``final/``)."""
-    pictures = write_stage_pictures(run_dir, unwrap(napg.model), data["target_val"].dataset, protos.for_target,
-                                    protos.source_target.device, confusion,
+    pictures = write_stage_pictures(run_dir, unwrap(method.model), data["target_val"].dataset, protos.for_target,
+                                    protos.source_target.device, cfg.normalize, confusion,
                                     f"{cfg.stage} target-{cfg.target_eval_split} (rows sum to 1)")
     logger = RunLogger(run_dir)
     for name, rgb in pictures.items():
@@ -360,11 +358,11 @@ def _write_pictures(run_dir: Path, napg: NAPG, data: dict[str, Any], protos: Ref
     logger.close()
 
 
-def _rank_consistency(napg: NAPG, protos: RefreshResult) -> dict[str, Any]:
+def _rank_consistency(method: Method, protos: RefreshResult) -> dict[str, Any]:
     """Whether every rank ends with bit-identical parameters and prototypes."""
     if not dist.is_dist():
         return {"world_size": 1}
-    nets = [m for m in (napg.model, napg.d1, napg.d2) if m is not None]
+    nets = [m for m in (method.model, method.d1, method.d2) if m is not None]
     return {"world_size": dist.world_size(),
             "identical_parameters": dist.identical_across_ranks([p.detach() for m in nets
                                                                  for p in unwrap(m).parameters()]),

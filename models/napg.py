@@ -225,6 +225,19 @@ class NAPGNet(nn.Module):
         finally:
             _swap(pairs)
 
+    @contextmanager
+    def evaluating(self, name: str):
+        """Inside the block the network is in eval mode with ``name``'s BatchNorm statistics; on exit both
+        are as they were. What every evaluation-like pass runs under: evaluation, the prototype refresh,
+        inference and the pictures (docs/method.md §1: each reads the statistics of the domain it reads)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with self.domain(name):
+                yield
+        finally:
+            self.train(was_training)
+
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """Loads any checkpoint of this network whatever its ``bn_stats``: a checkpoint without target
         statistics starts them as copies of its (shared) statistics; one with them loaded into a

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.benchmarking import random_data
-from engine.build import build_napg
+from engine.build import build_method
 from engine.refresh import RefreshResult
 from engine.trainer import train_iteration
 from utils.config import resolve_config
@@ -24,12 +24,12 @@ def _losses(compile_: bool) -> dict[str, float]:
     cfg = resolve_config("step1", overrides={"backbone": "resnet18", "img_size": 64, "batch_size": 2,
                                              "device": "cpu", "compile": compile_, "gnce_start_epoch": 1})
     seed_everything(0)
-    napg = build_napg(cfg, torch.device("cpu"))
+    napg = build_method(cfg, torch.device("cpu"))
     data = random_data(cfg, torch.device("cpu"), batches=1)
     generator = torch.Generator().manual_seed(0)
     protos = RefreshResult(torch.randn(cfg.num_classes * max(cfg.clusters), 128, generator=generator), None,
                            clusters=cfg.clusters)
-    logs, _ = train_iteration(napg, data, protos, epoch=1, tau=None)
+    logs, _ = train_iteration(napg, data, protos, epoch=1)
     return {k: v.item() for k, v in logs.items()}
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data.dataset import IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder
+from data.dataset import SegmentationFolder
 from data.domains import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, get_domain, resolve_domain
 from data.loaders import BatchStream, ShardSampler, build_loader, eval_loader
+from data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from data.transforms import WeakAugment
 from tests.helpers import REAL_SAMPLES
 from utils.errors import UserError

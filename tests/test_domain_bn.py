@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.evaluate import evaluate, recalibrate_bn
-from engine.refresh import balanced_pool, refresh_prototypes
+from engine.refresh import RefreshSpec, balanced_pool, refresh_prototypes
 from models import NAPGNet
 from models.labels import pseudo_labels, resize_labels
 from models.prototypes import class_centroids
@@ -73,7 +73,7 @@ def test_refresh_extracts_each_domain_with_its_statistics(trained):
     model, ref_src, ref_tgt = trained
     src, tgt = _batches(4, 2), _batches(5, 2, shift=0.4)
     tau = 0.0  # every target pixel is confident: the pools do not depend on a threshold's edge
-    got = refresh_prototypes(model, src, tgt, tau, [1] * 6, torch.device("cpu"), cluster_kwargs={"n_init": 1})
+    got = refresh_prototypes(model, src, tgt, tau, RefreshSpec((1,) * 6, kmeans_n_init=1), torch.device("cpu"))
 
     def pool(ref, batches, target):
         rows = [[] for _ in range(6)]

@@ -7,10 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.uda import NAPG
+from engine.build import build_method
+from engine.methods import Method, method_class
+from engine.methods.napg import NAPG
+from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from models import FCDiscriminatorHighMask, NAPGNet
 from utils.config import resolve_config
 from utils.errors import UserError
+from utils.stages import STAGES
 
 
 def prob_2_entropy(prob: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,7 @@ def test_step1_iteration_matches_the_released_arithmetic(preset):
     P = torch.randn(6, 128)
 
     napg = NAPG(model, d1, d2, cfg)
-    logs = napg.train_step({"img": x_s, "label": y_s}, {"img": x_t}, P, epoch=1, tau=None)
+    logs = napg.train_step({"img": x_s, "label": y_s}, {"img": x_t}, RefreshResult(P, None), epoch=1)
 
     g_loss, dd1, dd2 = original_iteration(ref_model, ref_d1, ref_d2, x_s, y_s, x_t, P, legacy=preset == "legacy")
     assert logs["loss_total"].item() == pytest.approx(g_loss.item(), rel=1e-5)
@@ -102,7 +106,7 @@ def test_bf16_autocast_stays_close_to_float32():
             src = {"img": torch.rand(2, 3, 128, 128, generator=gen), "label": torch.randint(0, 6, (2, 128, 128),
                                                                                             generator=gen)}
             tgt = {"img": torch.rand(2, 3, 128, 128, generator=gen)}
-            logs = napg.train_step(src, tgt, P, epoch=1, tau=0.9)
+            logs = napg.train_step(src, tgt, RefreshResult(P, None), epoch=1)
             per_step.append([logs[k].item() for k in ("loss_ce", "loss_proto", "loss_gnce_src", "loss_d1", "loss_d2")])
         losses[amp] = torch.tensor(per_step)
     assert torch.isfinite(losses["bf16"]).all()
@@ -110,14 +114,13 @@ def test_bf16_autocast_stays_close_to_float32():
 
 
 def test_refresh_with_auto_k_follows_the_variance_rule():
-    from engine.refresh import refresh_prototypes
     from models.labels import resize_labels
     from models.prototypes import auto_clusters, class_centroids
 
     torch.manual_seed(0)
     model = NAPGNet(backbone="resnet18").eval()
     batches = [{"img": torch.rand(2, 3, 64, 64), "label": torch.randint(0, 6, (2, 64, 64))} for _ in range(3)]
-    result = refresh_prototypes(model, batches, None, None, [1] * 6, torch.device("cpu"), auto_k=(2, 0.5))
+    result = refresh_prototypes(model, batches, None, None, RefreshSpec((1,) * 6, auto_k=(2, 0.5)), torch.device("cpu"))
     pools = [[] for _ in range(6)]
     with torch.no_grad():
         for batch in batches:
@@ -142,3 +145,14 @@ def test_legacy_epoch_is_one_batch_short_of_a_pass():
     with pytest.raises(UserError, match="--legacy-epoch-length false") as err:
         iters_per_epoch(resolve_config("step1", {}, preset="legacy"), {"source": SimpleNamespace(batches_per_pass=1)})
     assert "\n" not in str(err.value)
+
+
+def test_each_stage_builds_the_method_its_table_entry_names():
+    for name, stage in STAGES.items():
+        cls = method_class(stage.method)
+        assert issubclass(cls, Method) and cls.__module__ + "." + cls.__name__ == stage.method
+        cfg = resolve_config(name, {"backbone": "resnet18"})
+        method = build_method(cfg, torch.device("cpu"))
+        assert type(method) is cls and (method.d1 is not None) == stage.adversarial
+    with pytest.raises(ValueError, match="not a Method class"):
+        method_class("engine.methods.base.set_requires_grad")

@@ -20,7 +20,7 @@ from engine.handoff import (
     resolve_init,
     save_handoff,
 )
-from engine.refresh import RefreshResult, refresh_prototypes
+from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from models import NAPGNet
 from tests.helpers import fixture_path, run_step, tiny_args
 from utils.config import resolve_config
@@ -97,11 +97,11 @@ def test_previous_stage_prototypes_fill_classes_without_samples() -> None:
                             "counts_target": [], "kept_previous": [], "clusters": [1] * 6}}
     handed = handoff_prototypes(state, torch.device("cpu"))
     assert isinstance(handed, RefreshResult) and handoff_prototypes({"prototypes": None}, torch.device("cpu")) is None
-    result = refresh_prototypes(model, batches, None, None, [2, 2, 2, 2, 4, 4], torch.device("cpu"),
+    result = refresh_prototypes(model, batches, None, None, RefreshSpec((2, 2, 2, 2, 4, 4)), torch.device("cpu"),
                                 previous=handed)
     assert result.kept_previous == [5]
     torch.testing.assert_close(result.source_target[20:], previous[5].expand(4, -1))
-    fresh = refresh_prototypes(model, batches, None, None, [2, 2, 2, 2, 4, 4], torch.device("cpu"))
+    fresh = refresh_prototypes(model, batches, None, None, RefreshSpec((2, 2, 2, 2, 4, 4)), torch.device("cpu"))
     assert torch.equal(fresh.source_target[20:], torch.zeros(4, 128))  # without a hand-off: zeros
     torch.testing.assert_close(fresh.source_target[:20], result.source_target[:20])
 

@@ -47,7 +47,7 @@ def test_sklearn_backend_reproduces_the_original(name):
     assert report == {"pool_sizes": [5, 12, 23, 37, 48, 60], "kept_previous": [], "small_pools": []}
 
 
-def test_legacy_kmeans_is_sklearn_kmeans_on_standardised_centroids(monkeypatch):
+def test_legacy_kmeans_is_sklearn_kmeans_on_standardised_centroids():
     """The legacy preset's clustering equals sklearn's KMeans(random_state=0) with its default n_init on
     StandardScaler-ed pools (ValidateVisualization_tool.py), bit for bit: same centres, same labels."""
     import inspect
@@ -56,17 +56,13 @@ def test_legacy_kmeans_is_sklearn_kmeans_on_standardised_centroids(monkeypatch):
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import StandardScaler
 
-    from engine.trainer import refresh
+    from engine.refresh import RefreshSpec
     from utils.config import resolve_config
 
     cfg = resolve_config("step2", {}, preset="legacy")
     default_n_init = inspect.signature(KMeans).parameters["n_init"].default
     assert default_n_init == cfg.kmeans_n_init == "auto"  # the released code's default in sklearn >= 1.4
-    captured = {}  # what the trainer's refresh hands to the clustering under the legacy preset
-    monkeypatch.setattr("engine.trainer.refresh_prototypes", lambda *a, cluster_kwargs, **kw: captured.update(
-        cluster_kwargs))
-    refresh(type("NAPG", (), {"model": None})(), {"source_refresh": [], "target_refresh": None}, cfg, None, None,
-            torch.device("cpu"))
+    captured = RefreshSpec.from_config(cfg).kmeans  # what a stage's refresh hands to the clustering
     assert captured == {"backend": "sklearn", "n_init": "auto", "seed": 0}
     _, pools = fixture_pools()
     for x in pools:

@@ -16,8 +16,8 @@ import torch
 
 import engine.trainer as trainer
 from engine.benchmarking import random_data
-from engine.build import build_napg
-from engine.refresh import refresh_prototypes
+from engine.build import build_method
+from engine.refresh import RefreshSpec, refresh_prototypes
 from engine.safety import read_back
 from utils.config import resolve_config
 from utils.run import seed_everything
@@ -58,13 +58,13 @@ def _config(stage: str, **overrides) -> dict:
 def test_iterations_between_log_points_read_nothing_back(stage, preset, read_backs):
     cfg = _config(stage, preset=preset)
     seed_everything(0)
-    napg = build_napg(cfg, torch.device("cpu"))
+    napg = build_method(cfg, torch.device("cpu"))
     data = random_data(cfg, torch.device("cpu"), batches=1)
-    protos = refresh_prototypes(napg.model, data["source_refresh"], data["target_refresh"], 0.5, cfg.clusters,
-                                torch.device("cpu"))
+    protos = refresh_prototypes(napg.model, data["source_refresh"], data["target_refresh"], 0.5,
+                                RefreshSpec(cfg.clusters), torch.device("cpu"))
     read_backs.clear()  # the refresh reads its k-means results back: it runs once per epoch, not per iteration
     for _ in range(cfg.log_every - 1):
-        logs, _ = trainer.train_iteration(napg, data, protos, epoch=1, tau=0.5)
+        logs, _ = trainer.train_iteration(napg, data, protos, epoch=1)
     assert read_backs == []
     assert "loss_d1" in logs and "d1_target" in logs  # the discriminator step ran, monitoring included
     values = read_back(napg, logs)  # the log point: one transfer, which the probes see

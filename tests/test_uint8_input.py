@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from data.dataset import SegmentationFolder, to_model_input
+from data.dataset import SegmentationFolder
+from data.preprocess import to_model_input
 from engine.build import build_transforms
 from utils.config import resolve_config
 

@@ -43,11 +43,19 @@ import torch
 
 from data.domains import resolve_domain
 from engine import benchmarking
-from engine.benchmarking import peak_memory_mb, random_data, set_up_device, stage_config, sync, time_steps
-from engine.build import build_data, build_napg
+from engine.benchmarking import (
+    peak_memory_mb,
+    random_data,
+    refresh_once,
+    set_up_device,
+    stage_config,
+    sync,
+    time_steps,
+)
+from engine.build import build_data, build_method
 from engine.evaluate import evaluate
 from engine.handoff import check_fits, handoff_file, load_handoff
-from engine.trainer import refresh, train_iteration
+from engine.trainer import train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
 from utils.config import OPTIONS, resolve_config
@@ -118,19 +126,19 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
     if args.init is not None:
         init_state = load_handoff(handoff_file(args.init))
         check_fits(init_state, cfg, args.init)
-    napg = build_napg(cfg, device, init_state)
+    napg = build_method(cfg, device, init_state)
     model = napg.model
     epoch = args.epoch or cfg.steady_epoch()
     tau = cfg.tau_at(epoch)
     uses_target = napg.uses_target and data["target"] is not None
 
     # A one-batch refresh gives the starting prototypes and warms up the refresh path.
-    protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
+    protos = refresh_once(napg, data, cfg, tau, device, max_batches=1)
 
     def iteration() -> tuple[float, float]:
         sync(device)
         start = time.perf_counter()
-        _, data_seconds = train_iteration(napg, data, protos, epoch, tau)
+        _, data_seconds = train_iteration(napg, data, protos, epoch)
         sync(device)
         return data_seconds, time.perf_counter() - start
 
@@ -140,7 +148,7 @@ def bench_one_stage(stage: str, args: argparse.Namespace, device: torch.device, 
 
     sync(device)
     start = time.perf_counter()
-    protos = refresh(napg, data, cfg, tau, protos, device)
+    protos = refresh_once(napg, data, cfg, tau, device, previous=protos)
     sync(device)
     refresh_s = time.perf_counter() - start
     eval_s = float("nan")

@@ -116,10 +116,10 @@ def _evaluate_slide(args: argparse.Namespace) -> CheckpointScores:
 
 
 def _slide_tiles(args: argparse.Namespace):
-    """(image uint8 [3, H, W] or [0, 1] floats, train-id label [H, W]) of every image to slide over."""
+    """(image uint8 [3, H, W], train-id label [H, W]) of every image to slide over."""
     if args.raw is None:
         dataset = SegmentationFolder(resolve_domain(Path(args.data_root), args.domain), args.split,
-                                     label_format=args.label_format)
+                                     label_format=args.label_format, uint8=True)
         for i in range(len(dataset)):
             sample = dataset[i]
             yield sample["img"], sample["label"]

@@ -73,7 +73,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.isprs import POTSDAM, VAIHINGEN
-from engine.benchmarking import bench_loader, peak_memory_mb, random_data, set_up_device, stage_config, sync
+from engine.benchmarking import (
+    bench_loader,
+    peak_memory_mb,
+    random_data,
+    refresh_once,
+    set_up_device,
+    stage_config,
+    sync,
+)
 from utils.checkpoint import atomic_write_bytes
 from utils.config import Config
 from utils.errors import UserError, run_cli
@@ -290,8 +298,8 @@ def part_variant(stage: str, setting: str, scale: Scale, device: torch.device,
                  keep: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Training throughput of ``stage`` under ``setting`` on in-memory batches; ``keep`` gets what is measured
     so far after the warm-up and after the timed iterations."""
-    from engine.build import build_napg
-    from engine.trainer import refresh, train_iteration
+    from engine.build import build_method
+    from engine.trainer import train_iteration
 
     compiled = SETTINGS[setting]["compile"]
     blocker = compile_blocker() if compiled else None
@@ -302,7 +310,7 @@ def part_variant(stage: str, setting: str, scale: Scale, device: torch.device,
     seed_everything(cfg.seed)
     set_up_device(cfg, device)
     data = random_data(cfg, device, batches=1)
-    napg = build_napg(cfg, device)
+    napg = build_method(cfg, device)
     epoch = cfg.steady_epoch()
     tau = cfg.tau_at(epoch)
     row: dict[str, Any] = dict.fromkeys(VARIANT_KEYS)
@@ -316,10 +324,10 @@ def part_variant(stage: str, setting: str, scale: Scale, device: torch.device,
     start = time.perf_counter()
     if compiled:
         _compile_smoke(device)
-    protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
+    protos = refresh_once(napg, data, cfg, tau, device, max_batches=1)
 
     def step() -> float:
-        return train_iteration(napg, data, protos, epoch, tau)[1]
+        return train_iteration(napg, data, protos, epoch)[1]
 
     _timed_iterations(step, device, scale.warmup)
     row["warmup_s"] = time.perf_counter() - start
@@ -355,9 +363,8 @@ def _compile_smoke(device: torch.device) -> None:
 
 def part_passes(scale: Scale, device: torch.device) -> dict[str, Any]:
     """One step-2 refresh pass at the paper's data size and the evaluation's seconds per patch."""
-    from engine.build import build_napg
+    from engine.build import build_method
     from engine.evaluate import evaluate
-    from engine.trainer import refresh
 
     cfg = stage_config("step2", size=scale.size, batch=scale.batch, backbone=scale.backbone, device=device.type,
                        **SETTINGS[scale.pass_setting])
@@ -370,13 +377,13 @@ def part_passes(scale: Scale, device: torch.device) -> dict[str, Any]:
                (("source_refresh", scale.source_train), ("target_refresh", scale.target_train),
                 ("target_val", scale.target_val))}
     data = {role: one[role] * n for role, n in batches.items()}
-    napg = build_napg(cfg, device)
+    napg = build_method(cfg, device)
     tau = cfg.tau_at(cfg.steady_epoch())
-    protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)  # warm-up
+    protos = refresh_once(napg, data, cfg, tau, device, max_batches=1)  # warm-up
     evaluate(napg.model, one["target_val"], protos.source_target, device, cfg.num_classes, amp=cfg.amp)
     sync(device)
     start = time.perf_counter()
-    protos = refresh(napg, data, cfg, tau, protos, device)
+    protos = refresh_once(napg, data, cfg, tau, device, previous=protos)
     sync(device)
     refresh_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -426,8 +433,8 @@ def part_loader_vs_gpu(scale: Scale, device: torch.device) -> dict[str, Any]:
 
 
 def _fed_from_files(root: Path, scale: Scale, device: torch.device) -> dict[str, Any]:
-    from engine.build import build_data, build_napg
-    from engine.trainer import refresh, train_iteration
+    from engine.build import build_data, build_method
+    from engine.trainer import train_iteration
 
     cfg = stage_config("step2", size=scale.size, batch=scale.batch, backbone=scale.backbone, device=device.type,
                        workers=scale.workers, data_root=root, source=str(root / "source"),
@@ -435,13 +442,13 @@ def _fed_from_files(root: Path, scale: Scale, device: torch.device) -> dict[str,
     seed_everything(cfg.seed)
     set_up_device(cfg, device)
     data = build_data(cfg, device)
-    napg = build_napg(cfg, device)
+    napg = build_method(cfg, device)
     epoch = cfg.steady_epoch()
     tau = cfg.tau_at(epoch)
-    protos = refresh(napg, data, cfg, tau, None, device, max_batches=1)
+    protos = refresh_once(napg, data, cfg, tau, device, max_batches=1)
 
     def step() -> float:
-        return train_iteration(napg, data, protos, epoch, tau)[1]
+        return train_iteration(napg, data, protos, epoch)[1]
 
     _timed_iterations(step, device, scale.loader_warmup)
     seconds, data_s = _timed_iterations(step, device, scale.loader_repeats)

@@ -1,8 +1,9 @@
 """The four stages of NAPG, one definition each (docs/method.md §5).
 
-Everything that differs between stages is a field here: the trainer, the training step, the command
-line, the hand-off checks and the tools read this table instead of testing stage names. Adding a stage
-means adding one entry (and its step script).
+Everything that differs between stages is a field here: the trainer, the command line, the hand-off
+checks and the tools read this table instead of testing stage names, and ``method`` names the class whose
+``train_step`` is the stage's iteration. Adding a stage means adding one entry (and its step script);
+adding a method, one class in ``engine/methods/`` and the entry that names it (README, "Add a method").
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ class Stage:
     previous: str | None
     # meta["stage"] of the checkpoints that --init accepts.
     accepts_init: frozenset[str]
+    # The training iteration: the import path of its class (engine/methods/), a string so that utils imports
+    # no engine module.
+    method: str
     adversarial: bool  # trains with target images, D1 and D2
-    teacher: bool  # a teacher network and the distillation step (NAPG.distill_step) instead of NAPG.train_step
     epoch_role: str  # whose training data set the length of an epoch: "source" or "target"
     target_view: str  # transform of the target training batches: "plain" or "weak_strong"
     # The BatchNorm statistics mode every run of this stage uses whatever --bn-stats says (None: the flag).
@@ -38,23 +41,27 @@ class Stage:
 STAGE_LIST: tuple[Stage, ...] = (
     Stage("step0", "source only", "step0-source-only.py",
           "Source-only baseline: classifier CE + prototype NLL on the source, no adaptation.",
-          previous=None, accepts_init=frozenset({"step0"}), adversarial=False, teacher=False,
+          previous=None, accepts_init=frozenset({"step0"}),
+          method="engine.methods.source_only.SourceOnly", adversarial=False,
           epoch_role="source", target_view="plain", bn_stats="shared",  # never sees a target image
           defaults={"epochs": 30, "tgt_proto_start": 0, "w_adv_d1": 0.0, "w_adv_d2": 0.0}),
     Stage("step1", "warm-up", "step1-warm-up.py",
           "Warm-up: single-prototype groups (K=1), GNCE on the source, entropy adversarial training.",
-          previous=None, accepts_init=frozenset({"step0", ORIGINAL}), adversarial=True, teacher=False,
+          previous=None, accepts_init=frozenset({"step0", ORIGINAL}),
+          method="engine.methods.napg.NAPG", adversarial=True,
           epoch_role="source", target_view="plain", bn_stats=None, warm_start="step0",
           defaults={"epochs": 30, "tgt_proto_start": 20, "tau_start": 0.89, "w_gnce": 0.1, "gnce_start_epoch": 2}),
     Stage("step2", "MPG UDA", "step2-UDA-training.py",
           "UDA with multi-prototype groups (K_c per class) from source + confident target features.",
-          previous="step1", accepts_init=frozenset({"step1", ORIGINAL}), adversarial=True, teacher=False,
+          previous="step1", accepts_init=frozenset({"step1", ORIGINAL}),
+          method="engine.methods.napg.NAPG", adversarial=True,
           epoch_role="source", target_view="plain", bn_stats=None,
           defaults={"epochs": 31, "clusters": (2, 2, 2, 2, 4, 4), "tau_start": 0.90, "tau_min": 0.80,
                     "w_gnce": 0.1, "gnce_windows": (2, 2, 2, 2, 1, 0), "gnce_target_weight": 0.5}),
     Stage("step3", "teacher-student", "step3-teacher-student.py",
           "Teacher-student: frozen step-2 teacher, weak/strong target views, masked feature distillation.",
-          previous="step2", accepts_init=frozenset({"step2", ORIGINAL}), adversarial=True, teacher=True,
+          previous="step2", accepts_init=frozenset({"step2", ORIGINAL}),
+          method="engine.methods.teacher_student.TeacherStudent", adversarial=True,
           epoch_role="target", target_view="weak_strong", bn_stats=None,
           defaults={"epochs": 16, "clusters": (1, 1, 1, 2, 2, 2), "tau_start": 0.80, "lr": 2e-5,
                     "w_ce": 0.0, "w_proto": 0.0}),
