@@ -138,7 +138,8 @@ def test_pictures_are_drawn_with_matplotlib_and_skipped_with_one_note_without(
 
     def draw(folder: Path) -> set[str]:
         folder.mkdir()
-        drawn = write_stage_pictures(folder, model, dataset, None, torch.device("cpu"), confusion, "title")
+        drawn = write_stage_pictures(folder, model, dataset, None, torch.device("cpu"), "unit", confusion,
+                                     "title")
         assert {f"{name}.png" for name in drawn} == {p.name for p in folder.iterdir()}
         return set(drawn)
 
