@@ -17,7 +17,7 @@ from torch.utils.data import default_collate
 from data.dataset import SegmentationFolder, finish_sample
 from data.loaders import build_loader
 from engine.build import build_transforms
-from engine.device import unwrap
+from engine.device import set_cudnn_autotuning, unwrap
 from engine.methods.base import Method
 from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from utils.config import Config, resolve_config
@@ -37,7 +37,6 @@ def stage_config(stage: str, *, size: int, batch: int, backbone: str, device: st
         "progress": False, "data_root": None if data_root is None else str(data_root)})
 
 
-
 def refresh_once(method: Method, data: dict[str, Any], cfg: Config, tau: float | None, device: torch.device,
                  previous: RefreshResult | None = None, max_batches: int | None = None) -> RefreshResult:
     """One prototype refresh over ``data``'s refresh roles with the network being trained, as the trainer runs
@@ -48,11 +47,12 @@ def refresh_once(method: Method, data: dict[str, Any], cfg: Config, tau: float |
     return refresh_prototypes(unwrap(method.model), data["source_refresh"], data["target_refresh"], tau, spec,
                               device, previous=previous)
 
+
 def set_up_device(cfg: Config, device: torch.device) -> None:
-    """cuDNN autotuning as the trainer sets it (``engine/trainer.run_stage``), and the peak-memory counter
-    started afresh, so that a measurement sees what training sees and its own peak only."""
+    """cuDNN autotuning as training sets it, and the peak-memory counter started afresh, so that a measurement
+    sees what training sees and its own peak only."""
+    set_cudnn_autotuning(device, cfg.deterministic)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -7,6 +7,13 @@ import torch
 from torch import nn
 
 
+def set_cudnn_autotuning(device: torch.device, deterministic: bool) -> None:
+    """cuDNN picks the fastest convolution algorithm for each shape (first calls are slower), unless the
+    run must repeat bit for bit."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+
+
 def amp_dtype(name: str) -> torch.dtype | None:
     """``--amp`` value -> autocast dtype (None = float32)."""
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

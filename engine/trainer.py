@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data.domains import CLASS_NAMES, check_num_classes
 from engine.build import build_data, build_method, iters_per_epoch
-from engine.device import unwrap
+from engine.device import set_cudnn_autotuning, unwrap
 from engine.evaluate import evaluate
 from engine.handoff import handoff_prototypes, resolve_init
 from engine.logger import RunLogger, panel
@@ -48,8 +48,7 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     check_num_classes(cfg.num_classes)
     folder = RunFolder(cfg.work_dir, stage)
     device = dist.init_from_env(resolve_device(cfg.device))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic
+    set_cudnn_autotuning(device, cfg.deterministic)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA-only), this run is on {device}; "
                         f"use --amp bf16 or --amp off")

@@ -132,3 +132,13 @@ def test_a_report_killed_midway_keeps_the_parts_done_so_far(tmp_path: Path, sign
     assert set(report["not_measured"]) >= {"variant:step2:fp32", "loader"}
     first = (tmp_path / "gpu_report.md").read_text().splitlines()[0]
     assert first.startswith("**Not every part ran:** 1 of 3 measured")
+
+
+def test_gpu_check_data_set_is_published_whole_and_made_once(tmp_path: Path) -> None:
+    from tools.gpu_check import shared_data
+
+    data = shared_data(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left beside it
+    assert {p.name for p in data.iterdir()} == {"potsdam_irrg", "potsdam_rgb", "vaihingen_irrg"}
+    made = data.stat().st_mtime_ns
+    assert shared_data(tmp_path) == data and data.stat().st_mtime_ns == made  # the second check reuses it

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 from utils.paths import check_output_folder
 from utils.process import run_group
+from utils.publish import publish_dir
 from utils.run import write_json
 from utils.stages import STAGES
 
@@ -92,14 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def shared_data(root: Path) -> Path:
-    """The small synthetic set under ``root/data``, made once: written beside and renamed into place, so a
+    """The small synthetic set under ``root/data``, made once and published whole (``utils/publish.py``), so a
     check killed while writing it leaves no half-written set for the next one."""
     data = root / "data"
     if not data.exists():
-        partial = root / "data.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        make_synthetic(partial, mode="prepared", size="small")
-        partial.rename(data)
+        with publish_dir(data) as staging:
+            make_synthetic(staging, mode="prepared", size="small")
     return data
 
 
