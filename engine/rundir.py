@@ -26,6 +26,7 @@ import torch
 from data.domains import resolve_domain
 from data.files import read_meta
 from engine.build import bn_stats_of
+from engine.coverage import GradientCoverage
 from engine.device import unwrap
 from engine.handoff import handoff_meta, save_handoff
 from engine.methods.base import Method
@@ -180,20 +181,20 @@ class RunFolder:
 
 
 def save_last(run_dir: Path, napg: Method, protos: RefreshResult, data: dict[str, Any], progress: Progress,
-              cfg: Config) -> None:
+              cfg: Config, coverage: GradientCoverage) -> None:
     """Everything needed to continue exactly here: weights, optimisers, prototypes, RNG, data position."""
     if not dist.is_main():
         return
     state = napg.state_dict()
     state.update(epoch=progress.epoch, iteration=progress.iteration, global_step=progress.global_step,
                  best=progress.best, rng=rng_state(),
-                 prototypes=protos.state_dict(), config=cfg.to_dict(),
+                 prototypes=protos.state_dict(), config=cfg.to_dict(), gradient_coverage=coverage.state_dict(),
                  streams={k: data[k].state_dict() for k in ("source", "target") if data[k] is not None})
     save_checkpoint(state, run_dir / "last.pt")
 
 
-def load_last(run_dir: Path, cfg: Config, napg: Method, data: dict[str, Any],
-              device: torch.device) -> tuple[Progress, RefreshResult]:
+def load_last(run_dir: Path, cfg: Config, napg: Method, data: dict[str, Any], device: torch.device,
+              coverage: GradientCoverage) -> tuple[Progress, RefreshResult]:
     """Restore what :func:`save_last` wrote into ``napg``, the data streams and the RNGs."""
     state = load_checkpoint(run_dir / "last.pt", map_location=device)
     saved = state.get("config", {})
@@ -203,6 +204,7 @@ def load_last(run_dir: Path, cfg: Config, napg: Method, data: dict[str, Any],
         raise UserError(f"--resume with different {', '.join(changed)} than the interrupted run "
                         f"({', '.join(f'{k}={saved[k]}' for k in changed)})")
     napg.load_state_dict(state)
+    coverage.load_state_dict(state["gradient_coverage"])
     for key, stream_state in state["streams"].items():
         data[key].load_state_dict(stream_state)
     set_rng_state(state["rng"])
@@ -240,10 +242,14 @@ def write_start(out_dir: Path, cfg: Config, napg: Method, init_source: dict[str,
 
 
 def write_results(run_dir: Path, cfg: Config, protos: RefreshResult, all_results: dict[str, Any],
-                  init_source: dict[str, Any] | None, seconds: float, ranks: dict[str, Any]) -> None:
-    """eval.json, then manifest.json, the file that marks the stage complete (after ``model.pt``)."""
+                  init_source: dict[str, Any] | None, seconds: float, ranks: dict[str, Any],
+                  untrained: dict[str, int]) -> None:
+    """eval.json, then manifest.json, the file that marks the stage complete (after ``model.pt``).
+
+    ``untrained``: parameter -> elements that act at evaluation but had no gradient (engine/coverage.py)."""
     write_json(run_dir / "eval.json", {"split": f"target-{cfg.target_eval_split}", "selection": "last",
-                                       **all_results.get("target_val", {}), "source_val": all_results["source_val"]})
+                                       **all_results.get("target_val", {}), "source_val": all_results["source_val"],
+                                       "untrained_at_evaluation": untrained})
     manifest = {"stage": cfg.stage, "source": cfg.source, "target": cfg.target,
                 "num_classes": cfg.num_classes, "backbone": cfg.backbone,
                 "prototypes_per_class": max(protos.clusters), "clusters": protos.clusters,

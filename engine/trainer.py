@@ -16,7 +16,9 @@ import torch
 from tqdm import tqdm
 
 from data.domains import CLASS_NAMES, check_num_classes
+from data.preprocess import to_model_input
 from engine.build import build_data, build_method, iters_per_epoch
+from engine.coverage import GradientCoverage, describe, untrained_at_evaluation
 from engine.device import set_cudnn_autotuning, unwrap
 from engine.evaluate import evaluate
 from engine.handoff import handoff_prototypes, resolve_init
@@ -63,15 +65,16 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     # The previous stage's prototypes: the fallback for classes without samples at the first refresh.
     protos = handoff_prototypes(init_state, device)
     progress = Progress()
+    coverage = GradientCoverage(unwrap(method.model))
     if action is Action.RESUME:
-        progress, protos = load_last(out_dir, cfg, method, data, device)
+        progress, protos = load_last(out_dir, cfg, method, data, device, coverage)
     elif dist.is_main():
         folder.clear(action)
         write_start(out_dir, cfg, method, init_source)
     dist.barrier()
 
     start_time = time.time()
-    loop = _StageLoop(cfg, method, data, protos, progress, out_dir, device)
+    loop = _StageLoop(cfg, method, data, protos, progress, coverage, out_dir, device)
     try:
         while progress.epoch <= cfg.epochs and not loop.stopped:
             loop.train_epoch()
@@ -85,7 +88,7 @@ def run_stage(cfg: Config) -> dict[str, Any]:
         print(f"{stage}: stopped after {loop.invocation_iters} iterations; continue with --resume")
         return {"stopped": True}
     require_finite_weights(method, loop.protos)  # the hand-off never carries a diverged network
-    results = _finish(out_dir, method, loop.protos, data, cfg, init_source, time.time() - start_time)
+    results = _finish(out_dir, method, loop.protos, data, cfg, init_source, time.time() - start_time, coverage)
     if out_dir == folder.staging and dist.is_main():
         folder.swap_in()
     dist.barrier()
@@ -96,9 +99,9 @@ class _StageLoop:
     """The epochs of one invocation: where it stands (``progress``), its prototypes, logger and stop state."""
 
     def __init__(self, cfg: Config, method: Method, data: dict[str, Any], protos: RefreshResult | None,
-                 progress: Progress, out_dir: Path, device: torch.device):
+                 progress: Progress, coverage: GradientCoverage, out_dir: Path, device: torch.device):
         self.cfg, self.method, self.data, self.protos = cfg, method, data, protos
-        self.progress, self.out_dir, self.device = progress, out_dir, device
+        self.progress, self.coverage, self.out_dir, self.device = progress, coverage, out_dir, device
         self.refresh_spec = RefreshSpec.from_config(cfg)
         self.logger = RunLogger(out_dir, enabled=dist.is_main())
         self.iters = iters_per_epoch(cfg, data)
@@ -172,6 +175,7 @@ class _StageLoop:
                 values = read_back(self.method, logs)
             except NonFiniteError as err:
                 raise UserError(_diverged_message(err, cfg, p.epoch, p.iteration, self.out_dir)) from None
+            self.coverage.record()  # sampled where the device is waited for anyway
             if log_now:
                 bar.set_postfix(loss=f"{values['loss_total']:.3f}")
                 self._log_train(values, window, tau)
@@ -216,7 +220,7 @@ class _StageLoop:
                                selected_on="target-val mIoU (oracle selection)", target_val=results)
 
     def _save_last(self) -> None:
-        save_last(self.out_dir, self.method, self.protos, self.data, self.progress, self.cfg)
+        save_last(self.out_dir, self.method, self.protos, self.data, self.progress, self.cfg, self.coverage)
 
 
 # ---------------------------------------------------------------------------------------------- iterations
@@ -326,16 +330,19 @@ def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: i
 
 
 def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str, Any], cfg: Config,
-            init_source: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+            init_source: dict[str, Any] | None, seconds: float, coverage: GradientCoverage) -> dict[str, Any]:
     """Final evaluation, hand-off checkpoint and the manifest that marks the stage complete."""
     all_results = evaluate_stage(method, data, protos, cfg)
+    untrained = _untrained_weights(method, data, protos, cfg, coverage)
+    if untrained and dist.is_main():
+        print(f"warning: {cfg.stage}: {describe(untrained)}")
     results = all_results.get("target_val", {})
     ranks = _rank_consistency(method, protos)
     if dist.is_main():
         save_stage_handoff(run_dir / "model.pt", method, protos, cfg, cfg.epochs)
         if results:
             _write_pictures(run_dir, method, data, protos, cfg, results["classifier"]["confusion"])
-        write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks)  # the manifest: last
+        write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks, untrained)  # the manifest: last
         if results:
             print(f"{cfg.stage} target-{cfg.target_eval_split} (classifier):")
             print(format_table(results["classifier"], CLASS_NAMES))
@@ -343,6 +350,16 @@ def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str
         print(f"{cfg.stage} source-val mIoU (classifier): {100 * source_miou:.2f}")
     dist.barrier()
     return results
+
+
+def _untrained_weights(method: Method, data: dict[str, Any], protos: RefreshResult, cfg: Config,
+                       coverage: GradientCoverage) -> dict[str, int]:
+    """:func:`engine.coverage.untrained_at_evaluation` on the first target-val batch (nothing without one)."""
+    if data["target_val"] is None:
+        return {}
+    batch = next(iter(data["target_val"]))
+    x = to_model_input(batch["img"], protos.for_target.device, cfg.normalize)
+    return untrained_at_evaluation(coverage, x, protos.for_target, "target")
 
 
 def _write_pictures(run_dir: Path, method: Method, data: dict[str, Any], protos: RefreshResult, cfg: Config,

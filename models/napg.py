@@ -50,6 +50,7 @@ FEATURE_CHANNELS = 128
 # Image px per feature-map px: the backbone's output stride 32, halved by the transposed conv.
 FEATURE_STRIDE = 16
 ASPP_CHANNELS = 256
+ASPP_RATES = (6, 12, 18)  # the dilations of ASPP's 3x3 branches (engine/coverage.py: which taps a map size uses)
 BN_STATS = ("shared", "domain")
 DOMAINS = ("source", "target")
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
@@ -127,7 +128,7 @@ class ASPP(nn.Module):
     [B, cin, h, w] -> [B, cout, h, w]. No 1x1 branch and no dropout (as in the original).
     """
 
-    def __init__(self, cin: int, cout: int = ASPP_CHANNELS, rates: tuple[int, ...] = (6, 12, 18)):
+    def __init__(self, cin: int, cout: int = ASPP_CHANNELS, rates: tuple[int, ...] = ASPP_RATES):
         super().__init__()
         self.convs = nn.ModuleList(_conv_bn_relu(cin, cout, 3, rate) for rate in rates)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(cin, cout, 1))

@@ -1,35 +1,43 @@
-"""The validity study: does NAPG adapt, compared with source-only, AdaBN and a target oracle?
+"""The validity study: does NAPG adapt, compared with the baselines users pick instead?
 
-    python tools/validity.py --data-seed 1 --seeds 0 1 2 --out runs/validity_d1 [--with-step3] [--ablate]
+    python tools/validity.py --data-seed 1 --seeds 0 1 2 --out runs/validity_d1 [--methods M,...] [--ablate]
+                             [--amp bf16|off] [any stage flag, passed on to every stage]
 
-On a synthetic pair made with ``--data-seed`` (``tools/make_synthetic.py``), one **warm start** (a
-source-only run trained to convergence: the stand-in for ImageNet weights, trained once per data set
-and reused) starts every run. For each training seed, at equal iteration budgets:
+On a synthetic pair made with ``--data-seed`` (``tools/make_synthetic.py --size study`` by default), each
+training seed first trains its own **warm start** (a source-only run: the stand-in for ImageNet weights,
+so the spread over seeds includes it). From it, at an equal budget of iterations (those of NAPG's
+steps 1 + 2 in ``--config``):
 
-* ``source_only``    -- step 0 trained on from the warm start for as many iterations as steps 1 + 2;
-* ``source_only_bn`` -- the same model with its BatchNorm statistics re-estimated on the target's
-  train images for the target (AdaBN; no labels);
-* ``napg``           -- step 1 -> step 2 from the warm start (the ``paper`` preset, or what the config
-  and extra flags set); ``napg_step3`` with ``--with-step3``;
-* ``oracle``         -- step 0 trained on from the warm start on the *target's* train labels, the
-  upper bound UDA papers report;
+* ``source_only``    -- step 0 trained on;  ``source_only_bn``: the same model with its BatchNorm
+  statistics re-estimated on the target's train images (AdaBN, Li et al. 2018; no labels);
+* ``minent``, ``advent`` -- entropy minimisation and adversarial entropy alignment (Vu et al., CVPR 2019);
+* ``dacs``           -- self-training with an EMA teacher and ClassMix (Tranheden et al., WACV 2021);
+* ``napg_step1``, ``napg``, ``napg_step3`` -- NAPG's warm-up, its multi-prototype UDA stage (step 2) and
+  the teacher-student stage after it, at its share of the schedule;
+* ``oracle``         -- step 0 trained on the *target's* train labels, the upper bound UDA papers report;
 * with ``--ablate``: ``napg_no_<term>``, NAPG with one component off (D1, D2, prototype NLL, GNCE).
 
-Each model is evaluated on target val and source val. The study prints the table (mean +- std over
-seeds, per-seed values, paired differences to source-only), and writes ``validity.json``,
-``validity.png`` and every run folder under ``--out``; finished runs are kept, so rerunning the same
-command continues. Extra flags are passed to every stage (e.g. ``--bn-stats shared``). Nothing here
-reads a label of the target's train split except the oracle; nothing is selected by target-val labels.
+Every method is scored at its last iterate (never the best point of a curve) on target val and source
+val, with the BatchNorm statistics it trained with (``target_val``) and after one recalibration pass over
+the target's train images at the evaluation size (``target_val_recalibrated``, the same pass for all);
+every stage also evaluates both val splits every ``--eval-every`` iterations (``curve``). The study prints
+the table, and writes ``validity.json``, ``validity.png`` (bars), ``curves.png`` (mean +- std over seeds)
+and every run folder under ``--out``; finished runs are kept, so rerunning a command continues it and
+adding methods adds runs. Nothing here reads a label of the target's train split except the oracle, and
+nothing is selected by target-val labels.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shutil
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +51,46 @@ from engine.rundir import Action, RunFolder
 from utils.config import Config, load_yaml, resolve_config
 from utils.errors import UserError, run_cli
 from utils.paths import check_output_files, check_output_folder
+from utils.plots import can_draw
 from utils.run import read_json, write_json
 
 # NAPG with one component switched off (in steps 1 and 2): the option that does it.
 ABLATIONS = {"no_d1": {"w_adv_d1": 0.0}, "no_d2": {"w_adv_d2": 0.0}, "no_proto": {"w_proto": 0.0},
              "no_gnce": {"w_gnce": 0.0}}
-METHODS = ("source_only", "source_only_bn", "napg", "napg_step3", "oracle")
-LABELS = {"source_only": "source only", "source_only_bn": "source only + target BN (AdaBN)",
+BASELINES = ("minent", "advent", "dacs")  # each the stage of the same name (utils/stages.py)
+METHODS = ("source_only", "source_only_bn", *BASELINES, "napg_step1", "napg", "napg_step3", "oracle")
+LABELS = {"source_only": "source only", "source_only_bn": "source only + AdaBN", "minent": "MinEnt",
+          "advent": "AdvEnt", "dacs": "DACS (EMA self-training)", "napg_step1": "NAPG step 1 (warm-up)",
           "napg": "NAPG step 2", "napg_step3": "NAPG step 3", "oracle": "oracle (target labels)",
           **{f"napg_{k}": f"NAPG without {k[3:]}" for k in ABLATIONS}}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method's model is made: the stages run in one folder, the last one scored."""
+
+    folder: str  # under seed<S>/
+    stages: tuple[str, ...]  # each one after the other; the first starts from the warm start
+    options: dict[str, Any] = field(default_factory=dict)  # for every stage of the chain
+    on_target: bool = False  # trained on the target's labels (the oracle)
+
+
+def recipe(method: str, epochs: int, oracle_epochs: int) -> Recipe:
+    """The recipe of ``method`` at a budget of ``epochs`` source epochs (``oracle_epochs`` target epochs)."""
+    napg = ("step1", "step2")
+    if method in ("source_only", "source_only_bn"):  # AdaBN recalibrates source only's model
+        return Recipe("source_only", ("step0",), {"epochs": epochs})
+    if method in BASELINES:
+        return Recipe(method, (method,), {"epochs": epochs})
+    if method == "napg_step1":
+        return Recipe("napg", napg[:1])
+    if method == "napg":
+        return Recipe("napg", napg)
+    if method == "napg_step3":
+        return Recipe("napg", (*napg, "step3"))
+    if method == "oracle":
+        return Recipe("oracle", ("step0",), {"epochs": oracle_epochs}, on_target=True)
+    return Recipe(method, napg, ABLATIONS[method.removeprefix("napg_")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,27 +98,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-seed", type=int, required=True, help="seed of the synthetic data set")
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="training seeds")
     parser.add_argument("--out", required=True, type=Path, help="study folder (data, runs, validity.json)")
-    parser.add_argument("--config", default="configs/validity.yaml", help="stage config of every run")
-    parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="synthetic data set size")
-    parser.add_argument("--warm-epochs", type=int, default=160, help="epochs of the warm start")
-    parser.add_argument("--warm-lr", type=float, default=5e-4, help="learning rate of the warm start")
-    parser.add_argument("--warm-start", type=Path,
-                        help="a finished step-0 run folder to start from instead of training one (e.g. the "
-                             "warm_start/step0 of another study on the same --data-seed)")
-    parser.add_argument("--with-step3", action="store_true", help="also run and report step 3")
+    parser.add_argument("--methods", type=_methods, default=METHODS,
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--ablate", action="store_true", help="add NAPG runs with one component off")
+    parser.add_argument("--config", default="configs/validity.yaml", help="stage config of every run")
+    parser.add_argument("--size", default="study", choices=sorted(SIZES), help="synthetic data set size")
+    parser.add_argument("--warm-epochs", type=int, default=10, help="source epochs of each seed's warm start")
+    parser.add_argument("--warm-lr", type=float, default=5e-4, help="learning rate of the warm starts")
+    parser.add_argument("--warm-start", type=Path,
+                        help="one finished step-0 run folder that every seed starts from instead of its own "
+                             "(the spread over seeds is then conditional on it)")
     args, extra = parser.parse_known_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds has repeats: {args.seeds}")
     out = check_output_folder(args.out, "--out")
-    check_output_files([out / "validity.json", out / "validity.png"], "--out")
-    study = Study(args, extra)
-    results = study.run()
+    check_output_files([out / name for name in ("validity.json", "validity.png", "curves.png")], "--out")
+    results = Study(args, extra).run()
     write_json(args.out / "validity.json", results)
     print(summary_table(results))
-    plot(results, args.out / "validity.png")
-    print(f"wrote {args.out / 'validity.json'} and {args.out / 'validity.png'}")
+    if can_draw("validity.png and curves.png"):
+        plot_bars(results, args.out / "validity.png")
+        plot_curves(results, args.out / "curves.png")
+    print(f"wrote {args.out / 'validity.json'} and the pictures beside it")
     return 0
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {','.join(METHODS)}")
+    return tuple(m for m in METHODS if m in names)  # report order
 
 
 class Study:
@@ -93,49 +143,54 @@ class Study:
         step1, step2 = (self._config(stage, self.out, {}) for stage in ("step1", "step2"))
         self.source, self.target = step1.source, step1.target
         self.batch_size, self.resize, self.iters_cap = step1.batch_size, step1.resize, step1.iters_per_epoch
-        # Equal budgets: the source-only and oracle runs train as many iterations as steps 1 + 2 together.
+        self.eval_batch_size, self.eval_every = step1.eval_batch_size, step1.eval_every
+        # Equal budgets: every method trains as many iterations as steps 1 + 2 together.
         self.napg_epochs = step1.epochs + step2.epochs
+        self.methods = args.methods + tuple(f"napg_{k}" for k in ABLATIONS if args.ablate)
+        self.scored: dict[Path, dict[str, Any]] = {}  # a run folder's scores, evaluated once
 
     # ------------------------------------------------------------------ runs
     def run(self) -> dict[str, Any]:
         self._data()
-        if self.args.warm_start is not None:
-            warm_run = self.args.warm_start
-            if not (warm_run / "manifest.json").exists():
-                raise UserError(f"--warm-start {warm_run}: not a finished run folder (no manifest.json)")
-        else:
-            warm_run = self._stage("step0", self.out / "warm_start", {
-                "seed": 0, "epochs": self.args.warm_epochs, "lr": self.args.warm_lr}) / "step0"
-        results: dict[str, Any] = {"data_seed": self.args.data_seed, "size": self.args.size,
-                                   "config": str(self.args.config), "extra_flags": self.extra,
-                                   "warm_start": {"run": str(warm_run), **self._scores(warm_run)}, "runs": {}}
         n_src, n_tgt = (self._batches(d) for d in (self.source, self.target))
-        oracle_epochs = max(1, round(self.napg_epochs * n_src / n_tgt))
-        results["budget"] = {"iterations": self.napg_epochs * n_src, "source_only_epochs": self.napg_epochs,
-                             "oracle_epochs": oracle_epochs, "warm_start_epochs": self.args.warm_epochs,
-                             "warm_start_lr": self.args.warm_lr}
+        budget = self.napg_epochs * n_src
+        oracle_epochs = max(1, round(budget / n_tgt))
+        results: dict[str, Any] = {
+            "data_seed": self.args.data_seed, "size": self.args.size, "config": str(self.args.config),
+            "extra_flags": self.extra, "methods": list(self.methods), "warm_start": {}, "runs": {}, "seconds": {},
+            "budget": {"iterations": budget, "source_epochs": self.napg_epochs, "oracle_epochs": oracle_epochs,
+                       "eval_every": self.eval_every, "warm_start_epochs": self.args.warm_epochs,
+                       "warm_start_lr": self.args.warm_lr}}
         for seed in self.args.seeds:
-            folder, s = self.out / f"seed{seed}", {"seed": seed, "init": str(warm_run)}
-            run: dict[str, Any] = {}
-            src_only = self._stage("step0", folder / "source_only", {**s, "epochs": self.napg_epochs})
-            run["source_only"] = self._scores(src_only / "step0")
-            run["source_only_bn"] = {"target_val": self._evaluate(src_only / "step0", self.target, recalibrate=True),
-                                     "source_val": run["source_only"]["source_val"]}
-            variants = {"napg": {}} | ({f"napg_{k}": v for k, v in ABLATIONS.items()} if self.args.ablate else {})
-            for name, ablation in variants.items():
-                napg = self._stage("step1", folder / name, {**s, **ablation})
-                self._stage("step2", folder / name, {"seed": seed, **ablation})
-                run[name] = self._scores(napg / "step2")
-                if self.args.with_step3 and name == "napg":
-                    self._stage("step3", folder / name, {"seed": seed})
-                    run["napg_step3"] = self._scores(napg / "step3")
-            oracle = self._stage("step0", folder / "oracle", {**s, "epochs": oracle_epochs,
-                                                              "source": self.target, "target": self.target})
-            run["oracle"] = {"target_val": _summary(read_json(oracle / "step0" / "eval.json")),
-                             "source_val": self._evaluate(oracle / "step0", self.source, recalibrate=False)}
+            warm = self._warm_start(seed)
+            results["warm_start"][str(seed)] = {"run": str(warm), **self._scores(warm, recalibrate=False)}
+            folder, run, seconds = self.out / f"seed{seed}", {}, {}
+            for method in self.methods:
+                how = recipe(method, self.napg_epochs, oracle_epochs)
+                scored = self._train(how, folder / how.folder, seed, warm)
+                run[method] = self._method_scores(method, how, folder / how.folder, scored)
+                seconds[method] = self._train_seconds(folder / how.folder, how)
             results["runs"][str(seed)] = run
+            results["seconds"][str(seed)] = seconds
             write_json(self.out / "validity.json", results)  # partial results survive an interruption
         return results
+
+    def _warm_start(self, seed: int) -> Path:
+        if self.args.warm_start is not None:
+            if not (self.args.warm_start / "manifest.json").exists():
+                raise UserError(f"--warm-start {self.args.warm_start}: not a finished run folder (no manifest.json)")
+            return self.args.warm_start
+        work_dir = self.out / "warm_start" / f"seed{seed}"
+        self._stage("step0", work_dir, {"seed": seed, "epochs": self.args.warm_epochs, "lr": self.args.warm_lr})
+        return work_dir / "step0"
+
+    def _train(self, how: Recipe, work_dir: Path, seed: int, warm: Path) -> Path:
+        """Run the recipe's stages into ``work_dir`` (finished ones kept); returns the scored run folder."""
+        domains = {"source": self.target, "target": self.target} if how.on_target else {}
+        for i, stage in enumerate(how.stages):
+            start = {"init": str(warm)} if i == 0 else {}  # later stages start from the previous one's folder
+            self._stage(stage, work_dir, {"seed": seed, **start, **domains, **how.options})
+        return work_dir / how.stages[-1]
 
     def _data(self) -> None:
         """The synthetic pair of ``--data-seed`` under ``<out>/data`` (made once, then checked)."""
@@ -147,45 +202,90 @@ class Study:
             return
         if self.data_root.exists():
             shutil.rmtree(self.data_root)  # an interrupted generation: no stamp, so never used
+        started = time.time()
         make_synthetic(self.data_root, "prepared", seed=self.args.data_seed, size=self.args.size)
         write_json(stamp, wanted)
+        print(f"made the {self.args.size} data set of data seed {self.args.data_seed} in {time.time() - started:.0f} s")
 
     def _config(self, stage: str, work_dir: Path, options: dict[str, Any]) -> Config:
         """``stage``'s config in ``work_dir``: the study's YAML, then ``options``, then the user's extra flags."""
         return resolve_config(stage, self.yaml_data, {"data_root": str(self.data_root), "work_dir": str(work_dir),
                                                       **options, **self.overrides}, yaml_name=str(self.args.config))
 
-    def _stage(self, stage: str, work_dir: Path, options: dict[str, Any]) -> Path:
-        """Run ``stage`` into ``work_dir/stage`` unless it is finished there; returns ``work_dir``."""
+    def _stage(self, stage: str, work_dir: Path, options: dict[str, Any]) -> None:
+        """Run ``stage`` into ``work_dir/stage`` unless it is finished there."""
         folder = RunFolder(work_dir, stage)
         action = folder.next_action()  # an interrupted run continues, one without a checkpoint starts again
         if action is Action.SKIP:
             print(f"{folder.path}: finished, kept", flush=True)
-            return work_dir
+            return
         cfg = dataclasses.replace(self._config(stage, work_dir, options), resume=action is Action.RESUME)
         print(f"== {folder.path} ==", flush=True)
         train_stage(cfg)
-        return work_dir
 
     def _batches(self, domain: str) -> int:
         n = len(list((resolve_domain(self.data_root, domain) / "img_dir" / "train").glob("*.png")))
         batches = max(1, n // self.batch_size)  # training streams drop the last partial batch
         return min(batches, self.iters_cap) if self.iters_cap else batches
 
-    def _scores(self, run_dir: Path) -> dict[str, Any]:
-        ev = read_json(run_dir / "eval.json")
-        return {"target_val": _summary(ev), "source_val": _summary(ev["source_val"])}
+    # ------------------------------------------------------------------ scores
+    def _method_scores(self, method: str, how: Recipe, work_dir: Path, scored: Path) -> dict[str, Any]:
+        if scored not in self.scored:  # AdaBN shares source only's model
+            self.scored[scored] = self._scores(scored, recalibrate=True)
+        own = self.scored[scored]
+        if method == "source_only_bn":  # AdaBN: source only's model with recalibrated target statistics
+            return {**own, "target_val": own["target_val_recalibrated"], "curve": []}
+        return {**own, "curve": stage_curve(work_dir, how.stages, source_val=not how.on_target)}
+
+    def _scores(self, run_dir: Path, recalibrate: bool) -> dict[str, Any]:
+        """Float32 scores of ``run_dir``'s final model: target val with its own BatchNorm statistics, source val,
+        and (``recalibrate``) target val after the recalibration pass over the target's train images."""
+        scores = {"target_val": self._evaluate(run_dir, self.target, False),
+                  "source_val": self._evaluate(run_dir, self.source, False)}
+        if recalibrate:
+            scores["target_val_recalibrated"] = self._evaluate(run_dir, self.target, True)
+        return scores
 
     def _evaluate(self, run_dir: Path, domain: str, recalibrate: bool) -> dict[str, Any]:
-        scores = evaluate_checkpoint(run_dir, self.data_root, domain, batch_size=self.batch_size, num_workers=0,
-                                     resize=self.resize, recalibrate=recalibrate)
+        scores = evaluate_checkpoint(run_dir, self.data_root, domain, batch_size=self.eval_batch_size,
+                                     num_workers=0, resize=self.resize, recalibrate=recalibrate)
         return _summary(scores.results)
+
+    def _train_seconds(self, work_dir: Path, how: Recipe) -> float:
+        """Training time of the recipe's stages as their manifests record it (evaluations during training
+        included)."""
+        return round(sum(read_json(work_dir / s / "manifest.json")["train_seconds"] for s in how.stages), 1)
 
 
 def _summary(results: dict[str, Any]) -> dict[str, Any]:
     """Classifier-branch mIoU, mF1 and per-class IoU (fractions) of an eval.json-like dict."""
     m = results["classifier"]
     return {"miou": m["miou"], "mf1": m["mf1"], "iou": m["iou"]}
+
+
+def stage_curve(work_dir: Path, stages: Sequence[str], source_val: bool = True) -> list[dict[str, Any]]:
+    """The evaluations of a chain of stages, one point per evaluation: iterations counted from the chain's
+    start, target-val and (``source_val``) source-val classifier mIoU; the last point is each stage's final
+    evaluation (``eval.json``)."""
+    curve, offset = [], 0
+    for stage in stages:
+        records = [json.loads(line) for line in (work_dir / stage / "metrics.jsonl").read_text().splitlines()]
+        last_step = max(r["step"] for r in records if r.get("kind") == "train")
+        points: dict[int, dict[str, Any]] = {}  # a resumed stage may repeat a step: its last record counts
+        for r in records:
+            if r.get("kind") == "eval" and "eval/classifier/miou" in r:
+                points.setdefault(r["step"], {})["target_val_miou"] = r["eval/classifier/miou"]
+            if r.get("kind") == "eval" and "eval_source/classifier/miou" in r:
+                points.setdefault(r["step"], {})["source_val_miou"] = r["eval_source/classifier/miou"]
+        final = read_json(work_dir / stage / "eval.json")
+        points[last_step] = {"target_val_miou": final["classifier"]["miou"],
+                             "source_val_miou": final["source_val"]["classifier"]["miou"]}
+        for step in sorted(points):
+            point = {"iteration": offset + step, "target_val_miou": points[step].get("target_val_miou"),
+                     "source_val_miou": points[step].get("source_val_miou") if source_val else None}
+            curve.append(point)
+        offset += last_step
+    return curve
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -198,51 +298,93 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def methods_of(results: dict[str, Any]) -> list[str]:
     """The methods every seed has, in report order."""
     runs = list(results["runs"].values())
-    names = [m for m in (*METHODS, *(f"napg_{k}" for k in ABLATIONS)) if runs and all(m in r for r in runs)]
-    return names
+    return [m for m in (*METHODS, *(f"napg_{k}" for k in ABLATIONS)) if runs and all(m in r for r in runs)]
+
+
+def _miou(results: dict[str, Any], seed: str, method: str, split: str) -> float:
+    return 100 * results["runs"][seed][method][split]["miou"]
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """mIoU (%) on target val and source val: mean +- std over seeds, per seed, and paired to source-only."""
+    """mIoU (%): target val with the method's own BatchNorm statistics and after the common recalibration,
+    mean +- std over seeds, per seed, paired differences to source only and to AdaBN, and source val."""
     seeds = list(results["runs"])
-    lines = [f"validity study, data seed {results['data_seed']}, training seeds {', '.join(seeds)}; "
-             f"warm start source-val mIoU {100 * results['warm_start']['source_val']['miou']:.2f}, "
-             f"target-val {100 * results['warm_start']['target_val']['miou']:.2f}",
-             f"{'method':<34}{'target-val mIoU':>18}{'per seed':>24}{'vs source only':>18}{'source-val mIoU':>18}"]
-    for m in methods_of(results):
-        tgt = [100 * results["runs"][s][m]["target_val"]["miou"] for s in seeds]
-        src = [100 * results["runs"][s][m]["source_val"]["miou"] for s in seeds]
-        diff = [t - 100 * results["runs"][s]["source_only"]["target_val"]["miou"] for s, t in zip(seeds, tgt)]
-        (tm, ts), (sm, ss), (dm, ds) = _mean_std(tgt), _mean_std(src), _mean_std(diff)
+    warm = [results["warm_start"][s] for s in seeds]
+    lines = [f"validity study, data seed {results['data_seed']}, training seeds {', '.join(seeds)}; budget "
+             f"{results['budget']['iterations']} iterations; warm starts: source-val mIoU "
+             + " ".join(f"{100 * w['source_val']['miou']:.1f}" for w in warm) + ", target-val "
+             + " ".join(f"{100 * w['target_val']['miou']:.1f}" for w in warm),
+             f"{'method':<28}{'target val':>15}{'recalibrated':>15}{'per seed':>18}{'vs src only':>15}"
+             f"{'vs AdaBN':>15}{'source val':>15}"]
+    methods = methods_of(results)
+    for m in methods:
+        tgt = [_miou(results, s, m, "target_val") for s in seeds]
+        recal = [_miou(results, s, m, "target_val_recalibrated") for s in seeds]
+        src = [_miou(results, s, m, "source_val") for s in seeds]
+        cells = [f"{a:.2f} ± {b:.2f}" for a, b in (_mean_std(tgt), _mean_std(recal))]
         per_seed = " ".join(f"{v:.1f}" for v in tgt)
-        paired = "" if m == "source_only" else f"{dm:+.2f} ± {ds:.2f}"
-        target, source = f"{tm:.2f} ± {ts:.2f}", f"{sm:.2f} ± {ss:.2f}"
-        lines.append(f"{LABELS[m]:<34}{target:>18}{per_seed:>24}{paired:>18}{source:>18}")
-    lines.append("(classifier branch, 6 classes incl. clutter; std over seeds; 'vs source only' is the paired "
-                 "difference per seed)")
+        paired = []
+        for ref in ("source_only", "source_only_bn"):
+            if ref in methods and m != ref:
+                dm, ds = _mean_std([t - _miou(results, s, ref, "target_val") for s, t in zip(seeds, tgt)])
+                paired.append(f"{dm:+.2f} ± {ds:.2f}")
+            else:
+                paired.append("")
+        source = "{:.2f} ± {:.2f}".format(*_mean_std(src))
+        lines.append(f"{LABELS[m]:<28}{cells[0]:>15}{cells[1]:>15}{per_seed:>18}{paired[0]:>15}{paired[1]:>15}"
+                     f"{source:>15}")
+    lines.append("(classifier branch, 6 classes incl. clutter, last iterate, float32 evaluation; std over seeds; "
+                 "'target val' with the statistics the method trained with, 'recalibrated' after one BatchNorm "
+                 "pass over target train; 'vs ...' are paired differences per seed of 'target val')")
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Bar chart of target-val and source-val mIoU per method (mean +- std, seeds as dots)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_bars(results: dict[str, Any], path: Path) -> None:
+    """Bar chart of target-val (own and recalibrated statistics) and source-val mIoU per method (mean +- std,
+    seeds as dots)."""
     import matplotlib.pyplot as plt
 
     methods, seeds = methods_of(results), list(results["runs"])
     fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 2, 4))
-    for offset, (split, colour) in zip((-0.2, 0.2), (("target_val", "tab:blue"), ("source_val", "tab:grey"))):
+    bars = (("target_val", "tab:blue", "target val"),
+            ("target_val_recalibrated", "tab:cyan", "target val, recalibrated BN"),
+            ("source_val", "tab:grey", "source val"))
+    for offset, (split, colour, label) in zip((-0.27, 0.0, 0.27), bars):
         for i, m in enumerate(methods):
-            values = [100 * results["runs"][s][m][split]["miou"] for s in seeds]
+            values = [_miou(results, s, m, split) for s in seeds]
             mean, std = _mean_std(values)
-            ax.bar(i + offset, mean, 0.38, yerr=std, color=colour, capsize=3,
-                   label=split.replace("_", " ") if i == 0 else None)
+            ax.bar(i + offset, mean, 0.26, yerr=std, color=colour, capsize=3, label=label if i == 0 else None)
             ax.scatter([i + offset] * len(values), values, s=8, color="black", zorder=3)
     ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("mIoU (%)")
     ax.set_title(f"Validity study, synthetic data seed {results['data_seed']} ({len(seeds)} training seeds)")
-    ax.legend()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Target-val and source-val mIoU against iterations: per method the mean over seeds with a +- std band."""
+    import matplotlib.pyplot as plt
+
+    seeds = list(results["runs"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
+    for ax, key, title in zip(axes, ("target_val_miou", "source_val_miou"), ("target val", "source val")):
+        for m in methods_of(results):
+            curves = [results["runs"][s][m]["curve"] for s in seeds]
+            steps = sorted(set.intersection(*({p["iteration"] for p in c if p[key] is not None} for c in curves)))
+            if not steps:
+                continue
+            values = [[100 * next(p[key] for p in c if p["iteration"] == i) for c in curves] for i in steps]
+            mean, std = zip(*(_mean_std(v) for v in values))
+            line, = ax.plot(steps, mean, label=LABELS[m], linewidth=1.2)
+            ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{title} mIoU (%), mean ± std over {len(seeds)} seeds")
+        ax.set_xlabel("iterations from the warm start")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Learning curves, synthetic data seed {results['data_seed']} (reported: the last point)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
