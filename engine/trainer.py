@@ -120,7 +120,9 @@ class _StageLoop:
         stop is asked for (then save where it stands and set ``stopped``)."""
         cfg, p = self.cfg, self.progress
         tau = cfg.tau_at(p.epoch)
-        if p.iteration == 0 or self.protos is None:  # an epoch's start (or a resume without prototypes)
+        # At an epoch's start (or a resume without prototypes); a method that reads no prototype refreshes
+        # only when it has none (Method.refreshes_prototypes).
+        if self.protos is None or p.iteration == 0 and self.method.refreshes_prototypes:
             self._refresh(tau)
         asked_to_stop = self._train_iterations(tau)
         if p.iteration < self.iters or self.signal:  # stopped inside the epoch: a signal skips its evaluation
