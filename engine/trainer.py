@@ -1,8 +1,9 @@
 """A training stage from resolved config to run folder: build, then per epoch refresh the prototypes,
 train, evaluate; at the end evaluate and hand off (the run folder: ``engine/rundir.py``).
 
-Words: a *stage* is one of step0..step3 (``utils/stages.py``), an *iteration* one optimiser update of the
-stage's method (``Method.train_step``, ``engine/methods/``), an *epoch* a pass over the stage's epoch role.
+Words: a *stage* is an entry of the stage table (step0..step3 and the baselines, ``utils/stages.py``), an
+*iteration* one optimiser update of the stage's method (``Method.train_step``, ``engine/methods/``), an *epoch*
+a pass over the stage's epoch role.
 """
 
 from __future__ import annotations

@@ -68,9 +68,8 @@ class Method:
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
         # --- the discriminators and the adversarial weights (§4.3-4.4)
         self.d1, self.d2 = d1, d2
-        self.opt_d1, self.opt_d2 = (None if d is None else torch.optim.Adam(d.parameters(), lr=cfg.lr_d,
-                                                                           betas=tuple(cfg.betas_d))
-                                    for d in (d1, d2))
+        self.opt_d1, self.opt_d2 = (torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
+                                    if d is not None else None for d in (d1, d2))
         self.w_adv_d1, self.w_adv_d2 = cfg.w_adv_d1, cfg.w_adv_d2
         self.legacy_d2_gen = cfg.legacy_d2_gen
 
