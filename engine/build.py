@@ -26,23 +26,23 @@ from utils.stages import STAGES
 
 
 def build_method(cfg: Config, device: torch.device, init_state: dict[str, Any] | None = None) -> Method:
-    """The stage's method (``Stage.method``) with its network, discriminators (``Stage.adversarial``) and
-    optimisers, ready on ``device``; ``init_state`` is the hand-off the stage starts from."""
+    """The stage's method (``Stage.method``) with its network, the discriminators its class names
+    (``Method.discriminators``) and optimisers, ready on ``device``; ``init_state`` is the hand-off the
+    stage starts from."""
+    cls = method_class(STAGES[cfg.stage].method)
     model = NAPGNet(num_classes=cfg.num_classes,
                     backbone=cfg.backbone, pretrained=cfg.pretrained if init_state is None else None,
                     shared_similarity=cfg.shared_similarity, head_impl=cfg.head_impl,
                     bn_stats=bn_stats_of(cfg)).to(device)
-    d1 = d2 = None
-    if STAGES[cfg.stage].adversarial:
-        d1 = FCDiscriminatorHighMask(cfg.num_classes).to(device)
-        d2 = FCDiscriminatorHighMask(cfg.num_classes).to(device)
+    d1, d2 = (FCDiscriminatorHighMask(cfg.num_classes).to(device) if name in cls.discriminators else None
+              for name in ("d1", "d2"))
     if init_state is not None:
         model.load_state_dict(init_state["model"])
         for disc, key in ((d1, "d1"), (d2, "d2")):
             if disc is not None and key in init_state:
                 disc.load_state_dict(init_state[key])
     model, d1, d2 = prepare_modules(model, d1, d2, cfg, device)
-    return method_class(STAGES[cfg.stage].method)(model, d1, d2, cfg)
+    return cls(model, d1, d2, cfg)
 
 
 def bn_stats_of(cfg: Config) -> str:
@@ -55,7 +55,7 @@ def build_data(cfg: Config, device: torch.device) -> dict[str, Any]:
     root = Path(cfg.data_root)
     src_dir = resolve_domain(root, cfg.source)
     stage = STAGES[cfg.stage]
-    tgt_dir = resolve_domain(root, cfg.target) if stage.adversarial or cfg.target else None
+    tgt_dir = resolve_domain(root, cfg.target) if method_class(stage.method).uses_target or cfg.target else None
     check_stage_data(cfg, src_dir, tgt_dir)
     common = {"label_format": cfg.label_format, "normalize": cfg.normalize, "cache": cfg.cache}
     train_tf, eval_tf, strong_tf = build_transforms(cfg)
@@ -123,9 +123,7 @@ def prepare_modules(model, d1, d2, cfg: Config, device: torch.device):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
-        if d1 is not None:
-            d1 = DistributedDataParallel(d1, device_ids=ids)
-            d2 = DistributedDataParallel(d2, device_ids=ids)
+        d1, d2 = (None if d is None else DistributedDataParallel(d, device_ids=ids) for d in (d1, d2))
     if cfg.compile:
         model = torch.compile(model)
     return model, d1, d2

@@ -1,8 +1,9 @@
 """A training stage from resolved config to run folder: build, then per epoch refresh the prototypes,
 train, evaluate; at the end evaluate and hand off (the run folder: ``engine/rundir.py``).
 
-Words: a *stage* is one of step0..step3 (``utils/stages.py``), an *iteration* one optimiser update of the
-stage's method (``Method.train_step``, ``engine/methods/``), an *epoch* a pass over the stage's epoch role.
+Words: a *stage* is an entry of the stage table (step0..step3 and the baselines, ``utils/stages.py``), an
+*iteration* one optimiser update of the stage's method (``Method.train_step``, ``engine/methods/``), an *epoch*
+a pass over the stage's epoch role.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class _StageLoop:
         stop is asked for (then save where it stands and set ``stopped``)."""
         cfg, p = self.cfg, self.progress
         tau = cfg.tau_at(p.epoch)
-        if p.iteration == 0 or self.protos is None:  # an epoch's start (or a resume without prototypes)
+        # At an epoch's start (or a resume without prototypes); a method that reads no prototype refreshes
+        # only when it has none (Method.refreshes_prototypes).
+        if self.protos is None or p.iteration == 0 and self.method.refreshes_prototypes:
             self._refresh(tau)
         asked_to_stop = self._train_iterations(tau)
         if p.iteration < self.iters or self.signal:  # stopped inside the epoch: a signal skips its evaluation

@@ -2,7 +2,8 @@
 
 Discriminators are callables ``d(x [B, C, H, W]) -> [B, 1, H, W]`` sigmoid probabilities; label 0 is
 the source ("real"), 1 the target ("fake"). D1 sees classifier self-information maps; D2 separates the
-source classifier map (label 0) from the prototype-branch maps (label 1). The losses are unweighted
+source classifier map (label 0) from the prototype-branch maps (label 1). AdvEnt (a baseline) uses D1's
+pair of losses alone (:func:`d1_generator_loss`, :func:`d1_discriminator_loss`). The losses are unweighted
 (the trainer applies the 0.001 weights). The caller freezes the discriminators for the generator pass.
 """
 
@@ -39,6 +40,12 @@ def bce(prob_map: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy(prob_map, torch.full_like(prob_map, target))
 
 
+def d1_generator_loss(d1: Discriminator, ent_t_cls: torch.Tensor) -> torch.Tensor:
+    """BCE(D1(I_t^cls), 0): the target classifier's self-information map [B, C, H, W] made to pass for a
+    source one. NAPG's D1 term, and AdvEnt's whole adversarial loss (Vu et al., CVPR 2019)."""
+    return bce(d1(ent_t_cls), SOURCE_LABEL)
+
+
 def generator_adv_losses(d1: Discriminator, d2: Discriminator, ent_t_cls: torch.Tensor, ent_s_proto: torch.Tensor,
                          ent_t_proto: torch.Tensor,
                          legacy_d2_gen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +54,7 @@ def generator_adv_losses(d1: Discriminator, d2: Discriminator, ent_t_cls: torch.
     ``legacy_d2_gen`` is the released code, which uses the source map twice: ½[a + a] = a exactly, so
     l_d2 = BCE(D2(I_s^proto), 0) and ``ent_t_proto`` is ignored.
     """
-    l_d1 = bce(d1(ent_t_cls), SOURCE_LABEL)
+    l_d1 = d1_generator_loss(d1, ent_t_cls)
     l_src = bce(d2(ent_s_proto), SOURCE_LABEL)
     if legacy_d2_gen:
         return l_d1, l_src
@@ -69,17 +76,28 @@ def discriminator_losses(d1: Discriminator, d2: Discriminator, ent_s_cls: torch.
     one not with ``legacy_d2_step1``) are 0-dim tensors for monitoring, taken from these very calls so that
     no second discriminator pass is needed.
     """
-    means: dict[str, torch.Tensor] = {}
-
-    def call(d: Discriminator, name: str, ent: torch.Tensor) -> torch.Tensor:
-        out = d(ent.detach())
-        means[name] = out.detach().mean()
-        return out
-
     # The calls run in the order the released code makes them (gradient sums stay bit for bit the same).
-    l_D1 = bce(call(d1, "d1_source", ent_s_cls), SOURCE_LABEL) + bce(call(d1, "d1_target", ent_t_cls), TARGET_LABEL)
-    l_proto = bce(call(d2, "d2_source_proto", ent_s_proto), TARGET_LABEL)
+    l_D1, means = d1_discriminator_loss(d1, ent_s_cls, ent_t_cls)
+    l_proto = bce(_call(d2, "d2_source_proto", ent_s_proto, means), TARGET_LABEL)
     if not legacy_d2_step1:
-        l_proto = 0.5 * (l_proto + bce(call(d2, "d2_target_proto", ent_t_proto), TARGET_LABEL))
-    l_D2 = bce(call(d2, "d2_source", ent_s_cls), SOURCE_LABEL) + l_proto
+        l_proto = 0.5 * (l_proto + bce(_call(d2, "d2_target_proto", ent_t_proto, means), TARGET_LABEL))
+    l_D2 = bce(_call(d2, "d2_source", ent_s_cls, means), SOURCE_LABEL) + l_proto
     return l_D1, l_D2, means
+
+
+def d1_discriminator_loss(d1: Discriminator, ent_s_cls: torch.Tensor,
+                          ent_t_cls: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D1's side on detached classifier maps [B, C, H, W]: l_D1 = BCE(D1(I_s^cls), 0) + BCE(D1(I_t^cls), 1),
+    and the detached mean outputs ``d1_source``, ``d1_target`` of the two calls (for monitoring)."""
+    means: dict[str, torch.Tensor] = {}
+    l_D1 = bce(_call(d1, "d1_source", ent_s_cls, means), SOURCE_LABEL) \
+        + bce(_call(d1, "d1_target", ent_t_cls, means), TARGET_LABEL)
+    return l_D1, means
+
+
+def _call(d: Discriminator, name: str, ent: torch.Tensor, means: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``d`` on a detached map, its mean output recorded in ``means[name]``: the monitored value comes from the
+    very call the loss uses, so no second discriminator pass is needed."""
+    out = d(ent.detach())
+    means[name] = out.detach().mean()
+    return out

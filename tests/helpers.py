@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.stages import STAGES
+from utils.stages import PIPELINE, STAGES
 
-STAGE_SCRIPTS = {name: stage.script for name, stage in STAGES.items()}
+STAGE_SCRIPTS = {name: STAGES[name].script for name in PIPELINE}  # the pipeline's step scripts, in order
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"  # computed by the original code (tests/fixtures/README.md)
@@ -63,8 +63,9 @@ def tiny_args(data_root: Path, work_dir: Path, *extra: str) -> list[str]:
 
 
 def run_step(stage: str, args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run a step script (optionally under a launcher such as torchrun) from the repository root."""
-    cmd = [sys.executable, *launcher, STAGE_SCRIPTS[stage], *args]
+    """Run a stage's script (``Stage.command``; optionally under a launcher such as torchrun) from the
+    repository root."""
+    cmd = [sys.executable, *launcher, *STAGES[stage].command, *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

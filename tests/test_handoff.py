@@ -40,7 +40,8 @@ def _write(path: Path, stage: str | None, **meta) -> Path:
 
 def test_accepted_init_table() -> None:
     assert ACCEPTED_INIT == {"step0": {"step0"}, "step1": {"step0", ORIGINAL}, "step2": {"step1", ORIGINAL},
-                             "step3": {"step2", ORIGINAL}}
+                             "step3": {"step2", ORIGINAL}, "minent": {"step0"}, "advent": {"step0"},
+                             "dacs": {"step0"}}
 
 
 @pytest.mark.parametrize("stage", list(ACCEPTED_INIT))

@@ -3,12 +3,12 @@
     make gpu-check          (or: python tools/gpu_check.py [--amp bf16] [--work-dir DIR] [--record FILE])
 
 Builds the small synthetic set (once per ``--work-dir``: the bf16 and fp32 checks of ``tools/gpu_report.py``
-share it), runs step 0 -> 3 on one GPU (``--amp``, channels-last), checks that every stage finishes and that
-every logged loss is finite, and with two or more GPUs runs steps 1 and 2 under torchrun (NCCL) and checks
-that all ranks end with identical parameters and prototypes. Each stage runs under ``--stage-timeout-s``
-and is killed with all its processes (loader workers, torchrun's ranks) when it overruns. ``--record``
-keeps a JSON of the stages checked so far, rewritten as each one finishes; each stage's full output goes
-to ``--log-dir`` (default: ``logs/`` in the work folder).
+share it), runs every stage on one GPU (step 0 -> 3, then the baselines; ``--amp``, channels-last), checks
+that every stage finishes and that every logged loss is finite, and with two or more GPUs runs steps 1 and 2
+under torchrun (NCCL) and checks that all ranks end with identical parameters and prototypes. Each stage runs
+under ``--stage-timeout-s`` and is killed with all its processes (loader workers, torchrun's ranks) when it
+overruns. ``--record`` keeps a JSON of the stages checked so far, rewritten as each one finishes; each stage's
+full output goes to ``--log-dir`` (default: ``logs/`` in the work folder).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chain, launcher, stages in chains:
         work = root / args.amp / chain
         for stage in stages:
-            cmd = [*launcher, STAGES[stage].script, *common, "--work-dir", str(work), "--overwrite"]
+            cmd = [*launcher, *STAGES[stage].command, *common, "--work-dir", str(work), "--overwrite"]
             log = logs / f"{chain}-{stage}.log"
             run = run_group(cmd, timeout_s=args.stage_timeout_s, log=log, cwd=REPO)
             entry = {"stage": stage, "chain": chain, "seconds": run.seconds, "log": str(log), "ok": False}

@@ -29,14 +29,16 @@ from utils.metrics import SUMMARY_KEYS as METRICS
 from utils.paths import check_output_files, check_output_folder
 from utils.plots import image_png
 from utils.run import read_json, write_json
-from utils.stages import STAGE_NAMES, STAGES
+from utils.stages import PIPELINE, STAGE_NAMES, STAGES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config of the pair (configs/*.yaml)")
     parser.add_argument("--work-dir", required=True, help="pipeline folder; stages go to <work-dir>/<stage>")
-    parser.add_argument("--stages", nargs="+", default=list(STAGE_NAMES), choices=STAGE_NAMES, help="stages to run")
+    parser.add_argument("--stages", nargs="+", default=list(PIPELINE), choices=STAGE_NAMES,
+                        help="stages to run, in this order (default: the pipeline step0..step3; a baseline "
+                             "such as dacs runs by name, from step 0 with --warm-start)")
     parser.add_argument("--overwrite", action="store_true", help="retrain stages that are already finished")
     parser.add_argument("--warm-start", action="store_true",
                         help="step 1 starts from this pipeline's step 0 (the stand-in for ImageNet weights when "

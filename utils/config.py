@@ -54,7 +54,7 @@ def option(default: Any, help: str, *, range: tuple[float, float] | None = None,
 class Config:
     """The resolved options of one stage. Build it with :func:`resolve_config`; it never changes."""
 
-    stage: str  # "step0".."step3" (utils/stages.py)
+    stage: str  # a name of utils/stages.py's table: "step0".."step3" or a baseline
     preset: str = "paper"
     # --- data ---
     data_root: str = option("data", "folder holding the prepared domain folders")
@@ -127,7 +127,8 @@ class Config:
     kd_temperature: float = option(2.0, "distillation temperature", range=(1e-6, INF))
     kd_normalize: Literal["valid", "all"] = option("valid", "distillation normaliser")
     w_ce_src: float = option(0.0, "source cross-entropy weight in step 3", range=(0.0, INF))
-    ema_momentum: float | None = option(None, "teacher EMA momentum (default: frozen teacher)", range=(0.0, 1.0))
+    ema_momentum: float | None = option(None, "teacher EMA momentum (step 3's default: a frozen teacher; dacs: "
+                                        "0.99, as DACS)", range=(0.0, 1.0))
     weak_scale: tuple[float, ...] = option((1.0, 2.0), "random scale range of the weak view", range=(1e-3, INF),
                                            length=2)
     hflip: float = option(0.5, "horizontal-flip probability of the weak view", range=(0.0, 1.0))
@@ -135,6 +136,13 @@ class Config:
     randaug_m: int = option(3, "RandAugment magnitude", range=(2, 10))
     cutout_frac: float = option(1 / 3, "cutout side as a fraction of the crop", range=(0.0, 1.0))
     legacy_geometry: bool = option(False, "strong-view geometry at the released code's scale 1 (4x off)")
+    # --- baselines (docs/method.md, "Baselines") ---
+    # ADVENT's lambda_ent (with SGD). Kept under this project's Adam: what the weight sets is the entropy
+    # term's share of the gradient beside the CE of weight 1, which Adam's per-parameter step size does not
+    # rescale; the project keeps ADVENT's 0.001 for its adversarial weights under Adam in the same way.
+    w_ent: float = option(0.001, "target entropy weight (minent; ADVENT's 0.001)", range=(0.0, INF))
+    pseudo_threshold: float = option(0.968, "teacher confidence from which a pseudo-label counts toward the "
+                                     "self-training weight (dacs; DACS/DAFormer's 0.968)", range=(0.0, 1.0))
     # --- evaluation ---
     eval_every: int = option(0, "evaluate every N iterations instead of at the end of each epoch (0); the "
                              "finished stage is always evaluated", range=(0, INF))

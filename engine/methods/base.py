@@ -1,5 +1,6 @@
-"""What every UDA method holds and does: the segmenter with its optimiser and AMP scaler, the optional
-discriminators D1 and D2 with theirs, and the pieces their training iterations share.
+"""What every UDA method holds and does: the segmenter with its optimiser and AMP scaler, the
+discriminators its class names (D1 and D2, D1 alone, or none) with theirs, and the pieces their training
+iterations share.
 
 A step never waits for the device: its losses and monitored values come back as detached 0-dim tensors
 (:data:`Logs`), which the trainer reads (and checks for NaN, :func:`require_finite`) once every
@@ -9,7 +10,9 @@ A step never waits for the device: its losses and monitored values come back as 
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,7 +21,8 @@ from torch import nn
 from data.preprocess import to_model_input
 from engine.device import amp_dtype, autocast, unwrap
 from engine.refresh import RefreshResult
-from losses import discriminator_losses, generator_adv_losses, self_information
+from losses import classifier_ce, discriminator_losses, generator_adv_losses, self_information
+from models.labels import resize_labels
 from utils.config import Config
 from utils.errors import NonFiniteError
 
@@ -36,11 +40,17 @@ class Method:
     """The training state of a stage and the iteration that changes it.
 
     ``model`` is the segmenter (possibly wrapped by DDP / ``torch.compile``), ``d1``/``d2`` the
-    discriminators (None where the stage has none, ``Stage.adversarial``). Subclasses set the class
+    discriminators (None where the class's ``discriminators`` do not name them). Subclasses set the class
     attributes below, take their own options in ``__init__`` and write :meth:`train_step`.
     """
 
     uses_target: bool = False  # train_step takes a target batch each iteration
+    # The discriminators that engine/build.py makes for it: ("d1", "d2"), ("d1",) or none.
+    discriminators: tuple[str, ...] = ()
+    # The trainer rebuilds the prototypes before every epoch (docs/method.md §3). A method whose losses read
+    # no prototype leaves this False: its network still takes prototypes, and it gets those the stage
+    # started with (the hand-off's), refreshed only when there are none, so no epoch spends a refresh pass.
+    refreshes_prototypes: bool = True
     # Its loss reads the prototype NLL at the source labels, whose ignored pixels the legacy preset's NLL
     # (no ignore index) cannot take: the source crops are checked for them (data.transforms.RejectIgnored).
     prototype_nll: bool = False
@@ -58,10 +68,8 @@ class Method:
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
         # --- the discriminators and the adversarial weights (§4.3-4.4)
         self.d1, self.d2 = d1, d2
-        self.opt_d1 = self.opt_d2 = None
-        if d1 is not None:
-            self.opt_d1 = torch.optim.Adam(d1.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
-            self.opt_d2 = torch.optim.Adam(d2.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
+        self.opt_d1, self.opt_d2 = (torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
+                                    if d is not None else None for d in (d1, d2))
         self.w_adv_d1, self.w_adv_d2 = cfg.w_adv_d1, cfg.w_adv_d2
         self.legacy_d2_gen = cfg.legacy_d2_gen
 
@@ -92,6 +100,23 @@ class Method:
         with unwrap(model).domain(domain), autocast(x.device, self.amp_dtype):
             return model(x, prototypes)
 
+    def source_ce(self, x_s: torch.Tensor, y_s: torch.Tensor, prototypes: torch.Tensor,
+                  logs: Logs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The segmenter on source images x_s [B, 3, H, W] and its classifier CE at H/4 against the
+        nearest-downsampled labels y_s [B, H, W] (logged as ``loss_ce``); returns (CE, the outputs)."""
+        out_s = self.forward(self.model, x_s, prototypes, "source")
+        y_up = resize_labels(y_s, out_s["logits_up"].shape[-2:])
+        loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
+        logs["loss_ce"] = loss_ce.detach()
+        return loss_ce, out_s
+
+    @staticmethod
+    def all_parameters_term(out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Exactly zero, with every parameter of the segmenter in its graph: added to a loss that leaves the
+        prototype head without gradient (the classifier's CE, the legacy D2 term), as
+        DistributedDataParallel requires of every iteration."""
+        return 0.0 * out["proto_logits"].float().sum()
+
     # ------------------------------------------------------------------ segmenter update
     def backward(self, loss: torch.Tensor, logs: Logs) -> None:
         """Log the generator's total loss and leave its (scaled) gradients."""
@@ -121,8 +146,7 @@ class Method:
 
     def adversarial_loss(self, ent: dict[str, torch.Tensor], logs: Logs) -> torch.Tensor:
         """λ1·L_adv(D1) + λ2·L_adv(D2) through the frozen discriminators (§4.3)."""
-        # 1 while every entropy map is finite; checked with the losses (the BCE itself tolerates NaN).
-        logs["entropy_maps_finite"] = torch.stack([m.detach().isfinite().all() for m in ent.values()]).all().float()
+        logs["entropy_maps_finite"] = maps_finite(ent.values())
         # The frozen discriminators are called unwrapped: under DDP a wrapped call whose parameters get no
         # gradient would leave its reducer waiting.
         l_d1, l_d2 = generator_adv_losses(unwrap(self.d1), unwrap(self.d2), ent["t_cls"], ent["s_proto"],
@@ -147,12 +171,17 @@ class Method:
         logs.update(loss_d1=l_D1.detach(), loss_d2=l_D2.detach(), **means)
 
     # ------------------------------------------------------------------ state (last.pt keys)
+    def _discriminators(self) -> list[tuple[str, nn.Module, torch.optim.Optimizer]]:
+        """(name, discriminator, its optimiser) of each discriminator the method has."""
+        return [(name, d, opt) for name, d, opt in (("d1", self.d1, self.opt_d1), ("d2", self.d2, self.opt_d2))
+                if d is not None]
+
     def state_dict(self) -> dict[str, Any]:
         state = {"model": unwrap(self.model).state_dict(), "opt_g": self.opt_g.state_dict(),
                  "scaler": self.scaler.state_dict()}
-        if self.d1 is not None:
-            state.update(d1=unwrap(self.d1).state_dict(), d2=unwrap(self.d2).state_dict(),
-                         opt_d1=self.opt_d1.state_dict(), opt_d2=self.opt_d2.state_dict())
+        discs = self._discriminators()
+        state.update({name: unwrap(d).state_dict() for name, d, _ in discs})
+        state.update({f"opt_{name}": opt.state_dict() for name, _, opt in discs})
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -160,11 +189,50 @@ class Method:
         self.opt_g.load_state_dict(state["opt_g"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if self.d1 is not None:
-            unwrap(self.d1).load_state_dict(state["d1"])
-            unwrap(self.d2).load_state_dict(state["d2"])
-            self.opt_d1.load_state_dict(state["opt_d1"])
-            self.opt_d2.load_state_dict(state["opt_d2"])
+        for name, d, opt in self._discriminators():
+            unwrap(d).load_state_dict(state[name])
+            opt.load_state_dict(state[f"opt_{name}"])
+
+
+class TeacherMethod(Method):
+    """A method with a teacher: a copy of the network the stage starts from, never trained directly and in
+    eval mode (it reads, never updates, the BatchNorm statistics), following the student by an EMA of
+    momentum ``--ema-momentum`` (None: it stays the initial network). It is part of ``last.pt``."""
+
+    def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
+        super().__init__(model, d1, d2, cfg)
+        self.ema_momentum = cfg.ema_momentum
+        self.teacher = copy.deepcopy(unwrap(model)).eval()
+        set_requires_grad(self.teacher, False)
+
+    def update_teacher(self) -> None:
+        """After the student's step: the EMA update (:func:`ema_update`), if the teacher follows."""
+        if self.ema_momentum is not None:
+            ema_update(self.teacher, unwrap(self.model), self.ema_momentum)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
+
+
+def maps_finite(maps: Iterable[torch.Tensor]) -> torch.Tensor:
+    """1 while every entropy map fed to a discriminator is finite, else 0 (a float 0-dim tensor, not waited
+    for): checked with the losses (:func:`require_finite`), since the BCE itself tolerates NaN."""
+    return torch.stack([m.detach().isfinite().all() for m in maps]).all().float()
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """The teacher follows the bare student: θ_t <- m·θ_t + (1 - m)·θ_s for every parameter; the buffers
+    (BatchNorm statistics of every domain) are copied, as the released step 3 does."""
+    for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+        p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
+    for b_t, b_s in zip(teacher.buffers(), student.buffers()):
+        b_t.copy_(b_s)
 
 
 def require_finite(values: dict[str, float]) -> None:

@@ -21,6 +21,7 @@ class NAPG(SourceOnly):
     adversarial terms through D1 and D2; trains with the source + target prototypes P_ST (§5)."""
 
     uses_target = True
+    discriminators = ("d1", "d2")
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)

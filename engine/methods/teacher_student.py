@@ -3,27 +3,23 @@ distillation (docs/method.md §4.6, §6)."""
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
 from torch import nn
 
 from data.transforms import warp_to_strong
-from engine.device import unwrap
-from engine.methods.base import Batch, Logs, Method, set_requires_grad
+from engine.methods.base import Batch, Logs, TeacherMethod
 from engine.refresh import RefreshResult
-from losses import classifier_ce, feature_kd_loss
-from models.labels import resize_labels
+from losses import feature_kd_loss
 from utils.config import Config
 
 
-class TeacherStudent(Method):
+class TeacherStudent(TeacherMethod):
     """w_kd·L_kd of the teacher's full-tile features warped into the student's strong view, plus the D1/D2
     adversarial terms of the student's target maps against the teacher's source maps (and, with
     ``--w-ce-src``, a source cross-entropy). The teacher uses P_ST, the student P_T (§5)."""
 
     uses_target = True
+    discriminators = ("d1", "d2")
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)
@@ -31,10 +27,7 @@ class TeacherStudent(Method):
         self.w_ce_src = cfg.w_ce_src
         # The released code applied the strong view's geometry at scale 1, a quarter of the right one.
         self.legacy_geometry_scale = 1.0 if cfg.legacy_geometry else None
-        self.ema_momentum = cfg.ema_momentum  # None: the teacher stays frozen
-        # The teacher starts as the student's copy: the network handed over by step 2.
-        self.teacher = copy.deepcopy(unwrap(model)).eval()
-        set_requires_grad(self.teacher, False)
+        # The teacher (TeacherMethod) starts as the network handed over by step 2, frozen by default.
 
     def train_step(self, src: Batch, tgt: Batch | None, protos: RefreshResult, epoch: int) -> Logs:
         """One iteration on a source batch (``img``, ``label``) and a target batch of step 3's views: the full
@@ -69,36 +62,15 @@ class TeacherStudent(Method):
 
         # 4. Optionally keep the source: the student's classifier CE on it.
         if self.w_ce_src > 0:
-            out_s = self.forward(self.model, x_s, proto_student, "source")
-            y_up = resize_labels(self.labels(src), out_s["logits_up"].shape[-2:])
-            loss_ce = classifier_ce(out_s["logits_up"].float(), y_up)
+            loss_ce, _ = self.source_ce(x_s, self.labels(src), proto_student, logs)
             loss = loss + self.w_ce_src * loss_ce
-            logs["loss_ce"] = loss_ce.detach()
-        # Keeps every parameter in the graph (the legacy D2 term gives the similarity conv no gradient),
-        # which DistributedDataParallel requires; adds exactly zero.
-        loss = loss + 0.0 * out_strong["proto_logits"].float().sum()
+        # Keeps every parameter in the graph (the legacy D2 term gives the similarity conv no gradient).
+        loss = loss + self.all_parameters_term(out_strong)
 
         # 5. Generator backward, the discriminators' update (§4.4), the generator's step; then the EMA
         #    teacher follows the student (--ema-momentum).
         self.backward(loss, logs)
         self.discriminator_step(ent, logs, legacy_step1=False)
         self.step_segmenter()
-        if self.ema_momentum is not None:
-            self._update_teacher(self.ema_momentum)
+        self.update_teacher()
         return logs
-
-    @torch.no_grad()
-    def _update_teacher(self, momentum: float) -> None:
-        student = unwrap(self.model)
-        for p_t, p_s in zip(self.teacher.parameters(), student.parameters()):
-            p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
-        for b_t, b_s in zip(self.teacher.buffers(), student.buffers()):
-            b_t.copy_(b_s)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if "teacher" in state:
-            self.teacher.load_state_dict(state["teacher"])
