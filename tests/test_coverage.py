@@ -16,6 +16,7 @@ from models import NAPGNet
 from models.napg import ASPP_RATES, FEATURE_CHANNELS
 from tests.helpers import REPO, tiny_args
 from utils.config import load_yaml, resolve_config
+from utils.stages import STAGE_NAMES
 
 OUTPUT_STRIDE = 32  # layer 4 of the ResNet in models/napg.py
 
@@ -69,7 +70,7 @@ def _active_taps(rate: int, side: int) -> int:
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_training_crops_and_evaluation_patches_switch_on_the_same_aspp_taps(config):
     """The training crop and the evaluated patch give layer 4 maps on which each ASPP rate uses the same taps."""
-    for stage in ("step0", "step1", "step2", "step3"):
+    for stage in STAGE_NAMES:
         cfg = resolve_config(stage, load_yaml(REPO / "configs" / config))
         evaluated = cfg.resize or 512  # the patches as prepared (512 px) unless --resize sets them
         for rate in ASPP_RATES:
