@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.isprs import PALETTE, POTSDAM, SYNTHETIC_MARKER, VAIHINGEN
-from data.synthetic import make_synthetic
+from data.isprs import PALETTE, POTSDAM, SYNTHETIC_MARKER, VAIHINGEN, crop_boxes
+from data.synthetic import SIZES, make_synthetic
 from data.synthetic.calibration import CLASS_SHARES, DOMAIN_BANDS, target_colour_means
-from data.synthetic.downloads import EROSION_RADIUS_PX, erode_labels
+from data.synthetic.colour_baseline import colour_classifier_scores
+from data.synthetic.downloads import EROSION_RADIUS_PX, TILE_IDS, erode_labels
 from data.synthetic.pair import SOURCE, SOURCE_LOOK, TARGET, TARGET_LOOK, make_tile, target_look
 from tests.helpers import REAL_SAMPLES
 from tools import make_synthetic as make_synthetic_tool
@@ -244,8 +245,10 @@ def test_nearest_class_mean_classifier_drops_on_the_target(synthetic_root, sourc
     target_colours, target_labels = load_pixels(synthetic_root / "vaihingen_irrg", "val")
     target_val = miou(predict(target_colours), target_labels)
     # A gap (sensor response, GSD, layout), but not one that changes what colour a class has: a colour-only
-    # classifier keeps a good part of its source score on the target.
-    assert target_val + 5 <= source_val and target_val >= 0.25 * source_val, (source_val, target_val)
+    # classifier keeps a good part of its source score on the target. The drop is relative: since classes
+    # share colours (test_colour_alone_does_not_segment_the_source), colour alone scores only ~27 on the
+    # source, where the former fixed 5 points (set when it scored ~34) would ask for a fifth of its score.
+    assert target_val <= 0.95 * source_val and target_val >= 0.25 * source_val, (source_val, target_val)
 
 
 def test_domain_gap_knob_blends_the_target_look():
@@ -264,3 +267,84 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt", "potsdam"]
     with pytest.raises(UserError, match="size"):
         make_synthetic(tmp_path / "new", size="huge")
+
+
+def test_study_size_holds_enough_patches():
+    # Counted from the grid, not generated: every tile size the jitter allows gives the same grid.
+    wanted = {"potsdam": {"train": 800, "val": 200}, "vaihingen": {"train": 400, "val": 200}}
+    for dataset, spec in (("potsdam", SOURCE), ("vaihingen", TARGET)):
+        size = SIZES["study"][dataset]
+        for split in ("train", "val"):
+            tiles = TILE_IDS[dataset][split][: size[split]]
+            assert len(tiles) == size[split] and all(spec.dataset.split_of(t) == split for t in tiles)
+            for jitter in (-spec.tile_jitter_px, spec.tile_jitter_px):
+                h, w = (side + jitter for side in size["tile_px"])
+                assert len(tiles) * len(crop_boxes(h, w)) >= wanted[dataset][split], (dataset, split, jitter)
+    # small and demo keep their tiles: small is the start of demo.
+    for dataset in TILE_IDS:
+        for split in ("train", "val"):
+            small, demo = (TILE_IDS[dataset][split][: SIZES[s][dataset][split]] for s in ("small", "demo"))
+            assert demo[: len(small)] == small
+
+
+def write_tiny_domain(root, images, labels):
+    """A prepared folder with one train and one val patch: ``images[split]`` [H, W, 3], ``labels[split]``."""
+    for split in ("train", "val"):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+        Image.fromarray(images[split]).save(root / "img_dir" / split / "p.png")
+        Image.fromarray(labels[split]).save(root / "ann_dir" / split / "p.png")
+    (root / "meta.json").write_text(json.dumps({"label_format": "mmseg_raw"}))
+
+
+def colour_reference(train_pixels, train_labels, val_pixels, val_labels, bins):
+    """Plain loops: majority label per colour cell (ties to the smaller id, unseen cells to the most common
+    label), then IoU per class over the labelled val pixels."""
+    def cell(colour):
+        return tuple(int(v) * bins // 256 for v in colour)
+
+    votes, overall = {}, {}
+    for colour, label in zip(train_pixels, train_labels):
+        if label != 255:
+            votes.setdefault(cell(colour), {}).setdefault(label, 0)
+            votes[cell(colour)][label] += 1
+            overall[label] = overall.get(label, 0) + 1
+    fallback = min(overall, key=lambda c: (-overall[c], c))
+    ious = []
+    pred = [min(votes[cell(x)], key=lambda c: (-votes[cell(x)][c], c)) if cell(x) in votes else fallback
+            for x in val_pixels]
+    for c in range(6):
+        tp = sum(p == c and t == c for p, t in zip(pred, val_labels) if t != 255)
+        union = sum((p == c or t == c) for p, t in zip(pred, val_labels) if t != 255)
+        ious.append(100.0 * tp / union if union else None)
+    return ious
+
+
+def test_colour_classifier_matches_a_plain_reference(tmp_path):
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (5, 3))
+    images, labels = {}, {}
+    for split in ("train", "val"):
+        # Colours drawn from a few shared swatches, so that several classes meet in one colour cell.
+        images[split] = (palette[rng.integers(0, 5, (6, 7))] + rng.integers(-6, 7, (6, 7, 3))).clip(0, 255)
+        images[split] = images[split].astype(np.uint8)
+        labels[split] = rng.integers(0, 6, (6, 7)).astype(np.uint8)  # mmseg_raw: 0 ignored, 1..5 classes
+    write_tiny_domain(tmp_path / "tiny", images, labels)
+    scores = colour_classifier_scores(tmp_path, "tiny", bins=4)
+    train_ids = {split: np.where(labels[split] == 0, 255, labels[split] - 1) for split in labels}
+    expected = colour_reference(images["train"].reshape(-1, 3), train_ids["train"].ravel(),
+                                images["val"].reshape(-1, 3), train_ids["val"].ravel(), bins=4)
+    assert scores["iou"] == pytest.approx(expected)
+    assert scores["miou"] == pytest.approx(np.mean([v for v in expected if v is not None]))
+    assert scores["pixels"] == int(np.sum(labels["val"] > 0))
+
+
+def test_colour_alone_does_not_segment_the_source(synthetic_root):
+    # Before the shared materials, patchy grass, tile/strip radiometry and label noise, the quantised-colour
+    # table scored 73.7 (IRRG) and 63.0 (RGB) mIoU on the small set's source val: classes were told apart
+    # by colour alone. Now shape and context must do part of the work.
+    for source in ("potsdam_irrg", "potsdam_rgb"):
+        source_val = colour_classifier_scores(synthetic_root, source)["miou"]
+        assert source_val <= 60, (source, source_val)
+    cross = colour_classifier_scores(synthetic_root, "potsdam_irrg", eval_domain="vaihingen_irrg")["miou"]
+    assert cross <= 0.5 * colour_classifier_scores(synthetic_root, "potsdam_irrg")["miou"], cross

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="folder to write into")
     parser.add_argument("--mode", choices=MODES, default="prepared", help="fake zips or prepared folders")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="small: tests; demo: CPU demo")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="small: tests; demo: CPU demo; study: 864/216 source, 400/200 target train/val patches")
     parser.add_argument("--domain-gap", type=float, default=DOMAIN_GAP,
                         help="0: target looks like the source; 1: default appearance gap")
     parser.add_argument("--overwrite", action="store_true", help="replace folders written before")

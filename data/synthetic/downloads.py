@@ -21,10 +21,21 @@ from utils.publish import replace_dir
 
 EROSION_RADIUS_PX = 3  # the noBoundary labels black out pixels this close to a class border
 MODES = ("raw", "prepared")
-SIZES = {"small": {"train": 2, "val": 1}, "demo": {"train": 6, "val": 4}}
+# Tiles per split and dataset, and the nominal tile size (H, W) where it is not the domain's own.
+# "small" is a subset of "demo" (the same tiles). "study" uses every mmseg training tile of both data sets
+# (their ids decide the split, so more training data means larger tiles, as the real 6000 px Potsdam and
+# ~2000-2500 px Vaihingen tiles are): 6 x 6 and 5 x 5 patches per tile give 864 / 216 Potsdam and
+# 400 / 200 Vaihingen train / val patches.
+SIZES: dict[str, dict[str, dict]] = {
+    "small": {"potsdam": {"train": 2, "val": 1}, "vaihingen": {"train": 2, "val": 1}},
+    "demo": {"potsdam": {"train": 6, "val": 4}, "vaihingen": {"train": 6, "val": 4}},
+    "study": {"potsdam": {"train": 24, "val": 6, "tile_px": (3072, 3072)},
+              "vaihingen": {"train": 16, "val": 8, "tile_px": (2500, 2500)}},
+}
 TILE_IDS = {
-    "potsdam": {"train": POTSDAM.splits["train"][:6], "val": ("2_13", "2_14", "3_13", "3_14")},
-    "vaihingen": {"train": VAIHINGEN.splits["train"][:6], "val": ("area2", "area4", "area6", "area8")},
+    "potsdam": {"train": POTSDAM.splits["train"], "val": ("2_13", "2_14", "3_13", "3_14", "4_13", "4_14")},
+    "vaihingen": {"train": VAIHINGEN.splits["train"],
+                  "val": tuple(f"area{n}" for n in (2, 4, 6, 8, 10, 12, 14, 16))},
 }
 PREPARED_DOMAINS = (("potsdam", "rgb"), ("potsdam", "irrg"), ("vaihingen", "irrg"))
 # Bands (B, G, R, NIR) in cv2's BGR array order for files whose slots are (R, G, B) or (NIR, R, G).
@@ -64,7 +75,7 @@ def _write_zip(path: Path, members: dict[str, bytes]) -> None:
 
 
 def _tiles(dataset: str, size: str) -> dict[str, tuple[str, ...]]:
-    counts = SIZES[size]
+    counts = SIZES[size][dataset]
     return {split: TILE_IDS[dataset][split][: counts[split]] for split in ("train", "val")}
 
 
@@ -98,7 +109,7 @@ def write_raw(out: Path, seed: int = 0, size: str = "small", domain_gap: float =
         full: dict[str, np.ndarray] = {}
         for split, tiles in _tiles(dataset.name, size).items():
             for tile in tiles:
-                bands4, raw_ids = make_tile(spec, tile, seed, look)
+                bands4, raw_ids = make_tile(spec, tile, seed, look, SIZES[size][dataset.name].get("tile_px"))
                 full[tile] = raw_ids
                 for bands, members in images.items():
                     name = dataset.image_member_name(bands, tile)

@@ -1,5 +1,6 @@
 """The look of a synthetic tile: per-material reflectances (B, G, R, NIR) with per-instance jitter,
-textures and cast shadows, then a domain's sensor model (white balance, gamma, contrast, blur, noise)."""
+heavy-tailed textures, patchy vegetation and cast shadows, then a domain's sensor model (white balance,
+gamma, contrast, blur, noise) with per-tile and per-flight-strip radiometric variation."""
 
 from __future__ import annotations
 
@@ -65,6 +66,18 @@ class Look:
     road_texture: float
     blur_px: float
     noise: float  # sensor noise std as a fraction of full scale
+    # Low vegetation is not one colour per tile: lush, mown and dry patches (brightness and a dry hue).
+    veg_patchiness: float  # relative std of the patch brightness
+    veg_dryness: Vec4  # relative colour change per unit of the dryness field, per band
+    texture_tail: float  # 0: Gaussian textures; larger: heavier tails (sinh of the noise)
+    # Radiometry varies between tiles and between flight strips (vertical bands ``strip_width`` metres
+    # wide): log-normal gain, per-band white-balance jitter, and an offset in grey levels (fractions of
+    # full scale). They widen every class's colour distribution, as between the real tiles.
+    tile_gain: float
+    strip_gain: float
+    band_jitter: float
+    offset_jitter: float
+    strip_width: tuple[float, float]
 
 
 def _attr(scene: Scene, key: str, default: float = 0.0) -> np.ndarray:
@@ -83,19 +96,29 @@ def _instance_colours(scene: Scene, look: Look) -> tuple[np.ndarray, np.ndarray]
         else plain[mat]
         for mat, kind, v in zip(material, roof_type, u)
     ])
-    # Each instance gets a brightness jitter shared by its bands plus a smaller per-band one (hue).
+    # Each instance gets a brightness jitter shared by its bands plus a smaller per-band one (hue). Clutter
+    # is anything (gravel, tarpaulins, skips, sheds): three times the spread, and as much hue as brightness.
     z = np.stack([a["z"] for a in scene.attrs])
-    spread = np.where(material == CLUTTER_BLOB, 3.0, 1.0)[:, None] * look.jitter
-    colour = base * np.clip(1 + spread * (z[:, 4:] + 0.4 * z[:, :4]), 0.2, None)
+    is_clutter = (material == CLUTTER_BLOB)[:, None]
+    spread = np.where(is_clutter, 3.0, 1.0) * look.jitter
+    colour = base * np.clip(1 + spread * (z[:, 4:] + np.where(is_clutter, 1.0, 0.4) * z[:, :4]), 0.2, None)
     return colour.astype(np.float32), roof_type
+
+
+def _heavy_tailed(noise: np.ndarray, tail: float) -> np.ndarray:
+    """Unit-std noise with heavier tails than ``noise`` (Gaussian): sinh stretches its extremes."""
+    if tail <= 0:
+        return noise
+    out = np.sinh(tail * noise)
+    return out / (out.std() + 1e-6)
 
 
 def _shading(scene: Scene, look: Look, rng: np.random.Generator, roof_type: np.ndarray) -> np.ndarray:
     """Multiplicative texture ``[H, W]``: pavement grain, grass patches, roof tiles and gables, canopies."""
     h, w, gsd, inst = scene.height, scene.width, scene.gsd, scene.inst
     shade = np.ones((h, w), dtype=np.float32)
-    fine = smooth_noise(rng, h, w, 0.12 / gsd)
-    mid = smooth_noise(rng, h, w, 1.5 / gsd)
+    fine = _heavy_tailed(smooth_noise(rng, h, w, 0.12 / gsd), look.texture_tail)
+    mid = _heavy_tailed(smooth_noise(rng, h, w, 1.5 / gsd), look.texture_tail)
     material = _attr(scene, "material").astype(int)[inst]
     sun = -np.array([math.cos(look.sun_azimuth), math.sin(look.sun_azimuth)])
     for mat, amp, noise in ((ROAD, look.road_texture, fine), (GROUND, look.road_texture, fine),
@@ -107,25 +130,53 @@ def _shading(scene: Scene, look: Look, rng: np.random.Generator, roof_type: np.n
         ids = inst[rows, cols]
         angle, cx, cy = (_attr(scene, key)[ids] for key in ("angle", "cx", "cy"))
         across = ((cols - cx) * -np.sin(angle) + (rows - cy) * np.cos(angle)) * gsd
-        # The roof half whose slope faces the sun is brighter; flat roofs (the last type) have no ridge.
+        # The roof half whose slope faces the sun is brighter. Flat roofs (the last type) have no ridge and
+        # no tile rows: they are the ground's material with its grain, told apart only by shape and context.
         facing = np.sign(-np.sin(angle) * sun[0] + np.cos(angle) * sun[1])
         pitched = roof_type[ids] < len(look.roofs) - 1
-        shade[rows, cols] += (look.roof_stripes * np.sin(2 * math.pi * across / look.roof_stripe_period)
-                              + look.gable * pitched * np.sign(across) * facing)
+        shade[rows, cols] += np.where(
+            pitched,
+            look.roof_stripes * np.sin(2 * math.pi * across / look.roof_stripe_period)
+            + look.gable * np.sign(across) * facing,
+            look.road_texture * fine[rows, cols])
     rows, cols = np.nonzero(material == TREE_CANOPY)
     if rows.size:
         ids = inst[rows, cols]
         cx, cy, radius = (_attr(scene, key, 1.0)[ids] for key in ("cx", "cy", "radius"))
         dx, dy = (cols - cx) / radius, (rows - cy) / radius
         shade[rows, cols] *= 1 - 0.3 * np.minimum(dx * dx + dy * dy, 1.0) + 0.2 * (dx * sun[0] + dy * sun[1])
-        shade[rows, cols] *= 1 + look.canopy_speckle * smooth_noise(rng, h, w, 0.3 / gsd)[rows, cols]
+        speckle = _heavy_tailed(smooth_noise(rng, h, w, 0.3 / gsd), look.texture_tail)
+        shade[rows, cols] *= 1 + look.canopy_speckle * speckle[rows, cols]
     return np.clip(shade, 0.1, None)
 
 
-def _sensor(image: np.ndarray, look: Look, rng: np.random.Generator) -> np.ndarray:
-    """Reflectance ``[H, W, 4]`` -> uint8 through white balance, gamma, contrast, blur and noise."""
-    image = np.clip(image * np.asarray(look.white_balance, dtype=np.float32), 0, None) ** (1 / look.gamma)
-    image = ((image - 0.5) * look.contrast + 0.5 + look.brightness) * 255.0
+def _vegetation_patches(scene: Scene, look: Look, rng: np.random.Generator) -> np.ndarray:
+    """Relative colour ``[H, W, 4]`` of the low vegetation: brightness patches and dry (yellowed) patches
+    a few metres wide, so that grass spans the colours of trees and of bare ground."""
+    h, w, gsd = scene.height, scene.width, scene.gsd
+    brightness = 1 + look.veg_patchiness * smooth_noise(rng, h, w, 6.0 / gsd)
+    dryness = np.clip(smooth_noise(rng, h, w, 10.0 / gsd), 0, None)[..., None]
+    return np.clip(brightness[..., None] * (1 + dryness * np.asarray(look.veg_dryness, np.float32)), 0.2, None)
+
+
+def _strip_radiometry(scene: Scene, look: Look, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Gain and offset ``[W, 4]`` per image column: one tile-wide draw times one per flight strip."""
+    tile_gain = np.exp(look.tile_gain * rng.standard_normal() + look.band_jitter * rng.standard_normal(4))
+    width_px = rng.uniform(*look.strip_width) / scene.gsd
+    strip = ((np.arange(scene.width) + rng.uniform(0, width_px)) // width_px).astype(int)
+    count = strip.max() + 1
+    strip_gain = np.exp(look.strip_gain * rng.standard_normal((count, 1))
+                        + 0.5 * look.band_jitter * rng.standard_normal((count, 4)))
+    offset = look.offset_jitter * 255.0 * rng.standard_normal((count, 4))
+    return (tile_gain * strip_gain)[strip].astype(np.float32), offset[strip].astype(np.float32)
+
+
+def _sensor(image: np.ndarray, look: Look, rng: np.random.Generator, gain: np.ndarray,
+            offset: np.ndarray) -> np.ndarray:
+    """Reflectance ``[H, W, 4]`` -> uint8 through white balance (times the per-column ``gain`` ``[W, 4]``),
+    gamma, contrast, the per-column ``offset`` in grey levels, blur and noise."""
+    image = np.clip(image * (np.asarray(look.white_balance, dtype=np.float32) * gain), 0, None) ** (1 / look.gamma)
+    image = ((image - 0.5) * look.contrast + 0.5 + look.brightness) * 255.0 + offset
     if look.blur_px > 0:
         image = cv2.GaussianBlur(image, (0, 0), look.blur_px)
     if look.noise > 0:
@@ -137,9 +188,11 @@ def render(scene: Scene, look: Look, rng: np.random.Generator) -> np.ndarray:
     """Render the scene's four bands ``[H, W, 4]`` uint8 in (B, G, R, NIR) order."""
     colour, roof_type = _instance_colours(scene, look)
     image = colour[scene.inst] * _shading(scene, look, rng, roof_type)[..., None]
+    grass = _attr(scene, "material").astype(int)[scene.inst] == GRASS
+    image[grass] *= _vegetation_patches(scene, look, rng)[grass]
     shadow = _shadow_mask(scene, look, _attr(scene, "height")[scene.inst])
     image *= 1 - (1 - np.asarray(look.shadow_gain, dtype=np.float32)) * shadow[..., None]
-    return _sensor(image, look, rng)
+    return _sensor(image, look, rng, *_strip_radiometry(scene, look, rng))
 
 
 def _shadow_mask(scene: Scene, look: Look, receiver_height: np.ndarray) -> np.ndarray:

@@ -17,6 +17,10 @@ IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR, CLUTTER = 1, 2, 3, 4, 5, 6
 # Materials: class, texture and height of each kind of surface.
 GROUND, ROAD, MARKING, GRASS, ROOF, TREE_CANOPY, CAR_BODY, CAR_GLASS, CLUTTER_BLOB = range(9)
 MATERIAL_CLASS = np.array([IMPERVIOUS, IMPERVIOUS, IMPERVIOUS, LOW_VEG, BUILDING, TREE, CAR, CAR, CLUTTER])
+# The classes an annotator may give an instance of a material instead (label noise): a tree taken for
+# shrubs (low vegetation), a roof for paving (a terrace, a parking deck), clutter for paving or grass.
+# Ground, roads and grass span whole tiles and are never flipped.
+MISLABEL_AS = {TREE_CANOPY: (LOW_VEG,), ROOF: (IMPERVIOUS,), CLUTTER_BLOB: (IMPERVIOUS, LOW_VEG)}
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,25 @@ class Scene:
         """Raw class ids ``[H, W]`` uint8 (1..6)."""
         materials = np.array([a["material"] for a in self.attrs])
         return MATERIAL_CLASS[materials][self.inst].astype(np.uint8)
+
+    def noisy_labels(self, rng: np.random.Generator, mislabel: float, jitter_m: float) -> np.ndarray:
+        """Raw class ids ``[H, W]`` as an annotator draws them: each tree, roof or clutter instance takes a
+        confusable class with probability ``mislabel``, and the borders wander by about ``jitter_m``
+        metres (a smooth displacement of the whole map, nearest-neighbour resampled)."""
+        materials = np.array([a["material"] for a in self.attrs])
+        per_instance = MATERIAL_CLASS[materials].astype(np.uint8)
+        flip = rng.random(len(materials)) < mislabel
+        for i in np.nonzero(flip)[0]:
+            choices = MISLABEL_AS.get(int(materials[i]))
+            if choices:
+                per_instance[i] = choices[rng.integers(len(choices))]
+        labels = per_instance[self.inst]
+        if jitter_m <= 0:
+            return labels
+        # Displacements vary over a few metres, so neighbouring border pixels move together.
+        dx, dy = (jitter_m / self.gsd * smooth_noise(rng, self.height, self.width, 3.0 / self.gsd) for _ in "xy")
+        cols, rows = np.meshgrid(np.arange(self.width, dtype=np.float32), np.arange(self.height, dtype=np.float32))
+        return cv2.remap(labels, cols + dx, rows + dy, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
 
 
 class _Frame:
