@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.domains import resolve_domain
 from data.synthetic import SIZES, make_synthetic
+from data.synthetic.colour_baseline import colour_classifier_scores
 from engine.cli import flag_overrides, train_stage
 from engine.evaluate import evaluate_checkpoint
 from engine.rundir import Action, RunFolder
@@ -161,6 +162,7 @@ class Study:
             "budget": {"iterations": budget, "source_epochs": self.napg_epochs, "oracle_epochs": oracle_epochs,
                        "eval_every": self.eval_every, "warm_start_epochs": self.args.warm_epochs,
                        "warm_start_lr": self.args.warm_lr}}
+        results["colour_classifier"] = self._colour_classifier()
         for seed in self.args.seeds:
             warm = self._warm_start(seed)
             results["warm_start"][str(seed)] = {"run": str(warm), **self._scores(warm, recalibrate=False)}
@@ -174,6 +176,16 @@ class Study:
             results["seconds"][str(seed)] = seconds
             write_json(self.out / "validity.json", results)  # partial results survive an interruption
         return results
+
+    def _colour_classifier(self) -> dict[str, float]:
+        """mIoU (%) of the per-pixel colour classifier fit on source train, on source val and on target val:
+        what a CNN must beat to show it uses shape and context."""
+        scores = {split: colour_classifier_scores(self.data_root, self.source, eval_domain=domain,
+                                                  resize=self.resize)["miou"]
+                  for split, domain in (("source_val", self.source), ("target_val", self.target))}
+        print(f"colour-only classifier (fit on source train), mIoU %: source val {scores['source_val']:.1f}, "
+              f"target val {scores['target_val']:.1f}", flush=True)
+        return scores
 
     def _warm_start(self, seed: int) -> Path:
         if self.args.warm_start is not None:
@@ -310,10 +322,13 @@ def summary_table(results: dict[str, Any]) -> str:
     mean +- std over seeds, per seed, paired differences to source only and to AdaBN, and source val."""
     seeds = list(results["runs"])
     warm = [results["warm_start"][s] for s in seeds]
+    colour = results["colour_classifier"]
     lines = [f"validity study, data seed {results['data_seed']}, training seeds {', '.join(seeds)}; budget "
              f"{results['budget']['iterations']} iterations; warm starts: source-val mIoU "
              + " ".join(f"{100 * w['source_val']['miou']:.1f}" for w in warm) + ", target-val "
-             + " ".join(f"{100 * w['target_val']['miou']:.1f}" for w in warm),
+             + " ".join(f"{100 * w['target_val']['miou']:.1f}" for w in warm)
+             + f"; colour-only classifier: source val {colour['source_val']:.1f}, "
+               f"target val {colour['target_val']:.1f}",
              f"{'method':<28}{'target val':>15}{'recalibrated':>15}{'per seed':>18}{'vs src only':>15}"
              f"{'vs AdaBN':>15}{'source val':>15}"]
     methods = methods_of(results)
