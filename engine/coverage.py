@@ -13,6 +13,10 @@ non-zero gradient during a stage (read at the log points, where the trainer wait
 kept in ``last.pt`` so a resumed stage counts the whole stage). At the end :func:`untrained_at_evaluation`
 finds the elements that change the scored output on an evaluation batch but never had a gradient: the
 stage writes their count per parameter into ``eval.json`` and warns.
+
+The bias of a convolution that feeds a BatchNorm (``up.0.bias``) is not counted: in training the batch mean
+removes it, so its gradient is zero up to rounding (on some CPUs exactly zero for a few channels), and at
+evaluation the running mean, an average of batch means that contained it, removes it again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,18 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def cancelled_by_batchnorm(model: nn.Module) -> set[str]:
+    """Names of the biases of convolutions directly followed by a BatchNorm in an ``nn.Sequential``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            for (index, layer), following in zip(module.named_children(), list(module.children())[1:]):
+                if (isinstance(layer, nn.modules.conv._ConvNd) and layer.bias is not None
+                        and isinstance(following, nn.modules.batchnorm._BatchNorm)):
+                    names.add(f"{prefix}.{index}.bias" if prefix else f"{index}.bias")
+    return names
 
 
 class GradientCoverage:
@@ -62,7 +78,9 @@ def untrained_at_evaluation(coverage: GradientCoverage, x: torch.Tensor, prototy
                             domain: str) -> dict[str, int]:
     """Parameter name -> number of elements that act on ``x`` but had no gradient during the stage."""
     acting = acting_elements(coverage.model, x, prototypes, domain)
-    counts = {name: int((mask & ~coverage.seen[name]).sum()) for name, mask in acting.items()}
+    cancelled = cancelled_by_batchnorm(coverage.model)
+    counts = {name: int((mask & ~coverage.seen[name]).sum()) for name, mask in acting.items()
+              if name not in cancelled}
     return {name: n for name, n in counts.items() if n}
 
 
