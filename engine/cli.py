@@ -3,22 +3,26 @@ that run stages (tools/run_pipeline.py, tools/validity.py) use instead of comman
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import Any
 
 from utils.config import Config, add_config_arguments, config_from_args, overrides_from_args
+from utils.flags import FlagParser
 from utils.paths import check_output_folder
 from utils.stages import STAGES
 
 
-def build_parser(stage: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(stage: str) -> FlagParser:
+    """The step script's parser: the stage's own defaults in every help text, options in groups."""
+    parser = FlagParser(
         description=STAGES[stage].description,
+        usage="%(prog)s [--config YAML] [--preset {legacy,paper}] [--OPTION VALUE ...]",
         epilog="Options resolve as: built-in defaults < stage defaults < --preset < --config YAML "
-               "(top level, then its '" + stage + ":' section) < flags.")
-    add_config_arguments(parser)
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+               "(top level, then its '" + stage + ":' section) < flags. The defaults shown are this stage's "
+               "without YAML; --print-config shows what a command line resolves to.")
+    groups = add_config_arguments(parser, stage)
+    groups["presets and legacy switches"].add_argument("--print-config", action="store_true",
+                                                       help="print the resolved config and exit")
     return parser
 
 
@@ -51,6 +55,6 @@ def train_stage(cfg: Config) -> dict[str, Any]:
 def flag_overrides(argv: Sequence[str]) -> dict[str, Any]:
     """The options that stage flags in ``argv`` set, as ``resolve_config`` overrides: how a tool parses once
     the extra flags its user passes on to every stage it runs."""
-    parser = argparse.ArgumentParser(description="options passed on to every stage")
+    parser = FlagParser(description="options passed on to every stage")
     add_config_arguments(parser)
     return overrides_from_args(parser.parse_args(argv))

@@ -60,6 +60,7 @@ from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
 from utils.config import OPTIONS, resolve_config
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.paths import check_output_files
 from utils.run import seed_everything
 from utils.stages import STAGE_NAMES
@@ -258,24 +259,26 @@ def data_folder(args: argparse.Namespace) -> Iterator[Path | None]:
             yield Path(tmp)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Time NAPG parts (fast vs reference), training stages and loaders.")
-    parser.add_argument("--what", nargs="+", default=["head", "network"], choices=list(BENCHMARKS))
+def build_parser() -> FlagParser:
+    parser = FlagParser(description="Time NAPG parts (fast vs reference), training stages and loaders.")
+    parser.add_argument("--what", nargs="+", default=["head", "network"], choices=list(BENCHMARKS),
+                        help="what to time")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, default=2, help="images per batch (per domain in a stage)")
     parser.add_argument("--size", type=int, default=256, help="input side in pixels (multiple of 32; a stage's "
                         "training crop)")
     parser.add_argument("--k", type=int, default=4, help="prototypes per class (head/network)")
-    parser.add_argument("--num-classes", type=int, default=6)
-    parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES))
+    parser.add_argument("--num-classes", type=int, default=6, help="classes of the head")
+    parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES), help="ResNet depth")
     parser.add_argument("--per-class-sim", action="store_true", help="one similarity conv per class")
     parser.add_argument("--repeats", type=int, default=10, help="timed iterations (loader: timed passes)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations (loader: passes) first")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     stage = parser.add_argument_group("stage and loader benchmarks")
-    stage.add_argument("--stages", nargs="+", default=["step1", "step2"], choices=STAGE_NAMES)
-    stage.add_argument("--head-impl", default="fast", choices=IMPLS)
-    stage.add_argument("--amp", default="off", choices=OPTIONS["amp"].choices)
+    stage.add_argument("--stages", nargs="+", default=["step1", "step2"], choices=STAGE_NAMES,
+                       help="stages whose iterations are timed")
+    stage.add_argument("--head-impl", default="fast", choices=IMPLS, help="prototype head implementation")
+    stage.add_argument("--amp", default="off", choices=OPTIONS["amp"].choices, help=OPTIONS["amp"].help)
     stage.add_argument("--cache", action="store_true", help="read patches from the uint8 cache")
     stage.add_argument("--workers", type=int, default=0, help="data-loader processes (loader: also runs 0)")
     stage.add_argument("--resize", type=int, help="resize every patch to this side first (as the config option)")
@@ -292,11 +295,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        "run folder (e.g. a converted original checkpoint) instead of random weights")
     stage.add_argument("--random-batches", type=int, default=2, help="refresh/evaluation batches per role with "
                        "--synthetic-random")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.json is not None:
         check_output_files([args.json], "--json")
     if args.size % 32 or args.size <= 0:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import csv
 import io
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import numpy as np
 from data.domains import CLASS_NAMES
 from utils.checkpoint import atomic_write_bytes
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.paths import check_output_files, check_output_folder
 from utils.plots import can_draw, image_png, results_rgb
 from utils.run import read_json
@@ -104,12 +104,16 @@ def csv_text(groups: dict[tuple[str, str], list[dict]], stats: dict[tuple[str, s
     return buffer.getvalue()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="pipeline or stage folders")
     parser.add_argument("--out", required=True, type=Path, help="folder for results.md, .csv and .png")
     parser.add_argument("--overwrite", action="store_true", help="replace results written before")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     check_output_folder(args.out, "--out")
     check_output_files([args.out / name for name in OUTPUTS], "--out", args.overwrite)
     groups = gather(args.runs)

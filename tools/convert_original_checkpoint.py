@@ -11,7 +11,6 @@ evaluates it. An existing output is kept unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,24 +22,26 @@ from models import FCDiscriminatorHighMask, NAPGNet, load_original_checkpoint
 from models.napg import BACKBONES
 from models.original import read_original_checkpoint
 from utils.errors import run_cli
+from utils.flags import FlagParser
 from utils.paths import check_output_files
 from utils.stages import ORIGINAL
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="original NAPG .pth file")
     parser.add_argument("--out", required=True, type=Path, help="converted checkpoint to write")
-    parser.add_argument("--num-classes", type=int, default=6)
-    parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES))
+    parser.add_argument("--num-classes", type=int, default=6, help="classes of the original model")
+    parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES),
+                        help="ResNet depth of the original model")
     parser.add_argument("--per-class-sim", action="store_true",
                         help="one similarity conv per class (the original shares one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     check_output_files([args.out], "--out", args.overwrite)
     ckpt = read_original_checkpoint(args.checkpoint)
     model = NAPGNet(num_classes=args.num_classes, backbone=args.backbone,

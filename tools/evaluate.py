@@ -35,15 +35,16 @@ from engine.evaluate import CheckpointScores, evaluate_checkpoint, evaluate_tile
 from engine.inference import SlideConfig
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.metrics import PROTOCOLS, format_table
 from utils.paths import check_output_files
 from utils.run import write_json
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data-root")
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="finished stage folder or model.pt / best.pt")
+    parser.add_argument("--data-root", help="folder of prepared domain folders (patch mode)")
     parser.add_argument("--domain", help="registered domain name, alias or folder")
     parser.add_argument("--mode", default="patch", choices=("patch", "slide"),
                         help="patch: the prepared patches as they are; slide: whole images with sliding windows")
@@ -55,17 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="slide with --raw: which benchmark")
     parser.add_argument("--bands", help="slide with --raw: rgb or irrg")
     parser.add_argument("--labels", default="eroded", choices=LABEL_KINDS, help="slide with --raw: ground truth")
-    parser.add_argument("--split", default="val", choices=("train", "val"))
-    parser.add_argument("--protocol", default="standard", choices=PROTOCOLS)
+    parser.add_argument("--split", default="val", choices=("train", "val"), help="split to score")
+    parser.add_argument("--protocol", default="standard", choices=PROTOCOLS,
+                        help="which classes the mIoU averages (standard: all; see the README)")
     parser.add_argument("--prototypes", default="auto", choices=("auto", "target", "source_target", "none"),
                         help="prototype set for the prototype branch (auto: target if present)")
-    parser.add_argument("--label-format", choices=("mmseg_raw", "train_ids"))
+    parser.add_argument("--label-format", choices=("mmseg_raw", "train_ids"),
+                        help="label files' format (default: meta.json or a scan)")
     parser.add_argument("--normalize", choices=OPTIONS["normalize"].choices,
                         help="input normalisation (default: the one the checkpoint was trained with)")
     parser.add_argument("--resize", type=int, help="resize patches to this side (as the run did)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--bn-domain", default="auto", choices=("auto", "source", "target"),
                         help="BatchNorm statistics of a --bn-stats domain checkpoint (auto: the checkpoint's target "
                              "statistics when --domain is its target, else its source statistics)")

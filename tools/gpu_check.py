@@ -13,7 +13,6 @@ full output goes to ``--log-dir`` (default: ``logs/`` in the work folder).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -29,6 +28,7 @@ import torch
 from data.synthetic import make_synthetic
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.paths import check_output_folder
 from utils.process import run_group
 from utils.publish import publish_dir
@@ -39,15 +39,19 @@ REPO = Path(__file__).resolve().parents[1]
 DDP_STAGES = ("step1", "step2")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--amp", default="bf16", choices=OPTIONS["amp"].choices)
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--amp", default="bf16", choices=OPTIONS["amp"].choices, help=OPTIONS["amp"].help)
     parser.add_argument("--work-dir", help="where to write the data and runs (default: a temporary folder)")
     parser.add_argument("--stage-timeout-s", type=float, default=600.0, help="seconds each stage may take")
     parser.add_argument("--record", type=Path, help="JSON of the stages checked so far, rewritten after each")
     parser.add_argument("--log-dir", type=Path, help="folder for each stage's full output (default: "
                         "<work-dir>/logs)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.work_dir:
         check_output_folder(args.work_dir, "--work-dir")
     if not torch.cuda.is_available():

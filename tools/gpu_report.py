@@ -85,6 +85,7 @@ from engine.benchmarking import (
 from utils.checkpoint import atomic_write_bytes
 from utils.config import Config
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.gpu_machine import GPU_MACHINE_PACKAGES
 from utils.paths import check_output_files, check_output_folder
 from utils.process import run_group
@@ -731,9 +732,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="device to measure")
     parser.add_argument("--tiny", action="store_true", help="CI sizes: ResNet-18, 64², a few patches")
     parser.add_argument("--out", type=Path, default=Path("gpu-report"), help="folder for the JSON and Markdown")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
@@ -742,7 +743,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="measure only these parts (in the usual order)")
     parser.add_argument("--part", choices=PART_NAMES, help=argparse.SUPPRESS)  # internal: one part, this process
     parser.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = check_output_folder(args.out, "--out")
     check_output_files([out / "gpu_report.json", out / "gpu_report.md"], "--out")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -9,7 +9,6 @@ last kill the run is resumed to the end; the tool prints whether every tensor of
 the uninterrupted run's and exits 0 only then.
 """
 
-import argparse
 import random
 import subprocess
 import sys
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.paths import check_output_folder
 from utils.stages import STAGES
 
@@ -34,13 +34,17 @@ RUN_FLAGS = ["--source", "potsdam_irrg", "--target", "vaihingen_irrg", "--backbo
              "--progress", "false"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=10)
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs at random moments of the run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--work-dir", help="folder for the data and both runs (default: a temporary folder)")
     parser.add_argument("--data-root", help="prepared data (default: the small synthetic set, made here)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.kills < 1:
         raise UserError(f"--kills must be >= 1, got {args.kills}")
     if args.work_dir:

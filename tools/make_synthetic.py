@@ -12,18 +12,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 from collections.abc import Sequence
 
 from data.synthetic import DOMAIN_GAP, MODES, SIZES, make_synthetic
 from utils.errors import run_cli
+from utils.flags import FlagParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write into")
     parser.add_argument("--mode", choices=MODES, default="prepared", help="fake zips or prepared folders")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data set")
     parser.add_argument("--size", choices=sorted(SIZES), default="small",
                         help="small: tests; demo: CPU demo; study: 864/216 source, 400/200 target train/val patches")
     parser.add_argument("--domain-gap", type=float, default=DOMAIN_GAP,

@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import io
 import warnings
 from collections.abc import Sequence
@@ -36,14 +35,15 @@ from engine.logger import PALETTE
 from utils.checkpoint import atomic_write_bytes
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.paths import check_output_files, check_output_folder
 from utils.run import resolve_device
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="finished stage folder or model.pt / best.pt")
     parser.add_argument("--input", required=True, type=Path, help="image file or folder of images")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--entropy", action="store_true", help="also write <stem>_entropy.tif")
     parser.add_argument("--probs", action="store_true", help="also write <stem>_probs.tif (uint8 per class)")
     parser.add_argument("--hflip", action="store_true", help="average with the horizontally flipped windows")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="off", choices=OPTIONS["amp"].choices)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--amp", default="off", choices=OPTIONS["amp"].choices, help=OPTIONS["amp"].help)
     parser.add_argument("--overwrite", action="store_true", help="replace outputs written before")
     return parser
 

@@ -22,18 +22,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 from collections.abc import Sequence
 
 from data.isprs import DATASETS, GRIDS, LABEL_FORMATS, LABEL_KINDS
 from data.prepare import prepare_isprs, summary_lines
 from utils.errors import run_cli
+from utils.flags import FlagParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    parser.add_argument("--bands", required=True, choices=["rgb", "irrg"])
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="which ISPRS benchmark")
+    parser.add_argument("--bands", required=True, choices=["rgb", "irrg"], help="image bands to write")
     parser.add_argument("--raw", required=True, type=Path, help="folder with the official zips or their contents")
     parser.add_argument("--out", required=True, type=Path, help="output domain folder, e.g. data/potsdam_rgb")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=int, default=None, help="grid stride in px (default clip/2)")
     parser.add_argument("--target-gsd", type=float, default=None, help="resample tiles to this GSD in m first")
     parser.add_argument("--strict-colors", action="store_true", help="decode only exact palette colours")
-    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="mmseg_raw")
+    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="mmseg_raw",
+                        help="label files written: MMSegmentation's raw ids or train ids")
     parser.add_argument("--labels", choices=LABEL_KINDS, default="eroded",
                         help="eroded (noBoundary, the benchmark's) or full ground truth (no ignored pixels)")
     parser.add_argument("--workers", type=int, default=1, help="tiles converted in parallel processes")

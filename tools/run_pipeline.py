@@ -10,7 +10,6 @@ source-val mIoU, and ``<work-dir>/panels.png``: the first target-val patches, th
 finished stage's prediction side by side.
 """
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from engine.rundir import Action, RunFolder, State
 from utils.checkpoint import atomic_write_bytes
 from utils.config import load_yaml, resolve_config
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.metrics import SUMMARY_KEYS as METRICS
 from utils.paths import check_output_files, check_output_folder
 from utils.plots import image_png
@@ -32,10 +32,14 @@ from utils.run import read_json, write_json
 from utils.stages import PIPELINE, STAGE_NAMES, STAGES
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.splitlines()[0],
+                        usage="%(prog)s --config YAML [--work-dir DIR] [--stages STAGE ...] [STAGE FLAGS ...]",
+                        epilog="Every other flag is a stage option (see python step1-warm-up.py --help) and is "
+                               "passed on to every stage run, after the config: e.g. --device cuda --amp bf16.")
     parser.add_argument("--config", required=True, help="YAML config of the pair (configs/*.yaml)")
-    parser.add_argument("--work-dir", required=True, help="pipeline folder; stages go to <work-dir>/<stage>")
+    parser.add_argument("--work-dir", help="pipeline folder; stages go to <work-dir>/<stage> (default: the "
+                        "config's work_dir)")
     parser.add_argument("--stages", nargs="+", default=list(PIPELINE), choices=STAGE_NAMES,
                         help="stages to run, in this order (default: the pipeline step0..step3; a baseline "
                              "such as dacs runs by name, from step 0 with --warm-start)")
@@ -43,10 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warm-start", action="store_true",
                         help="step 1 starts from this pipeline's step 0 (the stand-in for ImageNet weights when "
                              "there are none; step 0 is then also the source-only row of the table)")
-    args, extra = parser.parse_known_args(argv)
-    work_dir = check_output_folder(args.work_dir, "--work-dir")
-    check_output_files([work_dir / "results.json", work_dir / "panels.png"], "--work-dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
     yaml_data, overrides = load_yaml(args.config), flag_overrides(extra)
+    work_dir = args.work_dir or yaml_data.get("work_dir")
+    if not work_dir:
+        raise UserError(f"{args.config} sets no work_dir; pass --work-dir DIR")
+    work_dir = check_output_folder(work_dir, "--work-dir")
+    check_output_files([work_dir / "results.json", work_dir / "panels.png"], "--work-dir")
     for stage in args.stages:
         folder = RunFolder(work_dir, stage)
         action = folder.next_action(overwrite=args.overwrite)

@@ -51,6 +51,7 @@ from engine.evaluate import evaluate_checkpoint
 from engine.rundir import Action, RunFolder
 from utils.config import Config, load_yaml, resolve_config
 from utils.errors import UserError, run_cli
+from utils.flags import FlagParser
 from utils.paths import check_output_files, check_output_folder
 from utils.plots import can_draw
 from utils.run import read_json, write_json
@@ -94,8 +95,8 @@ def recipe(method: str, epochs: int, oracle_epochs: int) -> Recipe:
     return Recipe(method, napg, ABLATIONS[method.removeprefix("napg_")])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-seed", type=int, required=True, help="seed of the synthetic data set")
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="training seeds")
     parser.add_argument("--out", required=True, type=Path, help="study folder (data, runs, validity.json)")
@@ -109,7 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warm-start", type=Path,
                         help="one finished step-0 run folder that every seed starts from instead of its own "
                              "(the spread over seeds is then conditional on it)")
-    args, extra = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds has repeats: {args.seeds}")
     out = check_output_folder(args.out, "--out")

@@ -69,7 +69,7 @@ class Config:
     num_workers: int = option(2, "data-loader worker processes", range=(0, INF))
     normalize: Literal["unit", "imagenet"] = option("unit", "input normalisation")
     label_format: Literal["mmseg_raw", "train_ids"] | None = option(
-        None, "label format of all domains (default: meta.json or scan)")
+        None, "label format of all domains (none: from meta.json, else a scan of the labels)")
     target_eval_split: Literal["val", "train"] = option("val", "target split used for evaluation")
     # --- model ---
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = option("resnet50", "ResNet depth")
@@ -95,7 +95,7 @@ class Config:
     auto_k_max: int = option(4, "K for high-variance classes with --auto-k", range=(1, INF))
     auto_k_threshold: float = option(0.5, "normalised-variance threshold of --auto-k", range=(0.0, INF))
     kmeans_backend: Literal["torch", "sklearn"] = option("torch", "k-means implementation")
-    kmeans_n_init: int | str = option(10, "k-means restarts, or 'auto' (scikit-learn's default since 1.4: 1 run "
+    kmeans_n_init: int | str = option(10, "k-means restarts, or 'auto' (what scikit-learn uses since 1.4: 1 run "
                                       "with k-means++)", range=(1, INF), parse=int_or_auto)
     kmeans_seed: int = option(0, "k-means seed (scikit-learn's random_state)", range=(0, 2**32 - 1))
     tgt_proto_start: int = option(1, "first epoch whose prototypes use target pseudo-labels (0 = never)",
@@ -127,8 +127,8 @@ class Config:
     kd_temperature: float = option(2.0, "distillation temperature", range=(1e-6, INF))
     kd_normalize: Literal["valid", "all"] = option("valid", "distillation normaliser")
     w_ce_src: float = option(0.0, "source cross-entropy weight in step 3", range=(0.0, INF))
-    ema_momentum: float | None = option(None, "teacher EMA momentum (step 3's default: a frozen teacher; dacs: "
-                                        "0.99, as DACS)", range=(0.0, 1.0))
+    ema_momentum: float | None = option(None, "teacher EMA momentum (none: a frozen teacher; DACS uses 0.99)",
+                                        range=(0.0, 1.0))
     weak_scale: tuple[float, ...] = option((1.0, 2.0), "random scale range of the weak view", range=(1e-3, INF),
                                            length=2)
     hflip: float = option(0.5, "horizontal-flip probability of the weak view", range=(0.0, 1.0))
@@ -238,6 +238,29 @@ _HINTS = typing.get_type_hints(Config)
 # name -> row, in the order of the fields; ``stage`` and ``preset`` are set by resolve_config, not options.
 OPTIONS: dict[str, Option] = {f.name: _row(f, _HINTS[f.name]) for f in dataclasses.fields(Config)
                               if f.name not in ("stage", "preset")}
+
+# The groups of a step script's --help, in order. A group runs from its first option in field order, except
+# the schedules (kept beside their subjects in Config, looked up together) and the released code's switches.
+HELP_GROUPS = ("presets and legacy switches", "data", "network", "optimisation", "schedules", "prototypes",
+               "losses", "teacher-student and self-training", "evaluation", "speed", "run folder and resume")
+_GROUP_STARTS = {"data_root": "data", "backbone": "network", "lr": "optimisation", "clusters": "prototypes",
+                 "w_ce": "losses", "w_kd": "teacher-student and self-training", "w_ent": "losses",
+                 "pseudo_threshold": "teacher-student and self-training", "eval_every": "evaluation",
+                 "amp": "speed", "work_dir": "run folder and resume"}
+_SCHEDULES = ("epochs", "iters_per_epoch", "tgt_proto_start", "tau_start", "tau_step", "tau_min",
+              "gnce_start_epoch")
+
+
+def _option_groups() -> dict[str, str]:
+    groups, current = {}, "data"
+    for name in OPTIONS:
+        current = _GROUP_STARTS.get(name, current)
+        groups[name] = ("schedules" if name in _SCHEDULES else
+                        "presets and legacy switches" if name.startswith("legacy_") else current)
+    return groups
+
+
+OPTION_GROUPS: dict[str, str] = _option_groups()  # option name -> its --help group
 
 
 @dataclass(frozen=True)
@@ -412,24 +435,44 @@ def load_config(path: Path) -> Config:
     return Config(stage=stage, preset=preset, **values)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per option, plus ``--config`` and ``--preset``; flag defaults are None (= not given)."""
-    parser.add_argument("--config", help="YAML file with option: value pairs (see configs/)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="; ".join(f"{name}: {p.help}"
-                                                                          for name, p in PRESETS.items()))
+def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> dict[str, Any]:
+    """One flag per option, plus ``--config`` and ``--preset``; flag defaults are None (= not given).
+
+    With ``stage``, the flags sit in :data:`HELP_GROUPS` and each help text ends with the value that stage
+    runs when neither YAML nor flags set it (its stage defaults and the ``paper`` preset applied): what
+    ``--print-config`` prints. Returns the argument groups by name (empty without ``stage``)."""
+    groups = {name: parser.add_argument_group(name) for name in HELP_GROUPS} if stage else {}
+    stage_values = resolve_config(stage).to_dict() if stage else {}
+    first = groups.get("presets and legacy switches", parser)
+    first.add_argument("--config", metavar="YAML", help="YAML file with option: value pairs (see configs/)")
+    first.add_argument("--preset", choices=sorted(PRESETS), help="; ".join(f"{name}: {p.help}"
+                                                                         for name, p in PRESETS.items())
+                       + " (default: paper)")
     for key, opt in OPTIONS.items():
         flag = "--" + key.replace("_", "-")
-        metavar = opt.type.__name__.upper()
-        default = list(opt.default) if isinstance(opt.default, tuple) else opt.default
+        help = f"{opt.help} (default: {format_value(stage_values[key])})" if stage else opt.help
+        metavar = ("{" + ",".join(map(str, opt.choices)) + "}" if opt.choices else "BOOL" if opt.type is bool
+                   else "INT|auto" if opt.parse is int_or_auto else opt.type.__name__.upper())
+        target = groups.get(OPTION_GROUPS[key], parser)
         if opt.type is bool:
-            parser.add_argument(flag, dest=key, nargs="?", const="true", default=None, metavar="BOOL",
-                                help=f"{opt.help} (default {default})")
+            target.add_argument(flag, dest=key, nargs="?", const="true", default=None, metavar=metavar, help=help)
         elif opt.is_list:
-            parser.add_argument(flag, dest=key, nargs="+", default=None, metavar=metavar,
-                                help=f"{opt.help} (default {default})")
+            target.add_argument(flag, dest=key, nargs="+", default=None, metavar=metavar, help=help)
         else:
-            parser.add_argument(flag, dest=key, default=None, metavar=metavar,
-                                choices=None, help=f"{opt.help} (default {default})")
+            target.add_argument(flag, dest=key, default=None, metavar=metavar, help=help)
+    return groups
+
+
+def format_value(value: Any) -> str:
+    """An option value as a help text shows it: ``0.3333333333333333`` -> ``0.333333``, lists spaced,
+    None -> ``none``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(format_value(v) for v in value)
+    return "none" if value is None else str(value)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,134 @@
+"""Command lines: truthful grouped help for the stages, one-line errors with suggestions everywhere."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import yaml
+
+from engine.cli import build_parser, stage_main
+from utils.config import HELP_GROUPS, OPTIONS, format_value
+from utils.flags import FlagParser
+from utils.stages import STAGE_NAMES
+
+TOOLS = ("benchmark", "collect_results", "convert_original_checkpoint", "evaluate", "gpu_check", "gpu_report",
+         "kill_resume_study", "make_synthetic", "predict", "prepare_isprs", "run_pipeline", "validity")
+
+
+def _tool_parser(name: str) -> FlagParser:
+    return importlib.import_module(f"tools.{name}").build_parser()
+
+
+def _option_actions(parser: FlagParser) -> dict[str, object]:
+    return {a.dest: a for a in parser._actions if a.dest in OPTIONS}
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_stage_help_shows_what_print_config_prints(stage, capsys):
+    assert stage_main(stage, ["--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    actions = _option_actions(build_parser(stage))
+    assert set(actions) == set(OPTIONS)
+    for key, action in actions.items():
+        assert action.help.endswith(f"(default: {format_value(printed[key])})"), (stage, key, action.help)
+        assert action.help.count("(default") == 1, (stage, key, action.help)
+
+
+def test_format_value_is_readable():
+    assert format_value(1 / 3) == "0.333333"
+    assert format_value((2, 2, 4)) == "2 2 4"
+    assert format_value(None) == "none" and format_value(True) == "true" and format_value(1e-4) == "0.0001"
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_every_stage_option_sits_in_exactly_one_group(stage):
+    parser = build_parser(stage)
+    titles = [g.title for g in parser._action_groups if g.title in HELP_GROUPS]
+    assert titles == list(HELP_GROUPS)
+    seen: dict[str, list[str]] = {}
+    for group in parser._action_groups:
+        for action in group._group_actions:
+            seen.setdefault(action.dest, []).append(group.title)
+    for key in OPTIONS:
+        assert len(seen[key]) == 1 and seen[key][0] in HELP_GROUPS, (key, seen[key])
+    help_text = parser.format_help()
+    assert len(parser.format_usage().strip().splitlines()) <= 3
+    for key, opt in OPTIONS.items():
+        if opt.choices:  # fixed choices are listed, not shown as STR
+            assert "{" + ",".join(map(str, opt.choices)) + "}" in help_text, key
+
+
+def _expect_one_line_error(capsys, run, *expected: str) -> str:
+    with pytest.raises(SystemExit) as stop:
+        run()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def _typo(flag: str) -> str:
+    """A flag with one inner letter dropped: ``--batch-size`` -> ``--batc-size``."""
+    body = flag[2:]
+    cut = max(1, len(body) // 2)
+    return "--" + body[:cut - 1] + body[cut:] if len(body) > 3 else flag + "x"
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_a_stage_flag_typo_is_one_line_naming_the_flag(stage, capsys):
+    _expect_one_line_error(capsys, lambda: stage_main(stage, ["--batchsize", "4"]),
+                           "unknown option --batchsize", "--batch-size")
+    # No prefix matching: --epoch is not --epochs.
+    _expect_one_line_error(capsys, lambda: stage_main(stage, ["--epoch", "1"]), "--epoch", "--epochs")
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_every_tool_refuses_a_typo_in_one_line_with_a_suggestion(name, capsys):
+    parser = _tool_parser(name)
+    assert isinstance(parser, FlagParser) and parser.allow_abbrev is False
+    flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--") and f != "--help"]
+    assert flags, name
+    for flag in flags:
+        wrong = _typo(flag)
+        if wrong in flags:
+            continue
+        err = _expect_one_line_error(capsys, lambda w=wrong: parser.parse_args([w]),
+                                     f"unknown option {wrong}")
+        assert flag in err, (name, wrong, err)
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_every_tool_option_has_help_text(name):
+    for action in _tool_parser(name)._actions:
+        assert action.help, (name, action.option_strings or action.dest)
+
+
+def test_other_parse_errors_are_one_line_too(capsys):
+    module = importlib.import_module("tools.predict")
+    _expect_one_line_error(capsys, lambda: module.build_parser().parse_args(["--input", "x"]), "required")
+    _expect_one_line_error(capsys, lambda: module.build_parser().parse_args(
+        ["--checkpoint", "c", "--input", "i", "--out", "o", "--amp", "fp8"]), "invalid choice")
+    _expect_one_line_error(capsys, lambda: module.build_parser().parse_args(
+        ["--checkpoint", "c", "--input", "i", "--out", "o", "4"]), "unexpected argument")
+
+
+def test_pass_through_flags_are_checked_against_the_stage_options(capsys, monkeypatch, tmp_path):
+    run_pipeline = importlib.import_module("tools.run_pipeline")
+    monkeypatch.setattr(sys, "argv", ["run_pipeline.py"])
+    _expect_one_line_error(capsys, lambda: run_pipeline.main(
+        ["--config", "configs/demo.yaml", "--work-dir", str(tmp_path), "--lrr", "0.1"]), "--lrr", "--lr")
+
+
+def test_run_pipeline_takes_the_work_dir_from_the_config(tmp_path):
+    from utils.errors import UserError
+
+    run_pipeline = importlib.import_module("tools.run_pipeline")
+    config = tmp_path / "pair.yaml"
+    config.write_text("source: potsdam_irrg\n")
+    with pytest.raises(UserError, match="sets no work_dir; pass --work-dir"):
+        run_pipeline.main(["--config", str(config)])
+    assert "passed on to every stage" in run_pipeline.build_parser().format_help()

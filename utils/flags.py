@@ -1,0 +1,53 @@
+"""The argument parser of every script and tool: no prefix matching, and a mistake is one line.
+
+argparse would take ``--epoch 1`` as ``--epochs 1`` (prefix matching) and answer a misspelt flag with the
+whole usage block; here the first is refused like any unknown flag, and every error is one line that names
+the nearest known flags, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+
+class FlagParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with ``allow_abbrev=False`` and one-line errors."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        # An unknown flag is named before a missing required one: "--outt" says more than "--out is required".
+        tokens = list(sys.argv[1:] if args is None else args)
+        tokens = tokens[:tokens.index("--")] if "--" in tokens else tokens
+        known = set(self.known_flags())
+        unknown = [t for t in tokens if t.startswith("--") and t.split("=", 1)[0] not in known]
+        if unknown:
+            self.error(self.unknown_flags_message(unknown))
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            message = self.unknown_flags_message(message.removeprefix("unrecognized arguments: ").split())
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    def known_flags(self) -> list[str]:
+        return [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+
+    def unknown_flags_message(self, tokens: list[str]) -> str:
+        """The unknown flags among ``tokens``, each with the nearest known ones ("did you mean --batch-size?")."""
+        flags = [token.split("=", 1)[0] for token in tokens if token.startswith("-")]
+        if not flags:
+            return f"unexpected argument(s) {' '.join(tokens)}; every value follows its option"
+        known = self.known_flags()
+        parts = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+            parts.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
+        return f"unknown option{'s' if len(flags) > 1 else ''} {', '.join(parts)}"
