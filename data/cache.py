@@ -168,8 +168,6 @@ def _build_in(folder: Path, src: _Sources, reason: str) -> Path | None:
                     raise UserError(f"cannot build the uint8 cache in {folder.parent}: {blocker} is a file, not a "
                                     f"folder; remove it or pass --cache false") from None
                 raise
-            # mkdtemp makes the folder private; whoever may read the data may read its cache too.
-            staging.chmod(0o755)
             shape = _common_shape(src)
             kind = "images and labels" if src.labels is not None else "images"
             print(f"cache: {reason}; decoding {len(src.names)} {kind} of {src.images[0].parent} into {folder}",

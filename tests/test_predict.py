@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -11,10 +14,12 @@ from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from data.isprs import CLASS_NAMES, IGNORE_INDEX
 from engine.logger import PALETTE
 from tests.helpers import random_checkpoint
 from tools.predict import main
 from utils.errors import run_cli
+from utils.publish import publish_dir
 
 # A quarter-scale network input keeps a 2000 x 1500 tile to a few dozen small windows.
 FAST = ["--crop", "128", "--stride", "96", "--device", "cpu"]
@@ -119,3 +124,53 @@ def test_bad_options_end_with_one_line(checkpoint, tmp_path, capsys, flags):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error:")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("t_*"))
+
+
+def test_outputs_are_ready_for_a_gis(checkpoint, tmp_path):
+    """Colour table, nodata, band names and a QGIS legend; the PNG georeferenced by its world file and CRS."""
+    tile = tmp_path / "tile.tif"
+    _geotiff(tile, _image(3, 150, 200))
+    assert _predict(checkpoint, tile, tmp_path / "out", "--probs", "--entropy") == 0
+    out = tmp_path / "out"
+    with rasterio.open(out / "tile_classes.tif") as got:
+        colormap = got.colormap(1)
+        assert all(colormap[i][:3] == tuple(int(v) for v in PALETTE[i]) for i in range(len(CLASS_NAMES)))
+        assert got.nodata == IGNORE_INDEX and got.descriptions == ("class",)
+        tags = got.tags(1)
+        assert [tags[f"class_{i}"] for i in range(len(CLASS_NAMES))] == list(CLASS_NAMES)
+    with rasterio.open(out / "tile_probs.tif") as probs:
+        assert all(name in text for name, text in zip(CLASS_NAMES, probs.descriptions, strict=True))
+    style = ElementTree.parse(out / "tile_classes.qml").getroot()
+    entries = style.findall(".//paletteEntry")
+    assert [(int(e.get("value")), e.get("label"), e.get("color")) for e in entries] == [
+        (i, name, "#" + bytes(PALETTE[i].tolist()).hex()) for i, name in enumerate(CLASS_NAMES)]
+    with rasterio.open(tile) as src, rasterio.open(out / "tile_color.png") as png:
+        assert png.crs == src.crs
+        assert png.transform.almost_equals(src.transform)
+
+
+def test_a_plain_png_gets_no_world_file(checkpoint, tmp_path):
+    Image.fromarray(_image(3, 64, 64).transpose(1, 2, 0)).save(tmp_path / "t.png")
+    assert _predict(checkpoint, tmp_path / "t.png", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t_classes.qml", "t_classes.tif", "t_color.png"]
+
+
+def test_a_tile_with_more_bands_needs_bands(checkpoint, tmp_path, capsys):
+    _geotiff(tmp_path / "rgbir.tif", _image(4, 64, 64))
+    assert _predict(checkpoint, tmp_path / "rgbir.tif", tmp_path / "out") == 2
+    assert "4 band(s); pass --bands" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_output_files_follow_the_umask(checkpoint, tmp_path, mask):
+    Image.fromarray(_image(3, 64, 64).transpose(1, 2, 0)).save(tmp_path / "t.png")
+    old = os.umask(mask)
+    try:
+        assert _predict(checkpoint, tmp_path / "t.png", tmp_path / "out") == 0
+        with publish_dir(tmp_path / "published") as staging:
+            (staging / "file").write_text("x")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "out").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+    assert stat.S_IMODE((tmp_path / "published").stat().st_mode) == 0o777 & ~mask

@@ -4,10 +4,13 @@
 
 Input: one GeoTIFF / TIFF / PNG / JPEG file or a folder of them, 8-bit, three bands picked by ``--bands``
 (1-based, in the order the network was trained on; e.g. ``4,1,2`` turns a Potsdam RGBIR tile into IRRG).
-Per input ``<stem>`` it writes ``<stem>_classes.tif`` (one uint8 band of train ids 0..5 with the input's
-CRS and transform; a plain TIFF's ``.tfw`` world file is copied next to it), ``<stem>_color.png`` (ISPRS
-palette), and on request ``<stem>_entropy.tif`` (float32, normalised entropy in [0, 1]) and
-``<stem>_probs.tif`` (one uint8 band per class, probability * 255). Existing outputs are kept unless
+A tile with more than three bands needs ``--bands``. Per input ``<stem>`` it writes ``<stem>_classes.tif``
+(one uint8 band of train ids 0..5 with the input's CRS and transform, the ISPRS colour table, nodata 255,
+the class names as band metadata, and ``<stem>_classes.qml``, the QGIS style with the legend; a plain
+TIFF's ``.tfw`` world file is copied next to it), ``<stem>_color.png`` (ISPRS palette; for a georeferenced
+input with a ``.pgw`` world file and a ``.png.aux.xml`` holding the CRS), and on request
+``<stem>_entropy.tif`` (float32, normalised entropy in [0, 1]) and ``<stem>_probs.tif`` (one uint8 band per
+class, probability * 255, named by class). Files follow the user's umask. Existing outputs are kept unless
 ``--overwrite``; a tile that cannot be read is reported and skipped, and the tool exits with 2 at the end.
 """
 
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import io
 import warnings
 from collections.abc import Sequence
+from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
@@ -29,6 +33,7 @@ from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from tqdm import tqdm
 
+from data.isprs import CLASS_NAMES, IGNORE_INDEX
 from engine.handoff import handoff_file, handoff_network, load_handoff
 from engine.inference import Prediction, SlideConfig, predict_image
 from engine.logger import PALETTE
@@ -51,7 +56,8 @@ def build_parser() -> FlagParser:
     parser.add_argument("--stride", type=int, default=341, help="window step in network px")
     parser.add_argument("--scale", type=float,
                         help="resize factor image -> network (default: the checkpoint's training scale)")
-    parser.add_argument("--bands", default="1,2,3", help="three 1-based band numbers, e.g. 4,1,2 for IRRG")
+    parser.add_argument("--bands", help="three 1-based band numbers, e.g. 4,1,2 for IRRG from an RGBIR tile "
+                        "(default: 1,2,3 of a three-band tile; needed for more bands)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--entropy", action="store_true", help="also write <stem>_entropy.tif")
     parser.add_argument("--probs", action="store_true", help="also write <stem>_probs.tif (uint8 per class)")
@@ -64,7 +70,7 @@ def build_parser() -> FlagParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bands = parse_bands(args.bands)
+    bands = parse_bands(args.bands) if args.bands is not None else None
     if args.crop < 32 or args.stride < 1 or args.stride > args.crop or args.batch_size < 1:
         raise UserError(f"need --crop >= 32, 1 <= --stride <= --crop and --batch-size >= 1, got --crop {args.crop} "
                         f"--stride {args.stride} --batch-size {args.batch_size}")
@@ -127,8 +133,13 @@ def list_inputs(path: Path) -> list[Path]:
 
 
 def output_paths(out: Path, tile: Path, entropy: bool, probs: bool) -> dict[str, Path]:
-    """Where the outputs of ``tile`` go (``tfw`` only for inputs that carry a world file)."""
-    paths = {"classes": out / f"{tile.stem}_classes.tif", "color": out / f"{tile.stem}_color.png"}
+    """Where the outputs of ``tile`` go (``tfw`` only for inputs that carry a world file, the PNG's world file
+    and CRS only for georeferenced inputs)."""
+    paths = {"classes": out / f"{tile.stem}_classes.tif", "style": out / f"{tile.stem}_classes.qml",
+             "color": out / f"{tile.stem}_color.png"}
+    if _georeferenced(tile):
+        paths["color_pgw"] = out / f"{tile.stem}_color.pgw"
+        paths["color_aux"] = out / f"{tile.stem}_color.png.aux.xml"
     if entropy:
         paths["entropy"] = out / f"{tile.stem}_entropy.tif"
     if probs:
@@ -148,12 +159,28 @@ def _world_file(tile: Path) -> Path | None:
     return None
 
 
-def read_tile(path: Path, bands: list[int]) -> tuple[torch.Tensor, dict]:
-    """Bands ``bands`` of an 8-bit image as uint8 [3, H, W] and the georeference to write back."""
+def _georeferenced(tile: Path) -> bool:
+    """Whether ``tile`` has a CRS or a map transform (an unreadable tile is reported when it is read)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(tile) as src:
+                return src.crs is not None or not src.transform.is_identity
+    except RasterioIOError:
+        return False
+
+
+def read_tile(path: Path, bands: list[int] | None) -> tuple[torch.Tensor, dict]:
+    """Bands ``bands`` (default: the three of a three-band image) of an 8-bit image as uint8 [3, H, W] and
+    the georeference to write back."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
+                if bands is None and src.count != 3:
+                    raise UserError(f"it has {src.count} band(s); pass --bands with the three the network was "
+                                    f"trained on, e.g. 4,1,2 for IRRG from RGBIR")
+                bands = bands or [1, 2, 3]
                 if max(bands) > src.count:
                     raise UserError(f"it has {src.count} bands, --bands asks for band {max(bands)}")
                 if src.dtypes[0] != "uint8":
@@ -165,15 +192,44 @@ def read_tile(path: Path, bands: list[int]) -> tuple[torch.Tensor, dict]:
     return torch.from_numpy(image), profile
 
 
-def _geotiff_bytes(bands: np.ndarray, profile: dict, **options: object) -> bytes:
-    """A GeoTIFF of ``bands`` [N, H, W] with ``profile``'s size, CRS and transform, in memory."""
+def _geotiff_bytes(bands: np.ndarray, profile: dict, descriptions: Sequence[str], colormap: dict | None = None,
+                   tags: dict[str, str] | None = None, **options: object) -> bytes:
+    """A GeoTIFF of ``bands`` [N, H, W] with ``profile``'s size, CRS and transform, a description per band,
+    and optionally a colour table and metadata on band 1, in memory."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.MemoryFile() as memfile:
             with memfile.open(driver="GTiff", count=bands.shape[0], dtype=bands.dtype.name, **profile,
                               **options) as dst:
                 dst.write(bands)
+                for index, text in enumerate(descriptions, start=1):
+                    dst.set_band_description(index, text)
+                if colormap is not None:
+                    dst.write_colormap(1, colormap)
+                if tags:
+                    dst.update_tags(1, **tags)
             return memfile.read()
+
+
+def qgis_style(names: Sequence[str], palette: np.ndarray) -> str:
+    """A QGIS layer style (``.qml``, loaded with the raster of the same name): a paletted legend of the
+    class names in the palette's colours [C, 3]."""
+    entries = "\n".join(f'        <paletteEntry value="{i}" label="{escape(name)}" alpha="255" '
+                        f'color="#{r:02x}{g:02x}{b:02x}"/>' for i, (name, (r, g, b)) in enumerate(zip(names, palette)))
+    return ("<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n<qgis>\n  <pipe>\n"
+            '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1">\n'
+            f"      <colorPalette>\n{entries}\n      </colorPalette>\n    </rasterrenderer>\n  </pipe>\n</qgis>\n")
+
+
+def world_file_text(transform: rasterio.Affine) -> str:
+    """An ESRI world file (``.pgw``): pixel sizes and rotations, then the centre of the upper-left pixel."""
+    a, b, c, d, e, f = transform[:6]
+    return "\n".join(f"{v:.10f}" for v in (a, d, b, e, c + a / 2 + b / 2, f + d / 2 + e / 2)) + "\n"
+
+
+def pam_crs_xml(crs: rasterio.crs.CRS) -> str:
+    """GDAL's ``.aux.xml`` sidecar holding ``crs``: what a GIS reads as the CRS of the PNG beside it."""
+    return f'<PAMDataset>\n  <SRS dataAxisToSRSAxisMapping="1,2">{escape(crs.to_wkt())}</SRS>\n</PAMDataset>\n'
 
 
 def color_png_bytes(classes: np.ndarray) -> bytes:
@@ -188,12 +244,24 @@ def color_png_bytes(classes: np.ndarray) -> bytes:
 def write_outputs(pred: Prediction, profile: dict, tile: Path, paths: dict[str, Path]) -> None:
     """Write every output of one tile, each atomically (a temporary name, then a rename)."""
     tiled = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
-    atomic_write_bytes(paths["classes"], _geotiff_bytes(pred.classes[None], profile, **tiled))
+    colormap = {i: tuple(int(v) for v in rgb) for i, rgb in enumerate(PALETTE)}
+    classes = {"classes": f"train id: {', '.join(f'{i} {n}' for i, n in enumerate(CLASS_NAMES))}; "
+                          f"{IGNORE_INDEX} nodata"}
+    atomic_write_bytes(paths["classes"], _geotiff_bytes(
+        pred.classes[None], profile, nodata=IGNORE_INDEX, descriptions=["class"], colormap=colormap,
+        tags={**classes, **{f"class_{i}": name for i, name in enumerate(CLASS_NAMES)}}, **tiled))
+    atomic_write_bytes(paths["style"], qgis_style(CLASS_NAMES, PALETTE).encode())
     atomic_write_bytes(paths["color"], color_png_bytes(pred.classes))
+    if "color_pgw" in paths:
+        atomic_write_bytes(paths["color_pgw"], world_file_text(profile["transform"]).encode())
+        if profile["crs"] is not None:
+            atomic_write_bytes(paths["color_aux"], pam_crs_xml(profile["crs"]).encode())
     if pred.entropy is not None:
-        atomic_write_bytes(paths["entropy"], _geotiff_bytes(pred.entropy[None], profile, **tiled))
+        atomic_write_bytes(paths["entropy"], _geotiff_bytes(pred.entropy[None], profile,
+                                                            descriptions=["normalised entropy"], **tiled))
     if pred.probs is not None:
-        atomic_write_bytes(paths["probs"], _geotiff_bytes(pred.probs, profile, **tiled))
+        atomic_write_bytes(paths["probs"], _geotiff_bytes(
+            pred.probs, profile, descriptions=[f"p({name}) x 255" for name in CLASS_NAMES], **tiled))
     world = _world_file(tile)
     for key, dest in paths.items():
         if key.endswith("_tfw") and world is not None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from utils.errors import UserError, os_error_message
+from utils.publish import as_created
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -28,6 +29,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        as_created(tmp)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -7,11 +7,31 @@ data set are all written this way.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: Path | str, folder: bool = False) -> None:
+    """Give a file or folder made private by ``mkstemp``/``mkdtemp`` the mode a plain ``open``/``mkdir``
+    would have given it (0o666 / 0o777 less the umask), so that labmates can read what the user can."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
 
 
 def replace_dir(staging: Path, final: Path, aside: Path | None = None) -> None:
@@ -54,6 +74,7 @@ def publish_dir(final: Path, prefix: str | None = None) -> Iterator[Path]:
     ``OSError`` of a parent that cannot be written, before the block runs."""
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.partial-", dir=final.parent))
+    as_created(staging, folder=True)
     try:
         yield staging
         replace_dir(staging, final)
