@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.files import read_meta
 from data.isprs import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from utils.errors import UserError
 
-__all__ = ["CLASS_NAMES", "DOMAINS", "IGNORE_INDEX", "NUM_CLASSES", "Domain", "check_num_classes", "get_domain",
-           "resolve_domain"]
+__all__ = ["CLASS_NAMES", "DOMAINS", "IGNORE_INDEX", "NUM_CLASSES", "Domain", "check_num_classes", "domain_bands",
+           "get_domain", "resolve_domain"]
 
 
 def check_num_classes(num_classes: int) -> None:
@@ -79,3 +80,12 @@ def resolve_domain(data_root: str | Path | None, name: str | Path) -> Path:
         f"ann_dir/{{train,val}}: prepare one with tools/prepare_isprs.py, or fix --data-root / the domain name "
         f"(registered: {', '.join(DOMAINS)}; aliases: {', '.join(_ALIASES)})"
     )
+
+
+def domain_bands(folder: Path) -> list[str] | None:
+    """The bands in the R, G, B slots of a prepared folder's images (``meta.json``, else the registered
+    domain of the folder's name), e.g. ["NIR", "R", "G"]; None when neither says."""
+    bands = read_meta(folder).get("bands")
+    if bands is None and (domain := get_domain(folder.name)) is not None:
+        bands = domain.bands
+    return list(bands) if bands is not None else None

@@ -14,12 +14,12 @@ from torch import nn
 
 from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
-from data.domains import resolve_domain
+from data.domains import domain_bands, resolve_domain
 from data.loaders import build_loader
 from data.preprocess import to_model_input
 from data.transforms import Resize
 from engine.device import amp_dtype, autocast
-from engine.handoff import handoff_file, handoff_network, load_handoff
+from engine.handoff import handoff_file, handoff_network, load_handoff, trained_bands
 from engine.inference import SlideConfig, predict_image
 from engine.refresh import RefreshResult
 from models.labels import resize_labels
@@ -193,19 +193,23 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, domain: s
                         batch_size: int = 8, num_workers: int = 2, resize: int | None = None,
                         recalibrate: bool = False, protocol: str = "standard", prototypes: str = "auto",
                         label_format: str | None = None, normalize: str | None = None, bn_domain: str = "auto",
-                        device: str = "auto") -> CheckpointScores:
+                        device: str = "auto", allow_band_mismatch: bool = False) -> CheckpointScores:
     """Scores of ``checkpoint`` on the ``split`` patches of the prepared ``domain`` under ``data_root``.
 
-    ``resize`` resizes the patches as the run did; ``recalibrate`` first re-estimates the BatchNorm
-    statistics on the domain's *train* images (AdaBN; no labels read). ``prototypes`` picks the set for
-    the prototype branch: auto (target if present), target, source_target or none. ``normalize`` defaults
-    to the checkpoint's, ``bn_domain`` as :func:`load_for_evaluation`.
+    ``resize`` resizes the patches (default: as the run did, from the checkpoint); ``recalibrate`` first
+    re-estimates the BatchNorm statistics on the domain's *train* images (AdaBN; no labels read).
+    ``prototypes`` picks the set for the prototype branch: auto (target if present), target, source_target
+    or none. ``normalize`` defaults to the checkpoint's, ``bn_domain`` as :func:`load_for_evaluation`. A
+    domain whose bands are neither the run's source bands nor its target bands is refused unless
+    ``allow_band_mismatch``.
     """
-    folder = resolve_domain(Path(data_root), domain)  # the data are checked before the checkpoint is read
-    uses = [SplitUse(folder, split)] + ([SplitUse(folder, "train", labels=False)] if recalibrate else [])
-    check_data(uses, label_format=label_format, resize=resize, batch_size=batch_size, batch_flag="--batch-size")
+    folder = resolve_domain(Path(data_root), domain)
     loaded = load_for_evaluation(checkpoint, data_root, domain, device, bn_domain)
     meta = loaded.state["meta"]
+    check_bands(meta, domain_bands(folder), f"{domain}", allow_band_mismatch)
+    resize = resize or meta["resize"]
+    uses = [SplitUse(folder, split)] + ([SplitUse(folder, "train", labels=False)] if recalibrate else [])
+    check_data(uses, label_format=label_format, resize=resize, batch_size=batch_size, batch_flag="--batch-size")
     protos = _pick_prototypes(loaded.state.get("prototypes"), prototypes)
     if protos is not None:
         protos = protos.to(loaded.device)
@@ -222,7 +226,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, domain: s
     loader = build_loader(dataset, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
     results = evaluate(loaded.model, loader, protos, loaded.device, meta["num_classes"], protocol=protocol,
                        domain=loaded.bn_domain)
-    return CheckpointScores(results, loaded.path, "patch", bn, recalibrated)
+    mode = f"patch (resized to {resize})" if resize else "patch"
+    return CheckpointScores(results, loaded.path, mode, bn, recalibrated)
+
+
+def check_bands(meta: dict, bands: list[str] | None, what: str, allow: bool) -> None:
+    """Refuse images whose bands the checkpoint's run never saw (e.g. an IRRG-only model on RGB tiles)."""
+    seen = trained_bands(meta)
+    if allow or bands is None or not seen or bands in seen:
+        return
+    trained = " and ".join(",".join(b) for b in seen)
+    raise UserError(f"the checkpoint was trained on {trained} images, {what} holds {','.join(bands)}; use data with "
+                    f"those bands, or pass --allow-band-mismatch to score it anyway")
 
 
 def _is_target(meta: dict, data_root: str | Path | None, domain: str) -> bool:

@@ -28,8 +28,11 @@ from utils.errors import UserError
 from utils.stages import ORIGINAL, STAGES
 
 # meta fields that older checkpoints may lack, with the value they were written under.
-# ``input_scale``: image px -> network px the weights were trained at (patches resized by --resize).
-META_DEFAULTS = {"shared_similarity": True, "bn_stats": "shared", "normalize": "unit", "input_scale": 1.0}
+# ``input_scale``: image px -> network px the weights were trained at (patches resized by --resize);
+# ``resize``: that --resize (None: patches as they are); ``bands``: {"source": [...], "target": [...]}, the
+# bands of the run's domains in the network's three input channels, e.g. ["NIR", "R", "G"] (None: not recorded).
+META_DEFAULTS = {"shared_similarity": True, "bn_stats": "shared", "normalize": "unit", "input_scale": 1.0,
+                 "resize": None, "bands": None}
 
 
 def handoff_meta(*, stage: str, source: str | None, target: str | None, num_classes: int, backbone: str,
@@ -40,8 +43,8 @@ def handoff_meta(*, stage: str, source: str | None, target: str | None, num_clas
     ``source``/``target`` name the domain pair (None when unknown, as for a converted original),
     ``clusters`` the K_c per class of the stored prototypes (None without prototypes), ``bn_stats``
     the BatchNorm statistics mode, ``normalize`` the input normalisation the weights were trained with.
-    ``extra`` adds ``input_scale`` (see ``META_DEFAULTS``) and free-form provenance (oracle selection,
-    conversion report).
+    ``extra`` adds ``input_scale``, ``resize`` and ``bands`` (see ``META_DEFAULTS``) and free-form provenance
+    (oracle selection, conversion report).
     """
     return {"stage": stage, "source": source, "target": target, "num_classes": num_classes, "backbone": backbone,
             "shared_similarity": shared_similarity, "clusters": clusters,
@@ -58,6 +61,15 @@ def save_handoff(path: Path, model: nn.Module, d1: nn.Module | None, d2: nn.Modu
     if d2 is not None:
         state["d2"] = d2.state_dict()
     save_checkpoint(state, path)
+
+
+def trained_bands(meta: dict[str, Any]) -> list[list[str]]:
+    """The distinct band lists of the images a checkpoint's run saw (source first; [] when not recorded)."""
+    seen: list[list[str]] = []
+    for bands in (meta.get("bands") or {}).values():
+        if bands and list(bands) not in seen:
+            seen.append(list(bands))
+    return seen
 
 
 def handoff_file(path: str | Path, flag: str = "--init") -> Path:
@@ -80,6 +92,9 @@ def load_handoff(path: str | Path, expected_stage: str | None = None, flag: str 
     path = handoff_file(path, flag)
     state = load_checkpoint(path)
     meta = state.get("meta")
+    if "rng" in state and "streams" in state:  # a run's last.pt: the full training state, not a hand-off
+        raise UserError(f"{flag} {path} is a training state for --resume (last.pt); pass the finished stage "
+                        f"folder or its model.pt")
     if "model" not in state or not isinstance(meta, dict):
         raise UserError(f"{flag} {path}: not a stage checkpoint of this project (no 'model'/'meta'); original "
                         f"NAPG checkpoints are converted with tools/convert_original_checkpoint.py")

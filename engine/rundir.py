@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from data.domains import resolve_domain
+from data.domains import domain_bands, resolve_domain
 from data.files import read_meta
 from engine.build import bn_stats_of
 from engine.coverage import GradientCoverage
@@ -218,9 +218,15 @@ def save_stage_handoff(path: Path, napg: Method, protos: RefreshResult, cfg: Con
                         num_classes=cfg.num_classes, backbone=cfg.backbone,
                         shared_similarity=cfg.shared_similarity, clusters=protos.clusters,
                         bn_stats=bn_stats_of(cfg), normalize=cfg.normalize, epoch=epoch,
-                        input_scale=_input_scale(cfg), **extra)
+                        input_scale=_input_scale(cfg), resize=cfg.resize, bands=_bands(cfg), **extra)
     d1, d2 = (None if d is None else unwrap(d) for d in (napg.d1, napg.d2))
     save_handoff(path, unwrap(napg.model), d1, d2, protos.state_dict(), meta)
+
+
+def _bands(cfg: Config) -> dict[str, list[str] | None]:
+    """The bands of the run's source and target images (see ``META_DEFAULTS``)."""
+    return {role: domain_bands(resolve_domain(Path(cfg.data_root), name)) if name else None
+            for role, name in (("source", cfg.source), ("target", cfg.target))}
 
 
 def _input_scale(cfg: Config) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,16 +41,17 @@ def assert_close(actual: torch.Tensor, ref: torch.Tensor, name: str = "", rel: f
     torch.testing.assert_close(actual, ref, rtol=rel, atol=atol, msg=(lambda m: f"{name}: {m}") if name else None)
 
 
-def random_checkpoint(path: Path, input_scale: float = 1.0, backbone: str = "resnet18") -> Path:
-    """A step-0 hand-off checkpoint of a randomly initialised network (seeded), written to ``path``."""
+def random_checkpoint(path: Path, input_scale: float = 1.0, backbone: str = "resnet18", **meta: Any) -> Path:
+    """A step-0 hand-off checkpoint of a randomly initialised network (seeded), written to ``path``; ``meta``
+    adds optional meta fields (``resize``, ``bands``)."""
     from engine.handoff import handoff_meta, save_handoff
     from models import NAPGNet
 
     torch.manual_seed(0)
-    meta = handoff_meta(stage="step0", source="potsdam_irrg", target="vaihingen_irrg", num_classes=6,
+    fields = handoff_meta(stage="step0", source="potsdam_irrg", target="vaihingen_irrg", num_classes=6,
                         backbone=backbone, shared_similarity=True, clusters=None, bn_stats="shared",
-                        normalize="unit", epoch=1, input_scale=input_scale)
-    save_handoff(path, NAPGNet(num_classes=6, backbone=backbone), None, None, None, meta)
+                        normalize="unit", epoch=1, input_scale=input_scale, **meta)
+    save_handoff(path, NAPGNet(num_classes=6, backbone=backbone), None, None, None, fields)
     return path
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.domains import domain_bands
 from engine.build import build_method
 from engine.cli import stage_main
 from engine.methods.base import ema_update
@@ -202,6 +203,10 @@ def test_each_baseline_trains_from_a_step0_run(stage, synthetic_root, step0_run,
     handed, ours = (load_checkpoint(path / "model.pt") for path in (step0_run, run))
     assert torch.equal(handed["prototypes"]["source_target"], ours["prototypes"]["source_target"])
     assert ours["meta"]["stage"] == stage and ("d1" in ours) == (stage == "advent") and "d2" not in ours
+    # The hand-off records what evaluate.py and predict.py check: the bands and the input size.
+    assert ours["meta"]["bands"] == {"source": domain_bands(synthetic_root / "potsdam_irrg"),
+                                     "target": domain_bands(synthetic_root / "vaihingen_irrg")}
+    assert ours["meta"]["resize"] == int(args[args.index("--resize") + 1])
 
 
 @pytest.mark.slow

@@ -61,7 +61,8 @@ def test_each_stage_accepts_exactly_its_table_row(tmp_path: Path, stage: str) ->
 def test_old_checkpoints_get_meta_defaults_and_stageless_ones_are_refused(tmp_path: Path) -> None:
     old = load_handoff(_write(tmp_path / "old.pt", "step1", num_classes=6))
     assert {k: old["meta"][k] for k in META_DEFAULTS} == {"shared_similarity": True, "bn_stats": "shared",
-                                                          "normalize": "unit", "input_scale": 1.0}
+                                                          "normalize": "unit", "input_scale": 1.0,
+                                                          "resize": None, "bands": None}
     with pytest.raises(UserError, match="names no stage.*convert_original_checkpoint"):
         load_handoff(_write(tmp_path / "stageless.pt", None, num_classes=6), "step2")
     torch.save({"network": {}}, tmp_path / "foreign.pt")

@@ -62,3 +62,41 @@ def test_raw_tiles_need_slide_mode(checkpoint, synthetic_raw, capsys):
                      "--dataset", "vaihingen", "--bands", "irrg")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--mode slide" in err[0]
+
+
+IRRG = ["NIR", "R", "G"]
+
+
+def test_patch_mode_resizes_as_the_checkpoints_run_did(synthetic_root, tmp_path):
+    ckpt = random_checkpoint(tmp_path / "resized.pt", resize=64)
+    common = ["--checkpoint", str(ckpt), "--data-root", str(synthetic_root), "--domain", "vaihingen_irrg",
+              "--prototypes", "none"]
+    assert _evaluate(*common, "--json", str(tmp_path / "default.json")) == 0
+    assert _evaluate(*common, "--resize", "64", "--json", str(tmp_path / "explicit.json")) == 0
+    default, explicit = (json.loads((tmp_path / f"{m}.json").read_text()) for m in ("default", "explicit"))
+    assert default["mode"] == explicit["mode"] == "patch (resized to 64)"
+    assert default["classifier"] == explicit["classifier"]
+
+
+def test_images_of_bands_the_run_never_saw_are_refused(synthetic_root, tmp_path, capsys):
+    ckpt = random_checkpoint(tmp_path / "irrg.pt", bands={"source": IRRG, "target": IRRG})
+    common = ["--checkpoint", str(ckpt), "--data-root", str(synthetic_root), "--domain", "potsdam_rgb",
+              "--prototypes", "none"]
+    assert _evaluate(*common) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NIR,R,G" in err and "R,G,B" in err and "--allow-band-mismatch" in err
+    assert _evaluate(*common, "--allow-band-mismatch") == 0
+    # A cross-band pair (RGB source, IRRG target) is scored on both without a word.
+    cross = random_checkpoint(tmp_path / "cross.pt", bands={"source": ["R", "G", "B"], "target": IRRG})
+    for domain in ("potsdam_rgb", "vaihingen_irrg"):
+        assert _evaluate("--checkpoint", str(cross), "--data-root", str(synthetic_root), "--domain", domain,
+                         "--prototypes", "none") == 0
+
+
+def test_a_training_state_is_named_as_such(synthetic_root, tmp_path, capsys):
+    from utils.checkpoint import save_checkpoint
+
+    save_checkpoint({"rng": {}, "streams": {}, "epoch": 1}, tmp_path / "last.pt")
+    assert _evaluate("--checkpoint", str(tmp_path / "last.pt"), "--data-root", str(synthetic_root),
+                     "--domain", "vaihingen_irrg") == 2
+    assert "training state for --resume" in capsys.readouterr().err

@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
-from data.domains import CLASS_NAMES, resolve_domain
+from data.domains import CLASS_NAMES, domain_bands, resolve_domain
 from data.isprs import DATASETS, LABEL_KINDS, decode_label, raw_to_train_ids
 from data.prepare import decode_raw, find_tiles
-from engine.evaluate import CheckpointScores, evaluate_checkpoint, evaluate_tiles, load_for_evaluation
+from engine.evaluate import CheckpointScores, check_bands, evaluate_checkpoint, evaluate_tiles, load_for_evaluation
 from engine.inference import SlideConfig
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
@@ -65,7 +65,10 @@ def build_parser() -> FlagParser:
                         help="label files' format (default: meta.json or a scan)")
     parser.add_argument("--normalize", choices=OPTIONS["normalize"].choices,
                         help="input normalisation (default: the one the checkpoint was trained with)")
-    parser.add_argument("--resize", type=int, help="resize patches to this side (as the run did)")
+    parser.add_argument("--resize", type=int, help="resize patches to this side (default: as the checkpoint's run "
+                        "did)")
+    parser.add_argument("--allow-band-mismatch", action="store_true",
+                        help="score images whose bands the checkpoint's run never saw (refused by default)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -90,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      batch_size=args.batch_size, num_workers=args.num_workers, resize=args.resize,
                                      recalibrate=args.recalibrate_bn, protocol=args.protocol,
                                      prototypes=args.prototypes, label_format=args.label_format,
-                                     normalize=args.normalize, bn_domain=args.bn_domain, device=args.device)
+                                     normalize=args.normalize, bn_domain=args.bn_domain, device=args.device,
+                                     allow_band_mismatch=args.allow_band_mismatch)
     for branch, metrics in scores.results.items():
         print(f"{branch} branch, {args.domain}/{args.split}, {scores.mode}, protocol {args.protocol}, {scores.bn}:")
         print(format_table(metrics, CLASS_NAMES))
@@ -109,6 +113,9 @@ def _evaluate_slide(args: argparse.Namespace) -> CheckpointScores:
                    label_format=args.label_format, resize=args.resize, batch_size=1, batch_flag="--batch-size")
     loaded = load_for_evaluation(args.checkpoint, args.data_root, args.domain, args.device, args.bn_domain)
     meta = loaded.state["meta"]
+    bands = (list(DATASETS[args.dataset].bands[args.bands]) if args.raw is not None
+             else domain_bands(resolve_domain(Path(args.data_root), args.domain)))
+    check_bands(meta, bands, args.domain, args.allow_band_mismatch)
     cfg = SlideConfig(crop=args.crop, stride=args.stride, scale=args.scale or meta["input_scale"],
                       batch_size=args.batch_size, normalize=args.normalize or meta["normalize"],
                       domain=loaded.bn_domain)

@@ -34,7 +34,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from tqdm import tqdm
 
 from data.isprs import CLASS_NAMES, IGNORE_INDEX
-from engine.handoff import handoff_file, handoff_network, load_handoff
+from engine.handoff import handoff_file, handoff_network, load_handoff, trained_bands
 from engine.inference import Prediction, SlideConfig, predict_image
 from engine.logger import PALETTE
 from utils.checkpoint import atomic_write_bytes
@@ -90,8 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = handoff_network(state, device).eval()
     cfg = SlideConfig(crop=args.crop, stride=args.stride, scale=args.scale or meta["input_scale"],
                       batch_size=args.batch_size, amp=args.amp, hflip=args.hflip, normalize=meta["normalize"])
+    trained = " or ".join(",".join(b) for b in trained_bands(meta)) or "not recorded"
     print(f"{path}: {meta['stage']} {meta['backbone']}, scale {cfg.scale:g}, crop {cfg.crop}, stride {cfg.stride}"
-          + (", flip TTA" if cfg.hflip else ""))
+          + (", flip TTA" if cfg.hflip else "") + f"; trained on bands {trained} (--bands picks them in that order)")
     failed = []
     for tile in tqdm(tiles, desc="tiles", unit="tile", disable=len(tiles) < 2):
         try:
