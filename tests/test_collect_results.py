@@ -70,3 +70,25 @@ def test_a_folder_without_runs_ends_with_one_line(tmp_path, capsys):
     assert run_cli(main, [str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished stage" in err[0]
+
+
+def test_runs_of_different_settings_are_not_averaged_together(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    runs = [tmp_path / name for name in ("plain_a", "plain_b", "from_init")]
+    for run, seed in zip(runs, (0, 1, 0), strict=True):
+        _fake_run(run, rng)
+        for stage in ("step0", "step2"):
+            (run / stage / "config.yaml").write_text(f"stage: {stage}\nlr: 0.0001\nseed: {seed}\nwork_dir: {run}\n")
+            init = {"path": "elsewhere/model.pt", "stage": "step0"} if run.name == "from_init" else None
+            (run / stage / "env.json").write_text(json.dumps({"seed": seed, "init": init}))
+    out = tmp_path / "results"
+    assert run_cli(main, [*map(str, runs), "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    step0 = sorted((r["runs"], r["label"]) for r in rows if r["stage"] == "step0")
+    assert [n for n, _ in step0] == ["1", "2"]  # the two plain seeds together, the one started from a checkpoint alone
+    assert step0[0][1].endswith("init step0") and "init" not in step0[1][1]
+    table = (out / "results.md").read_text()
+    assert str(runs[0] / "step0") in table and str(runs[2] / "step0") in table  # the grouping is shown
+    assert run_cli(main, [*map(str, runs), "--out", str(out), "--overwrite", "--label", "all"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["stage"], r["runs"], r["label"]) for r in rows} == {("step0", "3", "all"), ("step2", "3", "all")}

@@ -4,8 +4,11 @@
 
 Each RUN is a pipeline folder (its step0..step3 folders are read) or a finished stage folder. A stage's
 numbers are the target-val classifier metrics of its ``eval.json``; its pair and stage come from its
-``manifest.json``. Runs of the same pair and stage (seeds) are averaged: the standard deviation is the
-sample one (n - 1), "-" for a single run. Writes ``OUT/results.md`` (also printed), ``OUT/results.csv`` and
+``manifest.json``. Runs of the same pair, stage and label are averaged (the seeds of one experiment): the
+standard deviation is the sample one (n - 1), "-" for a single run. The label is ``--label`` when given,
+else a hash of the run's ``config.yaml`` without its seeds and run-folder options, plus the kind of
+checkpoint it started from, so that runs of different settings are never averaged together; the table
+lists which folders each row averages. Writes ``OUT/results.md`` (also printed), ``OUT/results.csv`` and
 ``OUT/results.png``; existing files are replaced only with ``--overwrite``.
 """
 
@@ -17,13 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import csv
+import hashlib
 import io
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from data.domains import CLASS_NAMES
 from utils.checkpoint import atomic_write_bytes
+from utils.config import load_yaml
 from utils.errors import UserError, run_cli
 from utils.flags import FlagParser
 from utils.paths import check_output_files, check_output_folder
@@ -46,9 +52,27 @@ def stage_folders(run: Path) -> list[Path]:
     return found
 
 
-def gather(runs: Sequence[Path]) -> dict[tuple[str, str], list[dict]]:
-    """(pair, stage) -> the target-val classifier metrics of every run of it."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+# Options that differ between the seeds of one experiment, or only say where and how it ran.
+NOT_IN_LABEL = ("seed", "kmeans_seed", "work_dir", "init", "resume", "overwrite", "device", "num_workers",
+                "progress", "log_every", "checkpoint_every", "stop_after", "deterministic")
+Group = tuple[str, str, str]  # pair, stage, label
+
+
+def run_label(folder: Path) -> str:
+    """``cfg <hash>`` of the stage folder's config.yaml (without NOT_IN_LABEL), plus what it started from."""
+    config = folder / "config.yaml"
+    if not config.is_file():
+        return "no config.yaml"
+    options = {k: v for k, v in load_yaml(config).items() if k not in NOT_IN_LABEL}
+    label = "cfg " + hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    env = read_json(folder / "env.json") if (folder / "env.json").is_file() else {}
+    init = env.get("init")
+    return label + (f", init {init.get('stage', 'checkpoint')}" if isinstance(init, dict) else "")
+
+
+def gather(runs: Sequence[Path], label: str | None = None) -> dict[Group, list[tuple[Path, dict]]]:
+    """(pair, stage, label) -> (folder, target-val classifier metrics) of every run of it."""
+    groups: dict[Group, list[tuple[Path, dict]]] = {}
     for run in runs:
         for folder in stage_folders(run):
             manifest = read_json(folder / "manifest.json")
@@ -56,8 +80,9 @@ def gather(runs: Sequence[Path]) -> dict[tuple[str, str], list[dict]]:
             if "classifier" not in evaluation:
                 raise UserError(f"{folder / 'eval.json'} has no target-val metrics (the run had no target)")
             pair = f"{manifest['source']} -> {manifest['target']}"
-            groups.setdefault((pair, manifest["stage"]), []).append(evaluation["classifier"])
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGE_NAMES.index(kv[0][1]))))
+            key = (pair, manifest["stage"], label or run_label(folder))
+            groups.setdefault(key, []).append((folder, evaluation["classifier"]))
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGE_NAMES.index(kv[0][1]), kv[0][2])))
 
 
 def summarise(runs: list[dict]) -> dict[str, tuple[float, float]]:
@@ -77,30 +102,28 @@ def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if not np.isnan(std) else "")
 
 
-def markdown(groups: dict[tuple[str, str], list[dict]], stats: dict[tuple[str, str], dict]) -> str:
-    head = ["pair", "stage", "runs", *METRICS.values()]
+def markdown(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict]) -> str:
+    head = ["pair", "stage", "label", "runs", *METRICS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (pair, stage), runs in groups.items():
-        s = stats[(pair, stage)]
-        lines.append(f"| {pair} | {stage} | {len(runs)} | " + " | ".join(_pm(*s[k]) for k in METRICS) + " |")
-    head = ["pair", "stage", *CLASS_NAMES]
+    for key, runs in groups.items():
+        lines.append(f"| {' | '.join(key)} | {len(runs)} | " + " | ".join(_pm(*stats[key][k]) for k in METRICS) + " |")
+    head = ["pair", "stage", "label", *CLASS_NAMES]
     lines += ["", "IoU per class:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for pair, stage in groups:
-        s = stats[(pair, stage)]
-        lines.append(f"| {pair} | {stage} | " + " | ".join(_pm(*s[f"iou_{n}"]) for n in CLASS_NAMES) + " |")
+    for key in groups:
+        lines.append(f"| {' | '.join(key)} | " + " | ".join(_pm(*stats[key][f"iou_{n}"]) for n in CLASS_NAMES) + " |")
     lines += ["", "Target-val, classifier branch, percent; mean ± sample std over runs; -5 = clutter excluded "
-                  "from the mean."]
+                  "from the mean. Rows average the runs of one pair, stage and label:", ""]
+    lines += [f"- {' / '.join(key)}: {', '.join(str(folder) for folder, _ in runs)}" for key, runs in groups.items()]
     return "\n".join(lines) + "\n"
 
 
-def csv_text(groups: dict[tuple[str, str], list[dict]], stats: dict[tuple[str, str], dict]) -> str:
+def csv_text(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict]) -> str:
     keys = [*METRICS, *(f"iou_{n}" for n in CLASS_NAMES)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["pair", "stage", "runs", *(f"{k}_{part}" for k in keys for part in ("mean", "std"))])
-    for (pair, stage), runs in groups.items():
-        s = stats[(pair, stage)]
-        writer.writerow([pair, stage, len(runs), *(f"{v:.6f}" for k in keys for v in s[k])])
+    writer.writerow(["pair", "stage", "label", "runs", *(f"{k}_{part}" for k in keys for part in ("mean", "std"))])
+    for key, runs in groups.items():
+        writer.writerow([*key, len(runs), *(f"{v:.6f}" for k in keys for v in stats[key][k])])
     return buffer.getvalue()
 
 
@@ -108,6 +131,8 @@ def build_parser() -> FlagParser:
     parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="pipeline or stage folders")
     parser.add_argument("--out", required=True, type=Path, help="folder for results.md, .csv and .png")
+    parser.add_argument("--label", help="one label for every run given, so that they are averaged together "
+                        "(default: per run, its config hash and what it started from)")
     parser.add_argument("--overwrite", action="store_true", help="replace results written before")
     return parser
 
@@ -116,14 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_output_folder(args.out, "--out")
     check_output_files([args.out / name for name in OUTPUTS], "--out", args.overwrite)
-    groups = gather(args.runs)
-    stats = {key: summarise(runs) for key, runs in groups.items()}
+    groups = gather(args.runs, args.label)
+    stats = {key: summarise([metrics for _, metrics in runs]) for key, runs in groups.items()}
     table = markdown(groups, stats)
     atomic_write_bytes(args.out / "results.md", table.encode())
     atomic_write_bytes(args.out / "results.csv", csv_text(groups, stats).encode())
     written = OUTPUTS[:2]
     if can_draw("results.png"):
-        labels = [f"{pair} {stage}" for pair, stage in groups]
+        labels = [" ".join(key) for key in groups]
         chart = results_rgb(
             labels, {METRICS[k]: ([stats[g][k][0] for g in groups], [stats[g][k][1] for g in groups])
                      for k in METRICS},
