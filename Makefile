@@ -34,7 +34,7 @@ data-demo: $(STAMP)
 demo: data-demo
 	$(PY) tools/run_pipeline.py --config configs/demo.yaml --work-dir $(DEMO_RUN) --overwrite --warm-start
 
-# The validity study on the data seeds nothing was tuned on (about 30 minutes per data seed on 2 cores).
+# The validity study on the data seeds nothing was tuned on (about 2.5 hours per data seed on 2 cores).
 VALIDATE_DATA_SEEDS ?= 1 2
 validate: $(STAMP)
 	for d in $(VALIDATE_DATA_SEEDS); do \

@@ -258,11 +258,11 @@ class NAPGNet(nn.Module):
         if str(pretrained) == "imagenet":
             path = cached_imagenet_weights(self.backbone_name)
             cache = Path(torch.hub.get_dir()) / "checkpoints"
+            default = Path(BACKBONES[self.backbone_name][1].DEFAULT.url).name
             if path is None:
                 raise UserError(f"no ImageNet weights for {self.backbone_name} in {cache} (nothing is "
-                                f"downloaded); pass a torchvision {self.backbone_name} state dict with "
-                                f"--pretrained PATH, or omit it for random init")
-            default = Path(BACKBONES[self.backbone_name][1].DEFAULT.url).name
+                                f"downloaded): put torchvision's {default} there, pass a {self.backbone_name} "
+                                f"state dict with --pretrained PATH, or --pretrained null for random init")
             if path.name != default:  # the numbers will not be comparable with the original's
                 print(f"warning: {default} (the ImageNet weights the original used) is not in {cache}; "
                       f"initialising {self.backbone_name} from {path.name} instead", file=sys.stderr)
