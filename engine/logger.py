@@ -17,10 +17,16 @@ PALETTE = np.asarray(RAW_PALETTE[1:], dtype=np.uint8)
 
 
 class RunLogger:
-    """Writes scalars and image panels to TensorBoard and one JSON line per record to metrics.jsonl."""
+    """Writes scalars and image panels to TensorBoard and one JSON line per record to metrics.jsonl.
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    ``step_offset`` (the iterations of the pipeline's earlier stages, from the hand-off it started from) puts
+    every stage of a pipeline on one TensorBoard axis; ``metrics.jsonl`` keeps the stage's own ``step`` and
+    adds ``pipeline_step``. One writer, so one event file, per stage run.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, step_offset: int = 0):
         self.enabled = enabled
+        self.step_offset = step_offset
         self.writer = None
         self.jsonl = None
         if enabled:
@@ -34,13 +40,27 @@ class RunLogger:
             return
         for key, value in values.items():
             if value is not None and math.isfinite(float(value)):
-                self.writer.add_scalar(f"{prefix}{key}", float(value), step)
-        record = {"step": step, **fields, **{f"{prefix}{k}": v for k, v in values.items()}}
+                self.writer.add_scalar(f"{prefix}{key}", float(value), self.step_offset + step)
+        record = {"step": step, "pipeline_step": self.step_offset + step, **fields,
+                  **{f"{prefix}{k}": v for k, v in values.items()}}
         self.jsonl.write(json.dumps(record, default=_json_default) + "\n")
 
     def image(self, tag: str, step: int, image_hwc: np.ndarray) -> None:
         if self.enabled:
-            self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+            self.writer.add_image(tag, image_hwc, self.step_offset + step, dataformats="HWC")
+
+    def config(self, options: dict[str, Any], metrics: list[str]) -> None:
+        """The resolved config as text (``config``) and as hyper-parameters (TensorBoard's HParams tab, in this
+        run's own event file), with ``metrics`` (scalar tags) as the columns to compare."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        text = "\n".join(f"    {k}: {v}" for k, v in options.items())  # indented: Markdown shows it verbatim
+        self.writer.add_text("config", text, self.step_offset)
+        scalar = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in options.items()}
+        for summary in hparams(scalar, dict.fromkeys(metrics, 0.0)):
+            self.writer.file_writer.add_summary(summary, self.step_offset)
 
     def close(self) -> None:
         if self.enabled:

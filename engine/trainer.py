@@ -75,21 +75,29 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     dist.barrier()
 
     start_time = time.time()
-    loop = _StageLoop(cfg, method, data, protos, progress, coverage, out_dir, device)
+    # The iterations of the pipeline's earlier stages: one TensorBoard axis for the whole pipeline.
+    step_offset = int((init_state or {}).get("meta", {}).get("pipeline_step_end") or 0)
+    loop = _StageLoop(cfg, method, data, protos, progress, coverage, out_dir, device, step_offset)
     try:
-        while progress.epoch <= cfg.epochs and not loop.stopped:
-            loop.train_epoch()
+        if action is not Action.RESUME:
+            loop.logger.config(cfg.to_dict(), [f"{prefix}/classifier/miou" for prefix in ("eval", "eval_source")])
+        try:
+            while progress.epoch <= cfg.epochs and not loop.stopped:
+                loop.train_epoch()
+        finally:
+            loop.signals.restore()
+        if loop.signal:
+            raise StageInterrupted(f"{stage}: {signal.Signals(loop.signal).name} received; saved "
+                                   f"{out_dir / 'last.pt'} after {loop.invocation_iters} iterations of this run; "
+                                   f"continue with the same command and --resume", loop.signal)
+        if progress.epoch <= cfg.epochs:
+            print(f"{stage}: stopped after {loop.invocation_iters} iterations; continue with --resume")
+            return {"stopped": True}
+        require_finite_weights(method, loop.protos)  # the hand-off never carries a diverged network
+        results = _finish(out_dir, method, loop.protos, data, cfg, init_source, time.time() - start_time, coverage,
+                          loop.logger, progress.global_step)
     finally:
-        loop.close()
-    if loop.signal:
-        raise StageInterrupted(f"{stage}: {signal.Signals(loop.signal).name} received; saved "
-                               f"{out_dir / 'last.pt'} after {loop.invocation_iters} iterations of this run; "
-                               f"continue with the same command and --resume", loop.signal)
-    if progress.epoch <= cfg.epochs:
-        print(f"{stage}: stopped after {loop.invocation_iters} iterations; continue with --resume")
-        return {"stopped": True}
-    require_finite_weights(method, loop.protos)  # the hand-off never carries a diverged network
-    results = _finish(out_dir, method, loop.protos, data, cfg, init_source, time.time() - start_time, coverage)
+        loop.logger.close()
     if out_dir == folder.staging and dist.is_main():
         folder.swap_in()
     dist.barrier()
@@ -100,11 +108,12 @@ class _StageLoop:
     """The epochs of one invocation: where it stands (``progress``), its prototypes, logger and stop state."""
 
     def __init__(self, cfg: Config, method: Method, data: dict[str, Any], protos: RefreshResult | None,
-                 progress: Progress, coverage: GradientCoverage, out_dir: Path, device: torch.device):
+                 progress: Progress, coverage: GradientCoverage, out_dir: Path, device: torch.device,
+                 step_offset: int = 0):
         self.cfg, self.method, self.data, self.protos = cfg, method, data, protos
         self.progress, self.coverage, self.out_dir, self.device = progress, coverage, out_dir, device
         self.refresh_spec = RefreshSpec.from_config(cfg)
-        self.logger = RunLogger(out_dir, enabled=dist.is_main())
+        self.logger = RunLogger(out_dir, enabled=dist.is_main(), step_offset=step_offset)
         self.iters = iters_per_epoch(cfg, data)
         self.signals = StopSignals()
         self.invocation_iters = 0  # iterations of this invocation (what --stop-after counts)
@@ -114,10 +123,6 @@ class _StageLoop:
     def signal(self) -> int:
         """The stop signal received (SIGTERM/SIGINT), 0 if none."""
         return self.signals.poll()
-
-    def close(self) -> None:
-        self.logger.close()
-        self.signals.restore()
 
     def train_epoch(self) -> None:
         """Train from the current position to the end of the epoch (then evaluate and save), or until a
@@ -333,7 +338,8 @@ def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: i
 
 
 def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str, Any], cfg: Config,
-            init_source: dict[str, Any] | None, seconds: float, coverage: GradientCoverage) -> dict[str, Any]:
+            init_source: dict[str, Any] | None, seconds: float, coverage: GradientCoverage, logger: RunLogger,
+            global_step: int) -> dict[str, Any]:
     """Final evaluation, hand-off checkpoint and the manifest that marks the stage complete."""
     all_results = evaluate_stage(method, data, protos, cfg)
     untrained = _untrained_weights(method, data, protos, cfg, coverage)
@@ -342,9 +348,11 @@ def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str
     results = all_results.get("target_val", {})
     ranks = _rank_consistency(method, protos)
     if dist.is_main():
-        save_stage_handoff(run_dir / "model.pt", method, protos, cfg, cfg.epochs)
+        save_stage_handoff(run_dir / "model.pt", method, protos, cfg, cfg.epochs,
+                           pipeline_step_end=logger.step_offset + global_step)
         if results:
-            _write_pictures(run_dir, method, data, protos, cfg, results["classifier"]["confusion"])
+            _write_pictures(run_dir, method, data, protos, cfg, results["classifier"]["confusion"], logger,
+                            global_step)
         write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks, untrained)  # the manifest: last
         if results:
             print(f"{cfg.stage} target-{cfg.target_eval_split} (classifier):")
@@ -366,15 +374,13 @@ def _untrained_weights(method: Method, data: dict[str, Any], protos: RefreshResu
 
 
 def _write_pictures(run_dir: Path, method: Method, data: dict[str, Any], protos: RefreshResult, cfg: Config,
-                    confusion: list[list[int]]) -> None:
+                    confusion: list[list[int]], logger: RunLogger, global_step: int) -> None:
     """confusion.png and panels.png of the final target evaluation, also logged to TensorBoard (``final/``)."""
     pictures = write_stage_pictures(run_dir, unwrap(method.model), data["target_val"].dataset, protos.for_target,
                                     protos.source_target.device, cfg.normalize, confusion,
                                     f"{cfg.stage} target-{cfg.target_eval_split} (rows sum to 1)")
-    logger = RunLogger(run_dir)
     for name, rgb in pictures.items():
-        logger.image(f"final/{name}", cfg.epochs, rgb)
-    logger.close()
+        logger.image(f"final/{name}", global_step, rgb)
 
 
 def _rank_consistency(method: Method, protos: RefreshResult) -> dict[str, Any]:

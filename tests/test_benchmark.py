@@ -13,7 +13,7 @@ import tools.benchmark as benchmark
 STAGE_KEYS = {"what", "stage", "impl", "amp", "epoch", "images_per_iter", "images_per_s", "s_per_iter",
               "s_per_iter_median", "data_fraction", "refresh_s", "eval_s", "peak_mem_mb", "peak_mem_kind",
               "iter_times_s", "data", "cache_active"}
-TINY = ["--device", "cpu", "--backbone", "resnet18", "--size", "64", "--batch", "2", "--repeats", "1",
+TINY = ["--device", "cpu", "--backbone", "resnet18", "--img-size", "64", "--batch-size", "2", "--repeats", "1",
         "--warmup", "0"]
 
 
@@ -48,7 +48,7 @@ def test_stage_and_loader_benchmarks_on_prepared_data(synthetic_root: Path, tmp_
         shutil.copytree(synthetic_root / name, tmp_path / "data" / name)
     out = tmp_path / "bench.json"
     argv = [*TINY, "--what", "stage", "loader", "--stages", "step1", "--resize", "64", "--cache",
-            "--workers", "1", "--data-root", str(tmp_path / "data"), "--json", str(out)]
+            "--num-workers", "1", "--data-root", str(tmp_path / "data"), "--json", str(out)]
     assert benchmark.main(argv) == 0
     table = capsys.readouterr().out
     assert "img/s" in table and "samples/s" in table

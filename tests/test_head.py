@@ -138,7 +138,7 @@ def test_unknown_head_impl_is_rejected() -> None:
 
 def test_benchmark_smoke_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    argv = ["--what", "head", "network", "--backbone", "resnet18", "--size", "64", "--k", "2",
+    argv = ["--what", "head", "network", "--backbone", "resnet18", "--img-size", "64", "--k", "2",
             "--repeats", "1", "--warmup", "0", "--json", str(out)]
     assert benchmark.main(argv) == 0
     table = capsys.readouterr().out

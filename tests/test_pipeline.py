@@ -1,5 +1,6 @@
 """End-to-end runs of the step scripts on the small synthetic data set (CPU, tiny images)."""
 
+import json
 import subprocess
 import sys
 
@@ -203,3 +204,33 @@ def test_stage_pictures_and_the_pipeline_panels_agree(chain):
     assert np.array_equal(grid[:, :128], own["step0"][:, :128])  # input and ground truth
     for k, stage in enumerate(STAGE_SCRIPTS):  # each stage's model.pt predicts what the stage drew at its end
         assert np.array_equal(grid[:, (2 + k) * 64:(3 + k) * 64], own[stage][:, 128:192]), stage
+
+
+def test_tensorboard_has_one_event_file_per_stage_on_one_pipeline_axis(chain):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    work, _ = chain
+    spans = []
+    for stage in STAGE_SCRIPTS:
+        tb = work / stage / "tb"
+        assert len(list(tb.glob("events.out.tfevents.*"))) == 1, stage
+        events = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+        steps = [e.step for tag in events.Tags()["scalars"] for e in events.Scalars(tag)]
+        records = [json.loads(line) for line in (work / stage / "metrics.jsonl").read_text().splitlines()]
+        offset = {r["pipeline_step"] - r["step"] for r in records}
+        assert len(offset) == 1, stage  # one shift per stage: the iterations of the stages before it
+        spans.append((min(steps), max(steps), offset.pop()))
+        (event_file,) = tb.glob("events.out.tfevents.*")
+        written = {value.tag for event in EventFileLoader(str(event_file)).Load() for value in event.summary.value}
+        assert {"config/text_summary", "_hparams_/experiment", "_hparams_/session_start_info"} <= written  # config
+        final = [e.step for tag in events.Tags()["images"] if tag.startswith("final/") for e in events.Images(tag)]
+        assert final and set(final) == {max(steps)}, stage  # the final pictures at the stage's last step
+    # A stage started from the previous one continues its axis; one started afresh (step 1 here) begins at 0.
+    ends = {}
+    for stage, (start, end, offset) in zip(STAGE_SCRIPTS, spans, strict=True):
+        init = json.loads((work / stage / "env.json").read_text())["init"]
+        assert offset == (ends[init["stage"]] if init else 0) and start >= offset, stage
+        ends[stage] = end
+    assert [bool(json.loads((work / s / "env.json").read_text())["init"]) for s in STAGE_SCRIPTS] == [
+        False, False, True, True]

@@ -1,8 +1,9 @@
 """Speed of NAPG: building blocks (fast vs reference), whole training stages, and the data loader.
 
-    python tools/benchmark.py --device cpu --k 4 --size 256 --batch 2 [--what head network] [--json out.json]
-    python tools/benchmark.py --what stage --device cpu --size 256 --batch 2 --backbone resnet18 --stages step1 step2
-    python tools/benchmark.py --what loader --workers 2
+    python tools/benchmark.py --device cpu --k 4 --img-size 256 --batch-size 2 [--what head network] [--json out.json]
+    python tools/benchmark.py --what stage --device cpu --img-size 256 --batch-size 2 --backbone resnet18
+        --stages step1 step2
+    python tools/benchmark.py --what loader --num-workers 2
 
 ``head`` / ``network``: forward + backward of the prototype head or the whole network; the table shows the
 median over ``--repeats`` timed iterations after ``--warmup`` untimed ones (the implementations take turns)
@@ -19,7 +20,7 @@ whole run so far and not the loader workers). Iterations run at the first epoch 
 the stage is on (``--epoch`` overrides), after ``--warmup`` untimed ones.
 
 ``loader``: samples/s of one split read from the PNG files and from the uint8 cache, with 0 and
-``--workers`` loader processes, over ``--repeats`` passes after ``--warmup`` untimed ones.
+``--num-workers`` loader processes, over ``--repeats`` passes after ``--warmup`` untimed ones.
 
 Timings are for this machine only.
 """
@@ -97,7 +98,7 @@ def bench_head(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def bench_network(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Whole network in training mode on images [B, 3, size, size], same weights for both heads."""
     if args.batch < 2:
-        raise UserError("the network benchmark runs in training mode, whose BatchNorm needs --batch >= 2")
+        raise UserError("the network benchmark runs in training mode, whose BatchNorm needs --batch-size >= 2")
     torch.manual_seed(0)
     model = NAPGNet(args.num_classes, backbone=args.backbone, shared_similarity=not args.per_class_sim)
     model.to(device).train()
@@ -264,9 +265,10 @@ def build_parser() -> FlagParser:
     parser.add_argument("--what", nargs="+", default=["head", "network"], choices=list(BENCHMARKS),
                         help="what to time")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--batch", type=int, default=2, help="images per batch (per domain in a stage)")
-    parser.add_argument("--size", type=int, default=256, help="input side in pixels (multiple of 32; a stage's "
-                        "training crop)")
+    parser.add_argument("--batch-size", "--batch", dest="batch", type=int, default=2,
+                        help="images per batch (per domain in a stage)")
+    parser.add_argument("--img-size", "--size", dest="size", type=int, default=256,
+                        help="input side in pixels (multiple of 32; a stage's training crop)")
     parser.add_argument("--k", type=int, default=4, help="prototypes per class (head/network)")
     parser.add_argument("--num-classes", type=int, default=6, help="classes of the head")
     parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES), help="ResNet depth")
@@ -280,7 +282,8 @@ def build_parser() -> FlagParser:
     stage.add_argument("--head-impl", default="fast", choices=IMPLS, help="prototype head implementation")
     stage.add_argument("--amp", default="off", choices=OPTIONS["amp"].choices, help=OPTIONS["amp"].help)
     stage.add_argument("--cache", action="store_true", help="read patches from the uint8 cache")
-    stage.add_argument("--workers", type=int, default=0, help="data-loader processes (loader: also runs 0)")
+    stage.add_argument("--num-workers", "--workers", dest="workers", type=int, default=0,
+                       help="data-loader processes (loader: also runs 0)")
     stage.add_argument("--resize", type=int, help="resize every patch to this side first (as the config option)")
     stage.add_argument("--epoch", type=int, help="epoch whose schedule the iterations follow (default: the "
                        "first with every term of the stage on)")
@@ -303,12 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         check_output_files([args.json], "--json")
     if args.size % 32 or args.size <= 0:
-        raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
+        raise UserError(f"--img-size must be a positive multiple of 32, got {args.size}")
     for name in ("batch", "k", "num_classes", "repeats", "random_batches"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.workers < 0 or args.warmup < 0:
-        raise UserError("--workers and --warmup must be >= 0")
+        raise UserError("--num-workers and --warmup must be >= 0")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -46,7 +46,8 @@ def build_parser() -> FlagParser:
                         help="label files written: MMSegmentation's raw ids or train ids")
     parser.add_argument("--labels", choices=LABEL_KINDS, default="eroded",
                         help="eroded (noBoundary, the benchmark's) or full ground truth (no ignored pixels)")
-    parser.add_argument("--workers", type=int, default=1, help="tiles converted in parallel processes")
+    parser.add_argument("--num-workers", "--workers", dest="workers", type=int, default=1,
+                        help="tiles converted in parallel processes")
     return parser
 
 

@@ -107,9 +107,9 @@ def build_parser() -> FlagParser:
     parser.add_argument("--size", default="study", choices=sorted(SIZES), help="synthetic data set size")
     parser.add_argument("--warm-epochs", type=int, default=10, help="source epochs of each seed's warm start")
     parser.add_argument("--warm-lr", type=float, default=5e-4, help="learning rate of the warm starts")
-    parser.add_argument("--warm-start", type=Path,
-                        help="one finished step-0 run folder that every seed starts from instead of its own "
-                             "(the spread over seeds is then conditional on it)")
+    parser.add_argument("--init", "--warm-start", dest="warm_start", type=Path,
+                        help="one finished step-0 run folder that every seed starts from instead of its own warm "
+                             "start (the spread over seeds is then conditional on it; --warm-start: old spelling)")
     return parser
 
 
@@ -195,7 +195,7 @@ class Study:
     def _warm_start(self, seed: int) -> Path:
         if self.args.warm_start is not None:
             if not (self.args.warm_start / "manifest.json").exists():
-                raise UserError(f"--warm-start {self.args.warm_start}: not a finished run folder (no manifest.json)")
+                raise UserError(f"--init {self.args.warm_start}: not a finished run folder (no manifest.json)")
             return self.args.warm_start
         work_dir = self.out / "warm_start" / f"seed{seed}"
         self._stage("step0", work_dir, {"seed": seed, "epochs": self.args.warm_epochs, "lr": self.args.warm_lr})
