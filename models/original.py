@@ -156,7 +156,7 @@ def _network_state(network: dict[str, torch.Tensor], model: NAPGNet, src: str) -
         for other in names[1:]:
             if not torch.equal(given[other], first):
                 raise UserError(f"{src}: {names[0]} and {other} differ (per-class similarity convs) but the "
-                                f"model shares one; build it with shared_similarity=False (--per-class-sim)")
+                                f"model shares one; build it with shared_similarity=False (--shared-similarity false)")
         ours[key] = first
     return ours
 

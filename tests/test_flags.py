@@ -132,3 +132,15 @@ def test_run_pipeline_takes_the_work_dir_from_the_config(tmp_path):
     with pytest.raises(UserError, match="sets no work_dir; pass --work-dir"):
         run_pipeline.main(["--config", str(config)])
     assert "passed on to every stage" in run_pipeline.build_parser().format_help()
+
+
+@pytest.mark.parametrize("name", ["benchmark", "convert_original_checkpoint"])
+def test_shared_similarity_is_spelt_as_the_stage_option_and_the_old_flag_still_works(name, capsys):
+    parser = _tool_parser(name)
+    base = ["--checkpoint", "a", "--out", "b"] if name == "convert_original_checkpoint" else []
+    spellings = {(): True, ("--shared-similarity",): True, ("--shared-similarity", "false"): False,
+                 ("--shared-similarity", "no"): False, ("--per-class-sim",): False}
+    for flags, shared in spellings.items():
+        assert parser.parse_args([*base, *flags]).shared_similarity is shared, flags
+    _expect_one_line_error(capsys, lambda: parser.parse_args([*base, "--shared-similarity", "maybe"]),
+                           "expected true or false")

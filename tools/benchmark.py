@@ -61,7 +61,7 @@ from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
 from utils.config import OPTIONS, resolve_config
 from utils.errors import UserError, run_cli
-from utils.flags import FlagParser
+from utils.flags import FlagParser, add_shared_similarity
 from utils.paths import check_output_files
 from utils.run import seed_everything
 from utils.stages import STAGE_NAMES
@@ -83,7 +83,7 @@ def bench_head(args: argparse.Namespace, device: torch.device) -> list[dict]:
     features.requires_grad_(True)
     prototypes = torch.randn(args.num_classes * args.k, FEATURE_CHANNELS, generator=gen).to(device)
     weights = torch.randn(args.batch, args.num_classes * args.k, side, side, generator=gen).to(device)
-    head = PrototypeHead(args.num_classes, FEATURE_CHANNELS, shared=not args.per_class_sim).to(device)
+    head = PrototypeHead(args.num_classes, FEATURE_CHANNELS, shared=args.shared_similarity).to(device)
 
     def step(impl: str) -> None:
         head.impl = impl
@@ -100,7 +100,7 @@ def bench_network(args: argparse.Namespace, device: torch.device) -> list[dict]:
     if args.batch < 2:
         raise UserError("the network benchmark runs in training mode, whose BatchNorm needs --batch-size >= 2")
     torch.manual_seed(0)
-    model = NAPGNet(args.num_classes, backbone=args.backbone, shared_similarity=not args.per_class_sim)
+    model = NAPGNet(args.num_classes, backbone=args.backbone, shared_similarity=args.shared_similarity)
     model.to(device).train()
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
     prototypes = torch.randn(args.num_classes * args.k, FEATURE_CHANNELS, device=device)
@@ -272,7 +272,7 @@ def build_parser() -> FlagParser:
     parser.add_argument("--k", type=int, default=4, help="prototypes per class (head/network)")
     parser.add_argument("--num-classes", type=int, default=6, help="classes of the head")
     parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES), help="ResNet depth")
-    parser.add_argument("--per-class-sim", action="store_true", help="one similarity conv per class")
+    add_shared_similarity(parser, "one similarity conv for all classes (the original); false: one per class")
     parser.add_argument("--repeats", type=int, default=10, help="timed iterations (loader: timed passes)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations (loader: passes) first")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")

@@ -6,7 +6,7 @@ original has ``GAN``/``GAN2``, no prototypes (the original never saved them), an
 evaluates it. An existing output is kept unless ``--overwrite`` is given.
 
     python tools/convert_original_checkpoint.py --checkpoint ORIG.pth --out OURS.pt \
-        [--num-classes 6 --backbone resnet50 --per-class-sim --overwrite]
+        [--num-classes 6 --backbone resnet50 --shared-similarity false --overwrite]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from models import FCDiscriminatorHighMask, NAPGNet, load_original_checkpoint
 from models.napg import BACKBONES
 from models.original import read_original_checkpoint
 from utils.errors import run_cli
-from utils.flags import FlagParser
+from utils.flags import FlagParser, add_shared_similarity
 from utils.paths import check_output_files
 from utils.stages import ORIGINAL
 
@@ -34,8 +34,7 @@ def build_parser() -> FlagParser:
     parser.add_argument("--num-classes", type=int, default=6, help="classes of the original model")
     parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES),
                         help="ResNet depth of the original model")
-    parser.add_argument("--per-class-sim", action="store_true",
-                        help="one similarity conv per class (the original shares one)")
+    add_shared_similarity(parser, "the original model shares one similarity conv for all classes; false: one per class")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
@@ -45,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output_files([args.out], "--out", args.overwrite)
     ckpt = read_original_checkpoint(args.checkpoint)
     model = NAPGNet(num_classes=args.num_classes, backbone=args.backbone,
-                    shared_similarity=not args.per_class_sim)
+                    shared_similarity=args.shared_similarity)
     # A bare network state dict has no discriminators; a full checkpoint may lack them too.
     d1 = FCDiscriminatorHighMask(args.num_classes) if ckpt.get("GAN") is not None else None
     d2 = FCDiscriminatorHighMask(args.num_classes) if ckpt.get("GAN2") is not None else None
@@ -53,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = report["loaded"]
     # The original feeds the network x/255 with shared BatchNorm statistics; its domain pair is unknown.
     meta = handoff_meta(stage=ORIGINAL, source=None, target=None, num_classes=args.num_classes,
-                        backbone=args.backbone, shared_similarity=not args.per_class_sim, clusters=None,
+                        backbone=args.backbone, shared_similarity=args.shared_similarity, clusters=None,
                         bn_stats="shared", normalize="unit", epoch=None,
                         converted_from=str(args.checkpoint.resolve()),
                         converted_by="tools/convert_original_checkpoint.py", loaded=loaded,

@@ -51,3 +51,21 @@ class FlagParser(argparse.ArgumentParser):
             close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
             parts.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
         return f"unknown option{'s' if len(flags) > 1 else ''} {', '.join(parts)}"
+
+
+def parse_bool(text: str) -> bool:
+    """A flag's true/false value, spelt as the stage options accept it (true/false, yes/no, on/off, 1/0)."""
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+             "off": False}.get(str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def add_shared_similarity(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--shared-similarity [BOOL]`` as the stage option of that name spells it, and the old
+    ``--per-class-sim`` (= ``--shared-similarity false``) for scripts that use it."""
+    parser.add_argument("--shared-similarity", nargs="?", const=True, default=True, type=parse_bool,
+                        metavar="BOOL", help=help + " (default: true)")
+    parser.add_argument("--per-class-sim", dest="shared_similarity", action="store_false",
+                        help="old spelling of --shared-similarity false")
