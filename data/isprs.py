@@ -43,7 +43,7 @@ LABEL_FORMATS = ("mmseg_raw", "train_ids")
 # Which ground truth a prepared folder holds: the eroded (noBoundary) labels that mmseg and the benchmark
 # use, with class borders set to 0, or the complete (full) labels, which have no ignored pixel.
 LABEL_KINDS = ("eroded", "full")
-GRIDS = ("mmseg", "sliding")
+GRIDS = ("mmseg", "sliding", "inside")
 
 # Written by the synthetic generator into each fake raw folder, so prepared data can say it is not real.
 SYNTHETIC_MARKER = "NAPG_SYNTHETIC.json"
@@ -182,6 +182,37 @@ VAIHINGEN = IsprsDataset(
 DATASETS: dict[str, IsprsDataset] = {"potsdam": POTSDAM, "vaihingen": VAIHINGEN}
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """How a published protocol cuts and splits the benchmarks: its grid and stride per data set, and the
+    val tiles of the data sets whose split differs from MMSegmentation's (every other labelled tile is train)."""
+
+    name: str
+    source: str  # where its numbers and lists come from
+    grid: dict[str, str]
+    stride: dict[str, int | None]  # None: --stride (default clip // 2)
+    clip: int | None = None  # the only patch side it defines (None: --clip)
+    val_tiles: dict[str, tuple[str, ...]] | None = None
+
+    def split_of(self, spec: IsprsDataset, tile: str) -> str:
+        if self.val_tiles and spec.name in self.val_tiles:
+            return "val" if tile in self.val_tiles[spec.name] else "train"
+        return spec.split_of(tile)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "mmseg": Protocol("mmseg", "MMSegmentation's potsdam.py / vaihingen.py converters (this project's default)",
+                      grid={"potsdam": "mmseg", "vaihingen": "mmseg"}, stride={"potsdam": None, "vaihingen": None}),
+    # ST-DASegNet (JAG 2024; github.com/cv516Buaa/ST-DASegNet, data/ lists): 512-px patches inside the tile
+    # (no patch flush with the far edge), Potsdam every 512 px on mmseg's tile split (2,904 / 1,694),
+    # Vaihingen every 256 px with its own area split (1,296 / 440).
+    "st-dasegnet": Protocol(
+        "st-dasegnet", "ST-DASegNet (JAG 2024): the patch lists of its repository's data/ folder",
+        grid={"potsdam": "inside", "vaihingen": "inside"}, stride={"potsdam": 512, "vaihingen": 256}, clip=512,
+        val_tiles={"vaihingen": tuple(f"area{n}" for n in (2, 5, 7, 8, 13, 20, 22, 24))}),
+}
+
+
 def crop_boxes(
     height: int, width: int, clip: int = 512, grid: str = "mmseg", stride: int = 256
 ) -> list[tuple[int, int, int, int]]:
@@ -191,7 +222,8 @@ def crop_boxes(
     the origins step by ``clip``, boxes past the edge are snapped back to the border, and duplicates
     (which the converters overwrite) are removed. For ``stride <= clip`` that is a non-overlapping grid
     plus a last row/column flush with the edge; a larger stride leaves the far part of the tile uncovered,
-    as in mmseg. ``sliding`` places origins every ``stride`` pixels, plus one flush with the edge.
+    as in mmseg. ``sliding`` places origins every ``stride`` pixels, plus one flush with the edge;
+    ``inside`` only every ``stride`` pixels, so the far strip narrower than a stride is left out (ST-DASegNet).
     """
     if clip <= 0 or stride <= 0:
         raise ValueError(f"clip and stride must be positive, got clip={clip}, stride={stride}")
@@ -201,6 +233,8 @@ def crop_boxes(
         ys, xs = _mmseg_origins(height, clip, stride), _mmseg_origins(width, clip, stride)
     elif grid == "sliding":
         ys, xs = _sliding_origins(height, clip, stride), _sliding_origins(width, clip, stride)
+    elif grid == "inside":
+        ys, xs = (list(range(0, size - clip + 1, stride)) for size in (height, width))
     else:
         raise ValueError(f"unknown grid {grid!r}; use one of {GRIDS}")
     return [(x, y, x + clip, y + clip) for y in ys for x in xs]

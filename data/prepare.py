@@ -31,6 +31,7 @@ from data.isprs import (
     GRIDS,
     LABEL_FORMATS,
     LABEL_KINDS,
+    PROTOCOLS,
     RAW_CLASS_NAMES,
     SYNTHETIC_MARKER,
     IsprsDataset,
@@ -331,16 +332,26 @@ def prepare_isprs(
     labels: str = "eroded",
     workers: int = 1,
     verbose: bool = True,
+    protocol: str = "mmseg",
 ) -> dict:
     """Cut one ISPRS dataset/band combination into patches under ``out``; returns the meta.json dict.
 
     ``stride`` defaults to ``clip // 2`` (mmseg's 256 for 512). ``target_gsd`` resamples each tile by
     native/target GSD before cropping. ``labels`` picks the eroded (noBoundary) or the full ground truth.
-    ``verbose`` shows the progress bar and notes on stderr.
+    ``protocol`` (``PROTOCOLS``) other than mmseg sets the grid, stride, clip and split of a published
+    protocol. ``verbose`` shows the progress bar and notes on stderr.
     """
     spec = DATASETS.get(dataset)
     if spec is None:
         raise UserError(f"unknown dataset {dataset!r}; use one of {sorted(DATASETS)}")
+    proto = PROTOCOLS.get(protocol)
+    if proto is None:
+        raise UserError(f"unknown protocol {protocol!r}; use one of {sorted(PROTOCOLS)}")
+    if protocol != "mmseg":
+        if grid != "mmseg" or stride is not None or (proto.clip is not None and clip != proto.clip):
+            raise UserError(f"--protocol {protocol} sets the grid, stride and clip ({proto.grid[dataset]}, "
+                            f"{proto.stride[dataset]}, {proto.clip}); drop --grid, --stride and --clip")
+        grid, stride = proto.grid[dataset], proto.stride[dataset]
     if bands not in spec.bands:
         raise UserError(f"{dataset} is available as {sorted(spec.bands)}, not {bands!r}")
     if grid not in GRIDS:
@@ -368,7 +379,7 @@ def prepare_isprs(
             f"no image for label tile(s) {', '.join(missing)} (expected {spec.image_pattern_text(bands)})"
         )
     known = set(spec.splits["train"]) | set(spec.splits["val"])
-    if unknown := sorted(set(images) - known):
+    if (unknown := sorted(set(images) - known)) and proto.val_tiles is None:
         notes.append(f"note: tile(s) {', '.join(unknown)} are in no mmseg split; put in val as mmseg does")
     order = {tile: k for k, tile in enumerate(spec.splits["train"] + spec.splits["val"])}
     tiles = sorted(images, key=lambda t: (order.get(t, len(order)), t))
@@ -383,7 +394,7 @@ def prepare_isprs(
                     (staging / kind / split).mkdir(parents=True)
             jobs = [
                 TileJob(
-                    tile, spec.split_of(tile), images[tile], label_files[tile], staging,
+                    tile, proto.split_of(spec, tile), images[tile], label_files[tile], staging,
                     clip, grid, stride, scale, strict_colors, label_format,
                 )
                 for tile in tiles
@@ -399,6 +410,7 @@ def prepare_isprs(
                 "labels": labels,
                 "color_decoding": "strict" if strict_colors else "mmseg",
                 "clip": clip,
+                "protocol": protocol,
                 "grid": grid,
                 "stride": stride,
                 "scale": scale,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collections.abc import Sequence
 
-from data.isprs import DATASETS, GRIDS, LABEL_FORMATS, LABEL_KINDS
+from data.isprs import DATASETS, GRIDS, LABEL_FORMATS, LABEL_KINDS, PROTOCOLS
 from data.prepare import prepare_isprs, summary_lines
 from utils.errors import run_cli
 from utils.flags import FlagParser
@@ -38,7 +38,11 @@ def build_parser() -> FlagParser:
     parser.add_argument("--out", required=True, type=Path, help="output domain folder, e.g. data/potsdam_rgb")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--clip", type=int, default=512, help="patch size in px (default 512)")
-    parser.add_argument("--grid", choices=GRIDS, default="mmseg", help="mmseg's effective grid or true sliding")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="mmseg",
+                        help="whose patches and split: mmseg (MMSegmentation's converters) or st-dasegnet (Potsdam "
+                             "every 512 px, Vaihingen every 256 px on its own area split; sets grid, stride, clip)")
+    parser.add_argument("--grid", choices=GRIDS, default="mmseg",
+                        help="mmseg's effective grid, true sliding, or inside (no patch flush with the far edge)")
     parser.add_argument("--stride", type=int, default=None, help="grid stride in px (default clip/2)")
     parser.add_argument("--target-gsd", type=float, default=None, help="resample tiles to this GSD in m first")
     parser.add_argument("--strict-colors", action="store_true", help="decode only exact palette colours")
@@ -67,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         label_format=args.label_format,
         labels=args.labels,
         workers=args.workers,
+        protocol=args.protocol,
     )
     for line in summary_lines(meta):
         print(line)
