@@ -229,6 +229,14 @@ def _bands(cfg: Config) -> dict[str, list[str] | None]:
             for role, name in (("source", cfg.source), ("target", cfg.target))}
 
 
+def data_protocol(cfg: Config) -> str:
+    """The protocol (``data.isprs.PROTOCOLS``) the run's domains were prepared with: the target's ``meta.json``
+    (a folder without one, from mmseg's own converters, is mmseg's); "a / b" when source and target differ."""
+    found = [read_meta(resolve_domain(Path(cfg.data_root), name)).get("protocol", "mmseg")
+             for name in (cfg.source, cfg.target) if name]
+    return " / ".join(dict.fromkeys(found)) or "mmseg"
+
+
 def _input_scale(cfg: Config) -> float:
     """Network px per image px the weights were trained at: --resize over the source patch side."""
     if not cfg.resize:
@@ -253,7 +261,9 @@ def write_results(run_dir: Path, cfg: Config, protos: RefreshResult, all_results
     """eval.json, then manifest.json, the file that marks the stage complete (after ``model.pt``).
 
     ``untrained``: parameter -> elements that act at evaluation but had no gradient (engine/coverage.py)."""
+    protocol = data_protocol(cfg)
     write_json(run_dir / "eval.json", {"split": f"target-{cfg.target_eval_split}", "selection": "last",
+                                       "protocol": protocol,
                                        **all_results.get("target_val", {}), "source_val": all_results["source_val"],
                                        "untrained_at_evaluation": untrained})
     manifest = {"stage": cfg.stage, "source": cfg.source, "target": cfg.target,
@@ -262,7 +272,7 @@ def write_results(run_dir: Path, cfg: Config, protos: RefreshResult, all_results
                 "preset": cfg.preset, "epochs": cfg.epochs, "git": environment_info()["git"],
                 "checkpoint": "model.pt", "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
                 "init": init_source, "train_seconds": round(seconds, 1), "ranks": ranks,
-                "bn_stats": bn_stats_of(cfg),
+                "bn_stats": bn_stats_of(cfg), "protocol": protocol,
                 **{role: {b: {k: m[k] for k in SUMMARY_KEYS} for b, m in res.items()}
                    for role, res in all_results.items()}}
     write_json(run_dir / "manifest.json", manifest)

@@ -39,7 +39,7 @@ def test_mean_and_std_over_seeds(tmp_path, capsys):
     rows = {r["stage"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert set(rows) == {"step0", "step2"}
     for stage, row in rows.items():
-        assert row["pair"] == "potsdam_irrg -> vaihingen_irrg" and row["runs"] == "3"
+        assert row["pair"] == "potsdam_irrg -> vaihingen_irrg (mmseg)" and row["runs"] == "3"
         for key in ("miou", "miou5", "mf1", "mf1_5"):
             values = [run[stage][key] for run in inputs]
             assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values), abs=1e-6)

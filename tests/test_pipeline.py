@@ -137,6 +137,7 @@ def test_source_val_is_evaluated_beside_target_val(chain):
         assert 0 <= ev["source_val"]["classifier"]["miou"] <= 1
         assert manifest["source_val"]["classifier"]["miou"] == ev["source_val"]["classifier"]["miou"]
         assert manifest["target_val"]["classifier"]["miou"] == ev["classifier"]["miou"]
+        assert ev["protocol"] == manifest["protocol"] == "mmseg"  # the data's meta.json, printed in every table
         assert "source-val mIoU" in procs[stage].stdout
     assert json.loads((work / "step0" / "manifest.json").read_text())["bn_stats"] == "shared"  # never sees a target
     assert json.loads((work / "step2" / "manifest.json").read_text())["bn_stats"] == "domain"  # the paper default

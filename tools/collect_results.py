@@ -4,12 +4,13 @@
 
 Each RUN is a pipeline folder (its step0..step3 folders are read) or a finished stage folder. A stage's
 numbers are the target-val classifier metrics of its ``eval.json``; its pair and stage come from its
-``manifest.json``. Runs of the same pair, stage and label are averaged (the seeds of one experiment): the
-standard deviation is the sample one (n - 1), "-" for a single run. The label is ``--label`` when given,
-else a hash of the run's ``config.yaml`` without its seeds and run-folder options, plus the kind of
-checkpoint it started from, so that runs of different settings are never averaged together; the table
-lists which folders each row averages. Writes ``OUT/results.md`` (also printed), ``OUT/results.csv`` and
-``OUT/results.png``; existing files are replaced only with ``--overwrite``.
+``manifest.json``, the data's protocol (``prepare_isprs.py --protocol``) from ``eval.json``. Runs of the same
+pair, stage and label are averaged (the seeds of one experiment): the standard deviation is the sample one (n
+- 1), "-" for a single run. The label is ``--label`` when given, else a hash of the run's ``config.yaml``
+without its seeds and run-folder options, plus the kind of checkpoint it started from, so that runs of
+different settings are never averaged together; the table lists which folders each row averages. Writes
+``OUT/results.md`` (also printed), ``OUT/results.csv`` and ``OUT/results.png``; existing files are replaced
+only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def gather(runs: Sequence[Path], label: str | None = None) -> dict[Group, list[t
             evaluation = read_json(folder / "eval.json")
             if "classifier" not in evaluation:
                 raise UserError(f"{folder / 'eval.json'} has no target-val metrics (the run had no target)")
-            pair = f"{manifest['source']} -> {manifest['target']}"
+            pair = f"{manifest['source']} -> {manifest['target']} ({evaluation.get('protocol', 'mmseg')})"
             key = (pair, manifest["stage"], label or run_label(folder))
             groups.setdefault(key, []).append((folder, evaluation["classifier"]))
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGE_NAMES.index(kv[0][1]), kv[0][2])))

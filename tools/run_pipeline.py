@@ -94,6 +94,7 @@ def collect_results(work_dir: Path) -> dict:
             ev = read_json(path)
             cls = ev["classifier"]
             results[stage] = {**{k: cls[k] for k in METRICS}, "iou": cls["iou"], "split": ev["split"],
+                              "protocol": ev.get("protocol", "mmseg"),
                               "prototype_miou": ev.get("prototype", {}).get("miou"),
                               "source_val_miou": ev.get("source_val", {}).get("classifier", {}).get("miou")}
     return results
@@ -105,9 +106,10 @@ def results_table(results: dict) -> str:
         source = m.get("source_val_miou")
         lines.append(f"{stage + ' ' + STAGES[stage].title:<24}" + "".join(f"{100 * m[k]:>8.2f}" for k in METRICS)
                      + (f"{100 * source:>10.2f}" if source is not None else f"{'-':>10}"))
-    split = next(iter(results.values()))["split"] if results else "target-val"
-    lines.append(f"({split}, classifier branch, 6 classes incl. clutter; -5 = clutter excluded from the mean; "
-                 f"src = source-val)")
+    first = next(iter(results.values()), {"split": "target-val", "protocol": "mmseg"})
+    protocols = " / ".join(dict.fromkeys(m["protocol"] for m in results.values())) or first["protocol"]
+    lines.append(f"({first['split']}, protocol {protocols}, classifier branch, 6 classes incl. clutter; -5 = clutter "
+                 f"excluded from the mean; src = source-val)")
     return "\n".join(lines)
 
 
