@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("data", "engine", "losses", "models", "tools", "utils") for p in sorted((ROOT / d).rglob("*.py"))]
 CODE += sorted(ROOT.glob("step*.py"))
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:[-_][a-z0-9]+)*)")
-# Flags of other programs that our text names on purpose (argparse's --help, git's, torchrun's, nvidia-smi's),
-# and the placeholder of a usage line ("[--flag value ...]").
+# Flags of other programs that our text names on purpose (argparse's --help, git's, torchrun's, nvidia-smi's,
+# sbatch's), and the placeholder of a usage line ("[--flag value ...]").
 FOREIGN = {"help", "porcelain", "untracked-files", "standalone", "nproc_per_node", "nproc-per-node", "flag",
-           "query-gpu", "format"}
+           "query-gpu", "format", "partition", "job-name", "requeue", "signal", "gres", "time", "array", "output"}
 
 
 def _strings_and_flags(path: Path) -> tuple[list[str], set[str]]:

@@ -103,9 +103,21 @@ def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if not np.isnan(std) else "")
 
 
+def paper_table(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict]) -> list[str]:
+    """The table as papers print it: a row per stage (and label), a column per pair, target-val mIoU."""
+    pairs = list(dict.fromkeys(pair for pair, _, _ in groups))
+    rows = list(dict.fromkeys((stage, label) for _, stage, label in groups))
+    lines = ["| stage | label | " + " | ".join(pairs) + " |", "|" + "---|" * (len(pairs) + 2)]
+    for stage, label in rows:
+        cells = [_pm(*stats[(pair, stage, label)]["miou"]) if (pair, stage, label) in stats else "" for pair in pairs]
+        lines.append(f"| {stage} | {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict]) -> str:
     head = ["pair", "stage", "label", "runs", *METRICS.values()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["Target-val mIoU (%), mean ± sample std over runs:", "", *paper_table(groups, stats),
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, runs in groups.items():
         lines.append(f"| {' | '.join(key)} | {len(runs)} | " + " | ".join(_pm(*stats[key][k]) for k in METRICS) + " |")
     head = ["pair", "stage", "label", *CLASS_NAMES]
