@@ -160,11 +160,11 @@ CASES: list[tuple[str, Callable, Callable[[dict], list[str]]]] = [
 ]
 
 
-def _eval_args(w: dict[str, Path], *extra: str, drop: tuple[str, ...] = ()) -> list[str]:
+def _eval_args(w: dict[str, Path], *extra: str) -> list[str]:
     args = {"--checkpoint": str(w["work"] / "step1"), "--data-root": str(w["data"]), "--domain": "vaihingen_irrg",
             "--resize": "64", "--num-workers": "0", "--device": "cpu", "--batch-size": "4"}
     args.update(dict(zip(extra[::2], extra[1::2])))
-    return [x for kv in args.items() if kv[0] not in drop for x in kv]
+    return [x for kv in args.items() for x in kv]
 
 
 _HASHES: dict[tuple, str] = {}
@@ -366,8 +366,8 @@ def _in(w: dict[str, Path], *parts: str) -> str:
     return str(Path(w["faults"], *parts))
 
 
-def _eval_on(w: dict[str, Path], data: str, *extra: str, drop: tuple[str, ...] = ()) -> list[str]:
-    return _eval_args(w, "--data-root", str(w[data]), "--domain", P, "--split", "train", *extra, drop=drop)
+def _eval_on(w: dict[str, Path], data: str, *extra: str) -> list[str]:
+    return _eval_args(w, "--data-root", str(w[data]), "--domain", P, "--split", "train", *extra)
 
 
 def _predict_args(w: dict[str, Path], out: str) -> list[str]:
@@ -416,9 +416,7 @@ DATA_FAULTS: list[tuple[str, Callable, Callable[[dict], list[str]], str]] = [
     ("step1-target-val-empty", _stage("step1"), lambda w: _data(w, "empty-target-val"), "holds no"),
     ("step1-target-smaller-than-a-batch", _stage("step1"), lambda w: _data(w, "one-target-patch"),
      "1 samples cannot fill one batch of 2"),
-    # --- the tools that read data (11)
-    ("evaluate-mixed-sizes", evaluate_tool.main, lambda w: _eval_on(w, "mixed", drop=("--resize",)),
-     "pass --resize 64 to resize every patch (or --batch-size 1)"),
+    # --- the tools that read data (10; patches of mixed sizes are resized as the checkpoint's run did)
     ("evaluate-mixed-sizes-against-meta-json", evaluate_tool.main, lambda w: _eval_on(w, "mixed-meta"),
      "says the patches are 64x64"),
     ("evaluate-image-four-bands", evaluate_tool.main, lambda w: _eval_on(w, "rgba"), "mode RGBA"),
