@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from data.benchmarks import benchmark_of
 from data.checks import common_size, header
 from data.files import (
     IMAGE_SUFFIXES,
@@ -34,6 +35,7 @@ from data.files import (
     pair_by_stem,
     read_image,
     read_label,
+    read_meta,
     to_train_ids,
 )
 from utils.errors import UserError
@@ -54,6 +56,7 @@ class _Sources:
     images: list[Path]
     labels: list[Path] | None
     label_format: str | None
+    num_classes: int  # of the folder's benchmark (meta.json)
 
 
 def _fingerprint(path: Path) -> list[int]:
@@ -72,7 +75,8 @@ def _sources(root: Path, split: str, label_format: str | None) -> _Sources:
         found = list_split(ann_dir, LABEL_SUFFIXES)
         pair_by_stem(images, found, img_dir, ann_dir)
         labels = [found[name] for name in images]
-    return _Sources(list(images), list(images.values()), labels, label_format)
+    num_classes = benchmark_of(read_meta(root)).num_classes
+    return _Sources(list(images), list(images.values()), labels, label_format, num_classes)
 
 
 def cache_folders(dataset_root: str | Path, split: str, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
@@ -146,7 +150,7 @@ def _fill(staging: Path, src: _Sources, shape: tuple[int, int]) -> None:
             raw = read_label(label_path)
             if raw.shape != shape:
                 raise UserError(f"{label_path} is {raw.shape[1]}x{raw.shape[0]} but its image is {width}x{height}")
-            labels[i] = to_train_ids(raw, src.label_format, label_path)
+            labels[i] = to_train_ids(raw, src.label_format, label_path, src.num_classes)
     for array in (images, labels):
         if array is not None:
             array.flush()

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from data.benchmarks import benchmark_of
 from data.files import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIXES,
@@ -108,19 +109,20 @@ def _check_labels(use: SplitUse, meta: dict, images: dict[str, Path], sizes: dic
     # The format is resolved only when it is declared: inferring it reads every label, which the dataset
     # does itself; an undeclared format still has to be one of the two.
     declared = meta.get("label_format") is not None or label_format is not None
-    fmt = resolve_label_format(use.root, meta, label_format) if declared else None
+    num_classes = benchmark_of(meta).num_classes
+    fmt = resolve_label_format(use.root, meta, label_format, num_classes) if declared else None
     recorded = meta.get("label_values")
     values = recorded.get(use.split) if isinstance(recorded, dict) else None
     if values is not None:
         if not isinstance(values, list) or not all(type(v) is int for v in values):
             raise UserError(f"{use.root / 'meta.json'}: label_values of {use.split} must be a list of integers, "
                             f"found {str(values)[:80]}; fix or delete meta.json")
-        check_label_values(np.asarray(values), fmt, use.root / "meta.json")
+        check_label_values(np.asarray(values), fmt, use.root / "meta.json", num_classes)
         return
     paths = list(labels.values())
     step = max(1, len(paths) // LABEL_SAMPLE)
     for path in paths[::step][:LABEL_SAMPLE]:
-        check_label_values(np.unique(read_label(path)), fmt, path)
+        check_label_values(np.unique(read_label(path)), fmt, path, num_classes)
 
 
 def _scan_split(use: SplitUse, label_format: str | None) -> dict[Path, tuple[int, int]]:

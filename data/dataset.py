@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.benchmarks import benchmark_of
 from data.cache import SplitCache, build_cache
 from data.files import (
     IMAGE_SUFFIXES,
@@ -78,6 +79,7 @@ class SegmentationFolder(Dataset):
         self.with_labels = with_labels
         self.uint8 = uint8
         self.meta = read_meta(self.root)
+        self.benchmark = benchmark_of(self.meta)
         img_dir = self.root / "img_dir" / split
         images = list_split(img_dir, IMAGE_SUFFIXES)
         self.label_format: str | None = None
@@ -86,7 +88,7 @@ class SegmentationFolder(Dataset):
             ann_dir = self.root / "ann_dir" / split
             labels = list_split(ann_dir, LABEL_SUFFIXES)
             pair_by_stem(images, labels, img_dir, ann_dir)
-            self.label_format = resolve_label_format(self.root, self.meta, label_format)
+            self.label_format = resolve_label_format(self.root, self.meta, label_format, self.benchmark.num_classes)
             self.label_paths = [labels[s] for s in images]
         self.names = list(images)
         self.image_paths = list(images.values())
@@ -111,7 +113,7 @@ class SegmentationFolder(Dataset):
                     raise UserError(
                         f"{path} is {raw.shape[1]}x{raw.shape[0]} but its image is {rgb.shape[1]}x{rgb.shape[0]}"
                     )
-                ids = to_train_ids(raw, self.label_format, path)
+                ids = to_train_ids(raw, self.label_format, path, self.benchmark.num_classes)
         img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
         sample: dict[str, Any] = {"img": img if self.uint8 else unit_float(img), "name": self.names[index]}
         if ids is not None:

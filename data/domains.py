@@ -5,19 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.benchmarks import BENCHMARKS, Benchmark, benchmark_of
 from data.files import read_meta
 from data.isprs import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from utils.errors import UserError
 
-__all__ = ["CLASS_NAMES", "DOMAINS", "IGNORE_INDEX", "NUM_CLASSES", "Domain", "check_num_classes", "domain_bands",
-           "get_domain", "resolve_domain"]
+__all__ = ["CLASS_NAMES", "DOMAINS", "IGNORE_INDEX", "NUM_CLASSES", "Domain", "check_num_classes", "data_benchmark",
+           "domain_bands", "get_domain", "resolve_domain"]
 
 
-def check_num_classes(num_classes: int) -> None:
-    """The data's labels are the ISPRS classes: a run must train that many."""
-    if num_classes != NUM_CLASSES:
-        raise UserError(f"'num_classes' must be {NUM_CLASSES}: the data's labels are the {NUM_CLASSES} ISPRS classes "
-                        f"(train ids 0..{NUM_CLASSES - 1}), got {num_classes}")
+def data_benchmark(data_root: str | Path | None, *domains: str | None) -> Benchmark:
+    """The benchmark of the prepared ``domains`` (their meta.json); they must share one."""
+    found = {name: benchmark_of(read_meta(resolve_domain(data_root, name))) for name in domains if name}
+    kinds = {b.name for b in found.values()}
+    if len(kinds) > 1:
+        which = ", ".join(f"{n}: {b.name}" for n, b in found.items())
+        raise UserError(f"the domains belong to different benchmarks ({which}); adapt between domains of one benchmark")
+    return next(iter(found.values()), BENCHMARKS["isprs"])
+
+
+def check_num_classes(num_classes: int, benchmark: Benchmark) -> None:
+    """The data's labels are ``benchmark``'s classes: a run must train that many."""
+    if num_classes != benchmark.num_classes:
+        raise UserError(f"'num_classes' must be {benchmark.num_classes}: the data's labels are the "
+                        f"{benchmark.num_classes} {benchmark.name} classes (train ids 0..{benchmark.num_classes - 1}), "
+                        f"got {num_classes}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,8 @@ DOMAINS: dict[str, Domain] = {
         # Potsdam resampled to Vaihingen's 9 cm before cropping (prepare tool, --target-gsd 0.09).
         Domain("potsdam_rgb_9cm", "potsdam", ("R", "G", "B"), 0.09),
         Domain("potsdam_irrg_9cm", "potsdam", ("NIR", "R", "G"), 0.09),
+        Domain("loveda_urban", "loveda", ("R", "G", "B"), 0.3),
+        Domain("loveda_rural", "loveda", ("R", "G", "B"), 0.3),
     )
 }
 _ALIASES: dict[str, str] = {alias: d.name for d in DOMAINS.values() for alias in d.aliases}

@@ -6,6 +6,7 @@ these readers.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from data.isprs import IGNORE_INDEX, LABEL_FORMATS, NUM_CLASSES
+from data.isprs import IGNORE_INDEX, LABEL_FORMATS
 from utils.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -23,21 +24,27 @@ LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 _SHOW = 5
 
 
-def _lut(label_format: str) -> np.ndarray:
+@functools.cache
+def _lut(label_format: str, num_classes: int) -> np.ndarray:
     """Raw file value -> train id (int64 [256]); -1 marks values the format does not allow."""
     lut = np.full(256, -1, dtype=np.int64)
     if label_format == "mmseg_raw":
         lut[0] = IGNORE_INDEX
-        lut[1 : NUM_CLASSES + 1] = np.arange(NUM_CLASSES)
+        lut[1 : num_classes + 1] = np.arange(num_classes)
     else:
-        lut[:NUM_CLASSES] = np.arange(NUM_CLASSES)
+        lut[:num_classes] = np.arange(num_classes)
         lut[IGNORE_INDEX] = IGNORE_INDEX
     return lut
 
 
-_LUTS = {fmt: _lut(fmt) for fmt in LABEL_FORMATS}
-# Values some label format allows (a folder whose format is not known yet may hold only these).
-_ANY_FORMAT = np.logical_or.reduce([lut >= 0 for lut in _LUTS.values()])
+def _allowed(label_format: str | None, num_classes: int) -> np.ndarray:
+    """Values ``label_format`` allows (None: that some format allows, for a folder whose format is not known)."""
+    formats = LABEL_FORMATS if label_format is None else (label_format,)
+    return np.logical_or.reduce([_lut(fmt, num_classes) >= 0 for fmt in formats])
+
+
+def _format_values(label_format: str, num_classes: int) -> str:
+    return f"0..{num_classes}" if label_format == "mmseg_raw" else f"0..{num_classes - 1} and 255"
 
 
 def _names(paths: list[str]) -> str:
@@ -130,39 +137,41 @@ def read_label(path: Path) -> np.ndarray:
         raise UserError(f"cannot decode label {path}: {err}") from err
 
 
-def scan_label_format(ann_dir: Path) -> str:
-    """Infer the format from every label under ``ann_dir/*/``: a 6 means mmseg_raw, a 255 train_ids."""
-    has6 = has255 = False
+def scan_label_format(ann_dir: Path, num_classes: int) -> str:
+    """Infer the format from every label under ``ann_dir/*/``: the value ``num_classes`` (raw id of the last
+    class) means mmseg_raw, a 255 train_ids."""
+    has_last = has255 = False
     files = sorted(p for split in ann_dir.glob("*") if split.is_dir() for p in split.iterdir())
     for path in files:
         if path.suffix.lower() not in LABEL_SUFFIXES:
             continue
         counts = np.bincount(read_label(path).ravel(), minlength=256)
-        has6 |= bool(counts[NUM_CLASSES])
+        has_last |= bool(counts[num_classes])
         has255 |= bool(counts[IGNORE_INDEX])
-        if has6 and has255:
+        if has_last and has255:
             break
-    if has6 != has255:
-        return "mmseg_raw" if has6 else "train_ids"
-    found = "both a 6 and a 255" if has6 else "neither a 6 (clutter, mmseg_raw) nor a 255 (ignore, train_ids)"
+    if has_last != has255:
+        return "mmseg_raw" if has_last else "train_ids"
+    found = (f"both a {num_classes} and a 255" if has_last else
+             f"neither a {num_classes} (the last class in mmseg_raw) nor a 255 (ignore, train_ids)")
     raise UserError(
         f"cannot tell the label format of {ann_dir}: the labels hold {found}. Pass it explicitly "
         "(label_format / --label-format 'mmseg_raw' or 'train_ids') or set \"label_format\" in meta.json"
     )
 
 
-def to_train_ids(raw: np.ndarray, label_format: str, path: Path) -> np.ndarray:
+def to_train_ids(raw: np.ndarray, label_format: str, path: Path, num_classes: int) -> np.ndarray:
     """Map stored ids to train ids (int64 [H, W], 255 = ignore); UserError on values the format forbids."""
-    ids = _LUTS[label_format][raw]
+    ids = _lut(label_format, num_classes)[raw]
     if ids.min() < 0:
-        check_label_values(np.unique(raw), label_format, path)
+        check_label_values(np.unique(raw), label_format, path, num_classes)
     return ids
 
 
-def check_label_values(values: np.ndarray, label_format: str | None, where: Path) -> None:
+def check_label_values(values: np.ndarray, label_format: str | None, where: Path, num_classes: int) -> None:
     """UserError naming ``where`` when a stored label value is not allowed in ``label_format`` (None: in
-    neither format)."""
-    allowed = _LUTS[label_format] >= 0 if label_format is not None else _ANY_FORMAT
+    neither format) for ``num_classes`` classes."""
+    allowed = _allowed(label_format, num_classes)
     values = np.asarray(values, dtype=np.int64).ravel()
     ok = (values >= 0) & (values < allowed.size)  # values read from a meta.json may lie outside uint8
     ok[ok] = allowed[values[ok]]
@@ -171,17 +180,18 @@ def check_label_values(values: np.ndarray, label_format: str | None, where: Path
         return
     if label_format is None:
         raise UserError(
-            f"{where}: label value(s) {bad[:_SHOW]} are no label id of any format (mmseg_raw: 0..6, train_ids: "
-            "0..5 and 255); the labels must hold class ids, not colours or scaled values (re-run the prepare tool)"
+            f"{where}: label value(s) {bad[:_SHOW]} are no label id of any format (mmseg_raw: "
+            f"{_format_values('mmseg_raw', num_classes)}, train_ids: {_format_values('train_ids', num_classes)}); "
+            "the labels must hold class ids, not colours or scaled values (re-run the prepare tool)"
         )
-    text = "0..6" if label_format == "mmseg_raw" else "0..5 and 255"
     raise UserError(
         f"{where}: label value(s) {bad[:_SHOW]} not allowed in label_format {label_format!r} (allowed: "
-        f"{text}); check the label format (meta.json / --label-format) or re-run the prepare tool"
+        f"{_format_values(label_format, num_classes)}); check the label format (meta.json / --label-format) or "
+        f"re-run the prepare tool"
     )
 
 
-def resolve_label_format(root: Path, meta: dict[str, Any], label_format: str | None) -> str:
+def resolve_label_format(root: Path, meta: dict[str, Any], label_format: str | None, num_classes: int) -> str:
     """meta.json's ``label_format``, else the argument, else a scan of all labels; they must agree."""
     declared = meta.get("label_format")
     for source, value in (("meta.json", declared), ("label_format", label_format)):
@@ -192,4 +202,4 @@ def resolve_label_format(root: Path, meta: dict[str, Any], label_format: str | N
             f"{root / 'meta.json'} says label_format {declared!r} but {label_format!r} was passed; "
             "drop the flag or fix meta.json"
         )
-    return declared or label_format or scan_label_format(root / "ann_dir")
+    return declared or label_format or scan_label_format(root / "ann_dir", num_classes)

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.benchmarks import benchmark_of
 from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
-from data.domains import domain_bands, resolve_domain
+from data.domains import data_benchmark, domain_bands, resolve_domain
 from data.loaders import build_loader
 from data.preprocess import to_model_input
 from data.transforms import Resize
@@ -168,6 +169,7 @@ class CheckpointScores:
     checkpoint: Path
     mode: str  # "patch", or the sliding-window settings
     bn: str  # the BatchNorm statistics used, in words
+    classes: tuple[str, ...]  # of the checkpoint's benchmark, by train id
     recalibrated_bn: dict[str, Any] | None = None  # {"split": "train", "images": n} after re-estimation
 
 
@@ -206,6 +208,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, domain: s
     folder = resolve_domain(Path(data_root), domain)
     loaded = load_for_evaluation(checkpoint, data_root, domain, device, bn_domain)
     meta = loaded.state["meta"]
+    check_benchmark(meta, folder)
     check_bands(meta, domain_bands(folder), f"{domain}", allow_band_mismatch)
     resize = resize or meta["resize"]
     uses = [SplitUse(folder, split)] + ([SplitUse(folder, "train", labels=False)] if recalibrate else [])
@@ -227,7 +230,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, domain: s
     results = evaluate(loaded.model, loader, protos, loaded.device, meta["num_classes"], protocol=protocol,
                        domain=loaded.bn_domain)
     mode = f"patch (resized to {resize})" if resize else "patch"
-    return CheckpointScores(results, loaded.path, mode, bn, recalibrated)
+    return CheckpointScores(results, loaded.path, mode, bn, benchmark_of(meta).classes, recalibrated)
+
+
+def check_benchmark(meta: dict, folder: Path) -> None:
+    """Refuse data of another benchmark (another class list) than the checkpoint's."""
+    data, ours = data_benchmark(folder.parent, str(folder)), benchmark_of(meta)
+    if data.name != ours.name or meta["num_classes"] != data.num_classes:
+        raise UserError(f"the checkpoint segments the {meta['num_classes']} {ours.name} classes, {folder} holds "
+                        f"{data.name} labels ({data.num_classes} classes); evaluate it on data of its benchmark")
 
 
 def check_bands(meta: dict, bands: list[str] | None, what: str, allow: bool) -> None:

@@ -10,11 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.isprs import PALETTE as RAW_PALETTE
-
-# ISPRS legend of the train ids 0..5 (train id k has raw id k + 1's colour); ignore (255) is drawn black.
-PALETTE = np.asarray(RAW_PALETTE[1:], dtype=np.uint8)
-
 
 class RunLogger:
     """Writes scalars and image panels to TensorBoard and one JSON line per record to metrics.jsonl.
@@ -68,12 +63,12 @@ class RunLogger:
             self.jsonl.close()
 
 
-def colorize(labels: torch.Tensor) -> np.ndarray:
-    """Train-id map [H, W] -> RGB uint8 [H, W, 3] in the ISPRS legend."""
+def colorize(labels: torch.Tensor, palette: np.ndarray) -> np.ndarray:
+    """Train-id map [H, W] -> RGB uint8 [H, W, 3] in the benchmark's ``palette`` [C, 3]; ignore (255) is black."""
     lab = labels.cpu().numpy()
     out = np.zeros((*lab.shape, 3), dtype=np.uint8)
-    valid = lab < len(PALETTE)
-    out[valid] = PALETTE[lab[valid]]
+    valid = lab < len(palette)
+    out[valid] = palette[lab[valid]]
     return out
 
 
@@ -84,15 +79,16 @@ def image_rgb(img: torch.Tensor) -> np.ndarray:
     return (x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def panel(img: torch.Tensor, label: torch.Tensor | None, pred: torch.Tensor, entropy: torch.Tensor) -> np.ndarray:
+def panel(img: torch.Tensor, label: torch.Tensor | None, pred: torch.Tensor, entropy: torch.Tensor,
+          palette: np.ndarray) -> np.ndarray:
     """One row: input, ground truth, prediction, entropy map; each [H, W, 3] uint8 side by side.
 
     ``img`` [3, H, W] in [0, 1] (or normalised: rescaled per image), ``pred`` / ``label`` [H, W],
     ``entropy`` [H, W] in [0, 1].
     """
     tiles = [image_rgb(img)]
-    tiles.append(colorize(label) if label is not None else np.zeros_like(tiles[0]))
-    tiles.append(colorize(pred))
+    tiles.append(colorize(label, palette) if label is not None else np.zeros_like(tiles[0]))
+    tiles.append(colorize(pred, palette))
     ent = (entropy.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
     tiles.append(np.repeat(ent[..., None], 3, axis=2))
     return np.concatenate(tiles, axis=1)

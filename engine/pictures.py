@@ -12,10 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from data.dataset import SegmentationFolder
-from data.domains import CLASS_NAMES, resolve_domain
+from data.domains import resolve_domain
 from data.preprocess import to_model_input
 from engine.build import build_transforms
 from engine.handoff import handoff_network, handoff_prototypes, load_handoff
@@ -41,18 +40,18 @@ def predict_patch(model: nn.Module, img: torch.Tensor, prototypes: torch.Tensor 
 
 
 @torch.no_grad()
-def panel_rows(model: nn.Module, dataset: Dataset, prototypes: torch.Tensor | None, device: torch.device,
+def panel_rows(model: nn.Module, dataset: SegmentationFolder, prototypes: torch.Tensor | None, device: torch.device,
                normalize: str, domain: str = "target", count: int = PANEL_PATCHES) -> np.ndarray:
     """Input | ground truth | prediction | entropy of the first ``count`` patches, one row each: [H*n, 4W, 3]."""
     rows = []
     for i in range(min(count, len(dataset))):
         sample = dataset[i]
         pred, entropy = predict_patch(model, sample["img"], prototypes, device, domain, normalize)
-        rows.append(panel(sample["img"], sample.get("label"), pred, entropy))
+        rows.append(panel(sample["img"], sample.get("label"), pred, entropy, dataset.benchmark.palette_array))
     return np.concatenate(rows, axis=0)
 
 
-def write_stage_pictures(run_dir: Path, model: nn.Module, dataset: Dataset, prototypes: torch.Tensor | None,
+def write_stage_pictures(run_dir: Path, model: nn.Module, dataset: SegmentationFolder, prototypes: torch.Tensor | None,
                          device: torch.device, normalize: str, confusion: list[list[int]],
                          title: str) -> dict[str, np.ndarray]:
     """Write ``confusion.png`` (row-normalised) and ``panels.png`` into ``run_dir``; returns them as RGB arrays.
@@ -61,7 +60,7 @@ def write_stage_pictures(run_dir: Path, model: nn.Module, dataset: Dataset, prot
     """
     pictures = {}
     if can_draw("confusion.png"):
-        pictures["confusion"] = confusion_rgb(np.array(confusion), CLASS_NAMES, title)
+        pictures["confusion"] = confusion_rgb(np.array(confusion), dataset.benchmark.classes, title)
     pictures["panels"] = panel_rows(model, dataset, prototypes, device, normalize)
     for name, rgb in pictures.items():
         atomic_write_bytes(run_dir / f"{name}.png", image_png(rgb))
@@ -83,12 +82,13 @@ def pipeline_panels(stage_dirs: list[Path], device: torch.device) -> np.ndarray:
     cfg = load_config(stage_dirs[0] / "config.yaml")
     dataset = target_val_dataset(cfg)
     samples = [dataset[i] for i in range(min(PANEL_PATCHES, len(dataset)))]
-    columns = [[image_rgb(s["img"]) for s in samples], [colorize(s["label"]) for s in samples]]
+    palette = dataset.benchmark.palette_array
+    columns = [[image_rgb(s["img"]) for s in samples], [colorize(s["label"], palette) for s in samples]]
     for stage_dir in stage_dirs:
         state = load_handoff(stage_dir, flag="stage folder")
         model = handoff_network(state, device)
         stored = handoff_prototypes(state, device)
         protos = stored.for_target if stored is not None else None
-        columns.append([colorize(predict_patch(model, s["img"], protos, device, "target", cfg.normalize)[0])
-                        for s in samples])
+        columns.append([colorize(predict_patch(model, s["img"], protos, device, "target", cfg.normalize)[0], palette)
+                         for s in samples])
     return np.concatenate([np.concatenate(row, axis=1) for row in zip(*columns)], axis=0)

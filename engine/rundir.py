@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from data.benchmarks import Benchmark
 from data.domains import domain_bands, resolve_domain
 from data.files import read_meta
 from engine.build import bn_stats_of
@@ -257,13 +258,14 @@ def write_start(out_dir: Path, cfg: Config, napg: Method, init_source: dict[str,
 
 def write_results(run_dir: Path, cfg: Config, protos: RefreshResult, all_results: dict[str, Any],
                   init_source: dict[str, Any] | None, seconds: float, ranks: dict[str, Any],
-                  untrained: dict[str, int]) -> None:
+                  untrained: dict[str, int], benchmark: Benchmark) -> None:
     """eval.json, then manifest.json, the file that marks the stage complete (after ``model.pt``).
 
     ``untrained``: parameter -> elements that act at evaluation but had no gradient (engine/coverage.py)."""
     protocol = data_protocol(cfg)
     write_json(run_dir / "eval.json", {"split": f"target-{cfg.target_eval_split}", "selection": "last",
-                                       "protocol": protocol,
+                                       "protocol": protocol, "benchmark": benchmark.name,
+                                       "classes": list(benchmark.classes),
                                        **all_results.get("target_val", {}), "source_val": all_results["source_val"],
                                        "untrained_at_evaluation": untrained})
     manifest = {"stage": cfg.stage, "source": cfg.source, "target": cfg.target,
@@ -272,7 +274,7 @@ def write_results(run_dir: Path, cfg: Config, protos: RefreshResult, all_results
                 "preset": cfg.preset, "epochs": cfg.epochs, "git": environment_info()["git"],
                 "checkpoint": "model.pt", "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
                 "init": init_source, "train_seconds": round(seconds, 1), "ranks": ranks,
-                "bn_stats": bn_stats_of(cfg), "protocol": protocol,
+                "bn_stats": bn_stats_of(cfg), "protocol": protocol, "benchmark": benchmark.name,
                 **{role: {b: {k: m[k] for k in SUMMARY_KEYS} for b, m in res.items()}
                    for role, res in all_results.items()}}
     write_json(run_dir / "manifest.json", manifest)

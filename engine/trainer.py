@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.domains import CLASS_NAMES, check_num_classes
+from data.benchmarks import Benchmark
+from data.domains import check_num_classes, data_benchmark
 from data.preprocess import to_model_input
 from engine.build import build_data, build_method, iters_per_epoch
 from engine.coverage import GradientCoverage, describe, untrained_at_evaluation
@@ -48,7 +50,8 @@ from utils.run import resolve_device, seed_everything
 def run_stage(cfg: Config) -> dict[str, Any]:
     """Train one stage as configured and return its final target-val metrics."""
     stage = cfg.stage
-    check_num_classes(cfg.num_classes)
+    benchmark = data_benchmark(cfg.data_root, cfg.source, cfg.target)
+    check_num_classes(cfg.num_classes, benchmark)
     folder = RunFolder(cfg.work_dir, stage)
     device = dist.init_from_env(resolve_device(cfg.device))
     set_cudnn_autotuning(device, cfg.deterministic)
@@ -77,7 +80,7 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     start_time = time.time()
     # The iterations of the pipeline's earlier stages: one TensorBoard axis for the whole pipeline.
     step_offset = int((init_state or {}).get("meta", {}).get("pipeline_step_end") or 0)
-    loop = _StageLoop(cfg, method, data, protos, progress, coverage, out_dir, device, step_offset)
+    loop = _StageLoop(cfg, method, data, protos, progress, coverage, out_dir, device, benchmark, step_offset)
     try:
         if action is not Action.RESUME:
             loop.logger.config(cfg.to_dict(), [f"{prefix}/classifier/miou" for prefix in ("eval", "eval_source")])
@@ -95,7 +98,7 @@ def run_stage(cfg: Config) -> dict[str, Any]:
             return {"stopped": True}
         require_finite_weights(method, loop.protos)  # the hand-off never carries a diverged network
         results = _finish(out_dir, method, loop.protos, data, cfg, init_source, time.time() - start_time, coverage,
-                          loop.logger, progress.global_step)
+                          loop.logger, progress.global_step, benchmark)
     finally:
         loop.logger.close()
     if out_dir == folder.staging and dist.is_main():
@@ -109,11 +112,12 @@ class _StageLoop:
 
     def __init__(self, cfg: Config, method: Method, data: dict[str, Any], protos: RefreshResult | None,
                  progress: Progress, coverage: GradientCoverage, out_dir: Path, device: torch.device,
-                 step_offset: int = 0):
+                 benchmark: Benchmark, step_offset: int = 0):
         self.cfg, self.method, self.data, self.protos = cfg, method, data, protos
         self.progress, self.coverage, self.out_dir, self.device = progress, coverage, out_dir, device
         self.refresh_spec = RefreshSpec.from_config(cfg)
         self.logger = RunLogger(out_dir, enabled=dist.is_main(), step_offset=step_offset)
+        self.benchmark = benchmark
         self.iters = iters_per_epoch(cfg, data)
         self.signals = StopSignals()
         self.invocation_iters = 0  # iterations of this invocation (what --stop-after counts)
@@ -151,7 +155,7 @@ class _StageLoop:
         self.protos = refresh_prototypes(unwrap(self.method.model), self.data["source_refresh"],
                                          self.data["target_refresh"], tau, self.refresh_spec, self.device,
                                          previous=self.protos, epoch=p.epoch)
-        _log_refresh(self.logger, p.global_step, p.epoch, tau, self.protos)
+        _log_refresh(self.logger, p.global_step, p.epoch, tau, self.protos, self.benchmark.classes)
 
     def _train_iterations(self, tau: float | None) -> bool:
         """The epoch's remaining iterations; True when it ended early on --stop-after or a signal."""
@@ -211,9 +215,10 @@ class _StageLoop:
             return
         cfg, p = self.cfg, self.progress
         all_results = evaluate_stage(self.method, self.data, self.protos, cfg)
-        _log_eval(self.logger, p.global_step, p.epoch, all_results)
+        _log_eval(self.logger, p.global_step, p.epoch, all_results, self.benchmark.classes)
         if dist.is_main():
-            _log_panels(self.method, self.data, self.protos, self.logger, p.global_step, cfg.normalize)
+            _log_panels(self.method, self.data, self.protos, self.logger, p.global_step, cfg.normalize,
+                        self.benchmark.palette_array)
         _print_eval(cfg, p.epoch, all_results)
         if cfg.select_on_target_val and dist.is_main():
             self._keep_best(all_results["target_val"])
@@ -260,18 +265,19 @@ class _Window:
         return {"iter_time": elapsed / max(self.iterations, 1), "data_time_fraction": self.data_seconds / elapsed}
 
 
-def _log_refresh(logger: RunLogger, iteration: int, epoch: int, tau: float | None, protos: RefreshResult) -> None:
-    values = {f"count_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_source_target)}
-    values.update({f"count_target_{name}": n for name, n in zip(CLASS_NAMES, protos.counts_target)})
-    values.update({f"k_{name}": k for name, k in zip(CLASS_NAMES, protos.clusters)})
+def _log_refresh(logger: RunLogger, iteration: int, epoch: int, tau: float | None, protos: RefreshResult,
+                 names: tuple[str, ...]) -> None:
+    values = {f"count_{name}": n for name, n in zip(names, protos.counts_source_target)}
+    values.update({f"count_target_{name}": n for name, n in zip(names, protos.counts_target)})
+    values.update({f"k_{name}": k for name, k in zip(names, protos.clusters)})
     for domain, sizes in protos.pool_sizes.items():  # before balancing
-        values.update({f"pool_{domain}_{name}": n for name, n in zip(CLASS_NAMES, sizes)})
+        values.update({f"pool_{domain}_{name}": n for name, n in zip(names, sizes)})
     values["tau"] = tau if tau is not None else float("nan")
     logger.scalars(iteration, values, prefix="prototypes/", epoch=epoch, kind="refresh",
-                   kept_previous=[CLASS_NAMES[c] for c in protos.kept_previous])
+                   kept_previous=[names[c] for c in protos.kept_previous])
     if protos.kept_previous:
-        names = ", ".join(CLASS_NAMES[c] for c in protos.kept_previous)
-        tqdm.write(f"epoch {epoch}: no samples of {names}; kept their previous prototypes")
+        missing = ", ".join(names[c] for c in protos.kept_previous)
+        tqdm.write(f"epoch {epoch}: no samples of {missing}; kept their previous prototypes")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -293,13 +299,14 @@ def evaluate_stage(method: Method, data: dict[str, Any], protos: RefreshResult,
     return results
 
 
-def _log_eval(logger: RunLogger, iteration: int, epoch: int, all_results: dict[str, dict[str, Any]]) -> None:
+def _log_eval(logger: RunLogger, iteration: int, epoch: int, all_results: dict[str, dict[str, Any]],
+              names: tuple[str, ...]) -> None:
     """Summary metrics and per-class IoU of every role and branch (``eval/``: target val, ``eval_source/``)."""
     for role, results in all_results.items():
         prefix = "eval" if role == "target_val" else "eval_source"
         for branch, m in results.items():
             values = {k: m[k] for k in SUMMARY_KEYS}
-            values.update({f"iou_{n}": v for n, v in zip(CLASS_NAMES, m["iou"])})
+            values.update({f"iou_{n}": v for n, v in zip(names, m["iou"])})
             logger.scalars(iteration, values, prefix=f"{prefix}/{branch}/", epoch=epoch, kind="eval", split=role)
 
 
@@ -314,7 +321,7 @@ def _print_eval(cfg: Config, epoch: int, all_results: dict[str, dict[str, Any]])
 
 @torch.no_grad()
 def _log_panels(method: Method, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, iteration: int,
-                normalize: str) -> None:
+                normalize: str, palette: np.ndarray) -> None:
     """Input, ground truth, prediction and entropy of the first source and target-val patches."""
     model = unwrap(method.model)
     for tag, dataset in (("source", data["source_refresh"].dataset),
@@ -324,7 +331,7 @@ def _log_panels(method: Method, data: dict[str, Any], protos: RefreshResult, log
         sample = dataset[0]
         pred, entropy = predict_patch(model, sample["img"], protos.for_target, protos.source_target.device, tag,
                                       normalize)
-        logger.image(f"panels/{tag}", iteration, panel(sample["img"], sample.get("label"), pred, entropy))
+        logger.image(f"panels/{tag}", iteration, panel(sample["img"], sample.get("label"), pred, entropy, palette))
 
 
 def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: int, out_dir: Path) -> str:
@@ -339,7 +346,7 @@ def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: i
 
 def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str, Any], cfg: Config,
             init_source: dict[str, Any] | None, seconds: float, coverage: GradientCoverage, logger: RunLogger,
-            global_step: int) -> dict[str, Any]:
+            global_step: int, benchmark: Benchmark) -> dict[str, Any]:
     """Final evaluation, hand-off checkpoint and the manifest that marks the stage complete."""
     all_results = evaluate_stage(method, data, protos, cfg)
     untrained = _untrained_weights(method, data, protos, cfg, coverage)
@@ -349,14 +356,15 @@ def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str
     ranks = _rank_consistency(method, protos)
     if dist.is_main():
         save_stage_handoff(run_dir / "model.pt", method, protos, cfg, cfg.epochs,
-                           pipeline_step_end=logger.step_offset + global_step)
+                           pipeline_step_end=logger.step_offset + global_step, benchmark=benchmark.name)
         if results:
             _write_pictures(run_dir, method, data, protos, cfg, results["classifier"]["confusion"], logger,
                             global_step)
-        write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks, untrained)  # the manifest: last
+        write_results(run_dir, cfg, protos, all_results, init_source, seconds, ranks, untrained,  # the manifest: last
+                      benchmark)
         if results:
             print(f"{cfg.stage} target-{cfg.target_eval_split} (classifier):")
-            print(format_table(results["classifier"], CLASS_NAMES))
+            print(format_table(results["classifier"], benchmark.classes))
         source_miou = all_results["source_val"]["classifier"]["miou"]
         print(f"{cfg.stage} source-val mIoU (classifier): {100 * source_miou:.2f}")
     dist.barrier()

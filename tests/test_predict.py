@@ -14,12 +14,14 @@ from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from data.benchmarks import BENCHMARKS
 from data.isprs import CLASS_NAMES, IGNORE_INDEX
-from engine.logger import PALETTE
 from tests.helpers import random_checkpoint
 from tools.predict import main
 from utils.errors import run_cli
 from utils.publish import publish_dir
+
+PALETTE = BENCHMARKS["isprs"].palette_array
 
 # A quarter-scale network input keeps a 2000 x 1500 tile to a few dozen small windows.
 FAST = ["--crop", "128", "--stride", "96", "--device", "cpu"]

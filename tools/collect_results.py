@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data.domains import CLASS_NAMES
+from data.isprs import CLASS_NAMES as ISPRS_CLASSES
 from utils.checkpoint import atomic_write_bytes
 from utils.config import load_yaml
 from utils.errors import UserError, run_cli
@@ -71,9 +71,12 @@ def run_label(folder: Path) -> str:
     return label + (f", init {init.get('stage', 'checkpoint')}" if isinstance(init, dict) else "")
 
 
-def gather(runs: Sequence[Path], label: str | None = None) -> dict[Group, list[tuple[Path, dict]]]:
-    """(pair, stage, label) -> (folder, target-val classifier metrics) of every run of it."""
+def gather(runs: Sequence[Path], label: str | None = None) -> tuple[dict[Group, list[tuple[Path, dict]]],
+                                                                    tuple[str, ...]]:
+    """(pair, stage, label) -> (folder, target-val classifier metrics) of every run of it, and the runs' class
+    names (eval.json's; ISPRS's for runs that predate the field), which must be the same for all."""
     groups: dict[Group, list[tuple[Path, dict]]] = {}
+    classes: dict[tuple[str, ...], Path] = {}
     for run in runs:
         for folder in stage_folders(run):
             manifest = read_json(folder / "manifest.json")
@@ -83,13 +86,18 @@ def gather(runs: Sequence[Path], label: str | None = None) -> dict[Group, list[t
             pair = f"{manifest['source']} -> {manifest['target']} ({evaluation.get('protocol', 'mmseg')})"
             key = (pair, manifest["stage"], label or run_label(folder))
             groups.setdefault(key, []).append((folder, evaluation["classifier"]))
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGE_NAMES.index(kv[0][1]), kv[0][2])))
+            classes.setdefault(tuple(evaluation.get("classes", ISPRS_CLASSES)), folder)
+    if len(classes) > 1:
+        raise UserError(f"the runs segment different class lists ({', '.join(map(str, classes.values()))} differ); "
+                        f"collect the runs of each benchmark separately")
+    ordered = dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGE_NAMES.index(kv[0][1]), kv[0][2])))
+    return ordered, next(iter(classes), ISPRS_CLASSES)
 
 
-def summarise(runs: list[dict]) -> dict[str, tuple[float, float]]:
+def summarise(runs: list[dict], classes: Sequence[str]) -> dict[str, tuple[float, float]]:
     """Mean and sample std of each metric and each class's IoU (``iou_<class>``) over ``runs``; NaN std for one."""
     values = {key: [r[key] for r in runs] for key in METRICS}
-    values.update({f"iou_{name}": [r["iou"][i] for r in runs] for i, name in enumerate(CLASS_NAMES)})
+    values.update({f"iou_{name}": [r["iou"][i] for r in runs] for i, name in enumerate(classes)})
     out = {}
     for key, vals in values.items():
         arr = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
@@ -114,24 +122,24 @@ def paper_table(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group,
     return [*lines, ""]
 
 
-def markdown(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict]) -> str:
+def markdown(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict], classes: Sequence[str]) -> str:
     head = ["pair", "stage", "label", "runs", *METRICS.values()]
     lines = ["Target-val mIoU (%), mean ± sample std over runs:", "", *paper_table(groups, stats),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, runs in groups.items():
         lines.append(f"| {' | '.join(key)} | {len(runs)} | " + " | ".join(_pm(*stats[key][k]) for k in METRICS) + " |")
-    head = ["pair", "stage", "label", *CLASS_NAMES]
+    head = ["pair", "stage", "label", *classes]
     lines += ["", "IoU per class:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in groups:
-        lines.append(f"| {' | '.join(key)} | " + " | ".join(_pm(*stats[key][f"iou_{n}"]) for n in CLASS_NAMES) + " |")
+        lines.append(f"| {' | '.join(key)} | " + " | ".join(_pm(*stats[key][f"iou_{n}"]) for n in classes) + " |")
     lines += ["", "Target-val, classifier branch, percent; mean ± sample std over runs; -5 = clutter excluded "
                   "from the mean. Rows average the runs of one pair, stage and label:", ""]
     lines += [f"- {' / '.join(key)}: {', '.join(str(folder) for folder, _ in runs)}" for key, runs in groups.items()]
     return "\n".join(lines) + "\n"
 
 
-def csv_text(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict]) -> str:
-    keys = [*METRICS, *(f"iou_{n}" for n in CLASS_NAMES)]
+def csv_text(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict], classes: Sequence[str]) -> str:
+    keys = [*METRICS, *(f"iou_{n}" for n in classes)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["pair", "stage", "label", "runs", *(f"{k}_{part}" for k in keys for part in ("mean", "std"))])
@@ -154,18 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_output_folder(args.out, "--out")
     check_output_files([args.out / name for name in OUTPUTS], "--out", args.overwrite)
-    groups = gather(args.runs, args.label)
-    stats = {key: summarise([metrics for _, metrics in runs]) for key, runs in groups.items()}
-    table = markdown(groups, stats)
+    groups, classes = gather(args.runs, args.label)
+    stats = {key: summarise([metrics for _, metrics in runs], classes) for key, runs in groups.items()}
+    table = markdown(groups, stats, classes)
     atomic_write_bytes(args.out / "results.md", table.encode())
-    atomic_write_bytes(args.out / "results.csv", csv_text(groups, stats).encode())
+    atomic_write_bytes(args.out / "results.csv", csv_text(groups, stats, classes).encode())
     written = OUTPUTS[:2]
     if can_draw("results.png"):
         labels = [" ".join(key) for key in groups]
         chart = results_rgb(
             labels, {METRICS[k]: ([stats[g][k][0] for g in groups], [stats[g][k][1] for g in groups])
                      for k in METRICS},
-            CLASS_NAMES, tuple(np.array([[stats[g][f"iou_{n}"][i] for n in CLASS_NAMES] for g in groups])
+            classes, tuple(np.array([[stats[g][f"iou_{n}"][i] for n in classes] for g in groups])
                                for i in (0, 1)))
         atomic_write_bytes(args.out / "results.png", image_png(chart))
         written = OUTPUTS

@@ -26,12 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from tqdm import tqdm
 
+from data.benchmarks import benchmark_of
 from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
-from data.domains import CLASS_NAMES, domain_bands, resolve_domain
+from data.domains import domain_bands, resolve_domain
 from data.isprs import DATASETS, LABEL_KINDS, decode_label, raw_to_train_ids
 from data.prepare import decode_raw, find_tiles
-from engine.evaluate import CheckpointScores, check_bands, evaluate_checkpoint, evaluate_tiles, load_for_evaluation
+from engine.evaluate import (
+    CheckpointScores,
+    check_bands,
+    check_benchmark,
+    evaluate_checkpoint,
+    evaluate_tiles,
+    load_for_evaluation,
+)
 from engine.inference import SlideConfig
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
@@ -97,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      allow_band_mismatch=args.allow_band_mismatch)
     for branch, metrics in scores.results.items():
         print(f"{branch} branch, {args.domain}/{args.split}, {scores.mode}, protocol {args.protocol}, {scores.bn}:")
-        print(format_table(metrics, CLASS_NAMES))
+        print(format_table(metrics, scores.classes))
     if args.json:
         write_json(Path(args.json), {"checkpoint": str(scores.checkpoint), "domain": args.domain, "split": args.split,
                                      "mode": scores.mode, "protocol": args.protocol, "bn": scores.bn,
@@ -115,6 +123,8 @@ def _evaluate_slide(args: argparse.Namespace) -> CheckpointScores:
     meta = loaded.state["meta"]
     bands = (list(DATASETS[args.dataset].bands[args.bands]) if args.raw is not None
              else domain_bands(resolve_domain(Path(args.data_root), args.domain)))
+    if args.raw is None:
+        check_benchmark(meta, resolve_domain(Path(args.data_root), args.domain))
     check_bands(meta, bands, args.domain, args.allow_band_mismatch)
     cfg = SlideConfig(crop=args.crop, stride=args.stride, scale=args.scale or meta["input_scale"],
                       batch_size=args.batch_size, normalize=args.normalize or meta["normalize"],
@@ -122,7 +132,7 @@ def _evaluate_slide(args: argparse.Namespace) -> CheckpointScores:
     results = evaluate_tiles(loaded.model, tqdm(_slide_tiles(args), desc="tiles", unit="tile"), cfg, loaded.device,
                              meta["num_classes"])
     mode = f"slide (crop {cfg.crop}, stride {cfg.stride}, scale {cfg.scale:g})"
-    return CheckpointScores(results, loaded.path, mode, loaded.bn)
+    return CheckpointScores(results, loaded.path, mode, loaded.bn, benchmark_of(meta).classes)
 
 
 def _slide_tiles(args: argparse.Namespace):

@@ -5,9 +5,9 @@
 Input: one GeoTIFF / TIFF / PNG / JPEG file or a folder of them, 8-bit, three bands picked by ``--bands``
 (1-based, in the order the network was trained on; e.g. ``4,1,2`` turns a Potsdam RGBIR tile into IRRG).
 A tile with more than three bands needs ``--bands``. Per input ``<stem>`` it writes ``<stem>_classes.tif``
-(one uint8 band of train ids 0..5 with the input's CRS and transform, the ISPRS colour table, nodata 255,
+(one uint8 band of train ids with the input's CRS and transform, the benchmark's colour table, nodata 255,
 the class names as band metadata, and ``<stem>_classes.qml``, the QGIS style with the legend; a plain
-TIFF's ``.tfw`` world file is copied next to it), ``<stem>_color.png`` (ISPRS palette; for a georeferenced
+TIFF's ``.tfw`` world file is copied next to it), ``<stem>_color.png`` (the same colours; for a georeferenced
 input with a ``.pgw`` world file and a ``.png.aux.xml`` holding the CRS), and on request
 ``<stem>_entropy.tif`` (float32, normalised entropy in [0, 1]) and ``<stem>_probs.tif`` (one uint8 band per
 class, probability * 255, named by class). Files follow the user's umask. Existing outputs are kept unless
@@ -33,10 +33,10 @@ from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from tqdm import tqdm
 
-from data.isprs import CLASS_NAMES, IGNORE_INDEX
+from data.benchmarks import Benchmark, benchmark_of
+from data.isprs import IGNORE_INDEX
 from engine.handoff import handoff_file, handoff_network, load_handoff, trained_bands
 from engine.inference import Prediction, SlideConfig, predict_image
-from engine.logger import PALETTE
 from utils.checkpoint import atomic_write_bytes
 from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(tile)
             continue
         pred = predict_image(model, image, cfg, device, entropy=args.entropy, probs=args.probs, progress=True)
-        write_outputs(pred, profile, tile, outputs[tile])
+        write_outputs(pred, profile, tile, outputs[tile], benchmark_of(meta))
         tqdm.write(f"{tile} -> {outputs[tile]['classes']}")
     if failed:
         raise UserError(f"{len(failed)} of {len(tiles)} tiles could not be read ({', '.join(map(str, failed))}); "
@@ -233,26 +233,28 @@ def pam_crs_xml(crs: rasterio.crs.CRS) -> str:
     return f'<PAMDataset>\n  <SRS dataAxisToSRSAxisMapping="1,2">{escape(crs.to_wkt())}</SRS>\n</PAMDataset>\n'
 
 
-def color_png_bytes(classes: np.ndarray) -> bytes:
-    """Train ids [H, W] -> a paletted PNG in the ISPRS colours."""
+def color_png_bytes(classes: np.ndarray, palette: np.ndarray) -> bytes:
+    """Train ids [H, W] -> a paletted PNG in the benchmark's colours ``palette`` [C, 3]."""
     image = Image.fromarray(classes, mode="P")
-    image.putpalette(PALETTE.ravel().tolist())
+    image.putpalette(palette.ravel().tolist())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def write_outputs(pred: Prediction, profile: dict, tile: Path, paths: dict[str, Path]) -> None:
-    """Write every output of one tile, each atomically (a temporary name, then a rename)."""
+def write_outputs(pred: Prediction, profile: dict, tile: Path, paths: dict[str, Path], benchmark: Benchmark) -> None:
+    """Write every output of one tile, each atomically (a temporary name, then a rename), with ``benchmark``'s
+    class names and colours."""
+    names, palette = benchmark.classes, benchmark.palette_array
     tiled = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
-    colormap = {i: tuple(int(v) for v in rgb) for i, rgb in enumerate(PALETTE)}
-    classes = {"classes": f"train id: {', '.join(f'{i} {n}' for i, n in enumerate(CLASS_NAMES))}; "
+    colormap = {i: tuple(int(v) for v in rgb) for i, rgb in enumerate(palette)}
+    classes = {"classes": f"train id: {', '.join(f'{i} {n}' for i, n in enumerate(names))}; "
                           f"{IGNORE_INDEX} nodata"}
     atomic_write_bytes(paths["classes"], _geotiff_bytes(
         pred.classes[None], profile, nodata=IGNORE_INDEX, descriptions=["class"], colormap=colormap,
-        tags={**classes, **{f"class_{i}": name for i, name in enumerate(CLASS_NAMES)}}, **tiled))
-    atomic_write_bytes(paths["style"], qgis_style(CLASS_NAMES, PALETTE).encode())
-    atomic_write_bytes(paths["color"], color_png_bytes(pred.classes))
+        tags={**classes, **{f"class_{i}": name for i, name in enumerate(names)}}, **tiled))
+    atomic_write_bytes(paths["style"], qgis_style(names, palette).encode())
+    atomic_write_bytes(paths["color"], color_png_bytes(pred.classes, palette))
     if "color_pgw" in paths:
         atomic_write_bytes(paths["color_pgw"], world_file_text(profile["transform"]).encode())
         if profile["crs"] is not None:
@@ -262,7 +264,7 @@ def write_outputs(pred: Prediction, profile: dict, tile: Path, paths: dict[str, 
                                                             descriptions=["normalised entropy"], **tiled))
     if pred.probs is not None:
         atomic_write_bytes(paths["probs"], _geotiff_bytes(
-            pred.probs, profile, descriptions=[f"p({name}) x 255" for name in CLASS_NAMES], **tiled))
+            pred.probs, profile, descriptions=[f"p({name}) x 255" for name in names], **tiled))
     world = _world_file(tile)
     for key, dest in paths.items():
         if key.endswith("_tfw") and world is not None:
