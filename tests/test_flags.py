@@ -14,7 +14,8 @@ from utils.flags import FlagParser
 from utils.stages import STAGE_NAMES
 
 TOOLS = ("benchmark", "collect_results", "convert_original_checkpoint", "evaluate", "gpu_check", "gpu_report",
-         "kill_resume_study", "make_synthetic", "predict", "prepare_isprs", "run_pipeline", "run_table", "validity")
+         "kill_resume_study", "make_synthetic", "predict", "prepare_isprs", "prepare_loveda", "run_pipeline",
+         "run_table", "validity")
 
 
 def _tool_parser(name: str) -> FlagParser:
