@@ -2,7 +2,7 @@
 
     python tools/collect_results.py runs/pot_irrg2vai_seed* runs/vai2pot_irrg_seed* --out results/
 
-Each RUN is a pipeline folder (its step0..step3 folders are read) or a finished stage folder. A stage's
+Each RUN is a pipeline folder (its stage folders are read: steps and baselines) or a finished stage folder. A stage's
 numbers are the target-val classifier metrics of its ``eval.json``; its pair and stage come from its
 ``manifest.json``, the data's protocol (``prepare_isprs.py --protocol``) from ``eval.json``. Runs of the same
 pair, stage and label are averaged (the seeds of one experiment): the standard deviation is the sample one (n
@@ -49,7 +49,8 @@ def stage_folders(run: Path) -> list[Path]:
         return [run]
     found = [run / s for s in STAGE_NAMES if (run / s / "manifest.json").is_file()]
     if not found:
-        raise UserError(f"{run} holds no finished stage (no manifest.json in it or in its step0..step3 folders)")
+        raise UserError(f"{run} holds no finished stage (no manifest.json in it or in a stage folder of it: "
+                        f"{', '.join(STAGE_NAMES)})")
     return found
 
 
