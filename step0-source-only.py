@@ -1,6 +1,7 @@
 """Source-only baseline (what every gain is measured against).
 
-Run `python step0-source-only.py --help` for every option; `--config configs/<pair>.yaml` sets a domain pair.
+Run `python step0-source-only.py --help` for the options this step reads;
+`--config configs/<pair>.yaml` sets a domain pair.
 """
 
 from engine.cli import stage_main

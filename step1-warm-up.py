@@ -1,6 +1,7 @@
 """Step 1 of NAPG: warm-up with single-prototype groups and entropy adversarial training.
 
-Run `python step1-warm-up.py --help` for every option; `--config configs/<pair>.yaml` sets a domain pair.
+Run `python step1-warm-up.py --help` for the options this step reads;
+`--config configs/<pair>.yaml` sets a domain pair.
 """
 
 from engine.cli import stage_main

@@ -1,6 +1,7 @@
 """Step 2 of NAPG: UDA training with multi-prototype groups (MPG) and GNCE.
 
-Run `python step2-UDA-training.py --help` for every option; `--config configs/<pair>.yaml` sets a domain pair.
+Run `python step2-UDA-training.py --help` for the options this step reads;
+`--config configs/<pair>.yaml` sets a domain pair.
 """
 
 from engine.cli import stage_main

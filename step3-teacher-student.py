@@ -1,6 +1,7 @@
 """Step 3 (not in the paper): teacher-student feature distillation on target views.
 
-Run `python step3-teacher-student.py --help` for every option; `--config configs/<pair>.yaml` sets a domain pair.
+Run `python step3-teacher-student.py --help` for the options this step reads;
+`--config configs/<pair>.yaml` sets a domain pair.
 """
 
 from engine.cli import stage_main

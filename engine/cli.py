@@ -13,14 +13,19 @@ from utils.stages import STAGES
 
 
 def build_parser(stage: str) -> FlagParser:
-    """The step script's parser: the stage's own defaults in every help text, options in groups."""
+    """The step script's parser: the options the stage reads, in groups, each with the stage's own default;
+    the flags of the other options are accepted and not listed."""
+    from engine.methods import stage_options  # the method classes: torch, only for a stage's parser
+
     parser = FlagParser(
         description=STAGES[stage].description,
         usage="%(prog)s [--config YAML] [--preset {legacy,paper}] [--OPTION VALUE ...]",
         epilog="Options resolve as: built-in defaults < stage defaults < --preset < --config YAML "
                "(top level, then its '" + stage + ":' section) < flags. The defaults shown are this stage's "
-               "without YAML; --print-config shows what a command line resolves to.")
-    groups = add_config_arguments(parser, stage)
+               "without YAML; --print-config shows what a command line resolves to. Only the options this stage "
+               "reads are listed; the other stages' flags are accepted (and ignored here), so one config serves "
+               "them all.")
+    groups = add_config_arguments(parser, stage, stage_options(stage))
     groups["presets and legacy switches"].add_argument("--print-config", action="store_true",
                                                        help="print the resolved config and exit")
     return parser

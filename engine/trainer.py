@@ -186,7 +186,8 @@ class _StageLoop:
             try:
                 values = read_back(self.method, logs)
             except NonFiniteError as err:
-                raise UserError(_diverged_message(err, cfg, p.epoch, p.iteration, self.out_dir)) from None
+                raise UserError(_diverged_message(err, cfg, self.method, p.epoch, p.iteration,
+                                                  self.out_dir)) from None
             self.coverage.record()  # sampled where the device is waited for anyway
             if log_now:
                 bar.set_postfix(loss=f"{values['loss_total']:.3f}")
@@ -334,14 +335,16 @@ def _log_panels(method: Method, data: dict[str, Any], protos: RefreshResult, log
         logger.image(f"panels/{tag}", iteration, panel(sample["img"], sample.get("label"), pred, entropy, palette))
 
 
-def _diverged_message(err: NonFiniteError, cfg: Config, epoch: int, iteration: int, out_dir: Path) -> str:
+def _diverged_message(err: NonFiniteError, cfg: Config, method: Method, epoch: int, iteration: int,
+                      out_dir: Path) -> str:
     last = out_dir / "last.pt"
     kept = f"{last} keeps the last good state" if last.exists() else "no checkpoint was written yet"
     again = "continue with --resume" if last.exists() else "start it again"
     amp = "" if cfg.amp == "off" else ", or use --amp off"
+    lr_d = f" or --lr-d (now {cfg.lr_d})" if method.discriminators else ""
     return (f"{cfg.stage} diverged by epoch {epoch}, iteration {iteration} (checked every --log-every "
             f"iterations): {err} is not finite; stopped, {kept}. "
-            f"Lower --lr (now {cfg.lr}) or --lr-d (now {cfg.lr_d}){amp}, and {again}")
+            f"Lower --lr (now {cfg.lr}){lr_d}{amp}, and {again}")
 
 
 def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str, Any], cfg: Config,

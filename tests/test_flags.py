@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import re
 import sys
 
 import pytest
+import torch
 import yaml
 
 from engine.cli import build_parser, stage_main
-from utils.config import HELP_GROUPS, OPTIONS, format_value
+from engine.methods import method_class, stage_options
+from utils.config import HELP_GROUPS, OPTIONS, format_value, resolve_config
 from utils.flags import FlagParser
-from utils.stages import STAGE_NAMES
+from utils.stages import STAGE_NAMES, STAGES
 
 TOOLS = ("benchmark", "collect_results", "convert_original_checkpoint", "evaluate", "gpu_check", "gpu_report",
          "kill_resume_study", "make_synthetic", "predict", "prepare_isprs", "prepare_loveda", "run_pipeline",
@@ -31,10 +35,57 @@ def test_stage_help_shows_what_print_config_prints(stage, capsys):
     assert stage_main(stage, ["--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     actions = _option_actions(build_parser(stage))
-    assert set(actions) == set(OPTIONS)
-    for key, action in actions.items():
+    assert set(actions) == set(OPTIONS)  # every flag parses, listed or not
+    listed = {key: action for key, action in actions.items() if action.help != argparse.SUPPRESS}
+    assert set(listed) == stage_options(stage)
+    for key, action in listed.items():
         assert action.help.endswith(f"(default: {format_value(printed[key])})"), (stage, key, action.help)
         assert action.help.count("(default") == 1, (stage, key, action.help)
+
+
+@pytest.mark.parametrize(("stage", "listed", "not_listed"), [
+    ("step0", {"--w-proto", "--lr", "--clusters"}, {"--w-kd", "--ema-momentum", "--w-adv-d1", "--lr-d", "--bn-stats",
+                                                    "--weak-scale", "--w-ent"}),
+    ("step1", {"--w-adv-d1", "--w-adv-d2", "--legacy-d2-step1", "--w-gnce", "--bn-stats"}, {"--w-kd", "--hflip"}),
+    ("step3", {"--w-kd", "--kd-temperature", "--weak-scale", "--ema-momentum", "--w-adv-d2"},
+     {"--w-ce", "--w-proto", "--w-gnce", "--legacy-d2-step1"}),
+    ("minent", {"--w-ent", "--w-ce"}, {"--w-proto", "--w-adv-d1", "--lr-d", "--w-kd"}),
+    ("advent", {"--w-adv-d1", "--lr-d"}, {"--w-adv-d2", "--legacy-d2-gen", "--w-ent"}),
+    ("dacs", {"--ema-momentum", "--pseudo-threshold"}, {"--w-kd", "--w-adv-d1"}),
+])
+def test_stage_help_lists_only_the_options_the_stage_reads(stage, listed, not_listed):
+    text = build_parser(stage).format_help()
+    shown = set(re.findall(r"^\s+(--[a-z0-9-]+)", text, flags=re.M))
+    assert listed <= shown, listed - shown
+    assert not not_listed & shown, not_listed & shown
+    assert stage_main(stage, ["--w-kd", "2", "--print-config"]) == 0  # another stage's flag still parses
+
+
+def test_every_option_is_read_by_some_stage():
+    assert set().union(*(stage_options(stage) for stage in STAGE_NAMES)) == set(OPTIONS)
+
+
+class _Recorder:
+    """A config that notes which attributes are read."""
+
+    def __init__(self, cfg: object) -> None:
+        self.cfg, self.read = cfg, set()
+
+    def __getattr__(self, name: str) -> object:
+        self.read.add(name)
+        return getattr(self.cfg, name)
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_a_method_reads_no_option_that_its_stage_does_not_list(stage):
+    """``Method.options`` is the truth: building the stage's method reads only options the stage lists."""
+    cls = method_class(STAGES[stage].method)
+    model = torch.nn.Conv2d(3, 2, 1)
+    d1, d2 = (torch.nn.Conv2d(2, 1, 1) if name in cls.discriminators else None for name in ("d1", "d2"))
+    cfg = _Recorder(resolve_config(stage))
+    cls(model, d1, d2, cfg)
+    assert cfg.read & set(OPTIONS), stage
+    assert cfg.read & set(OPTIONS) <= stage_options(stage), cfg.read & set(OPTIONS) - stage_options(stage)
 
 
 def test_format_value_is_readable():
@@ -56,9 +107,9 @@ def test_every_stage_option_sits_in_exactly_one_group(stage):
         assert len(seen[key]) == 1 and seen[key][0] in HELP_GROUPS, (key, seen[key])
     help_text = parser.format_help()
     assert len(parser.format_usage().strip().splitlines()) <= 3
-    for key, opt in OPTIONS.items():
-        if opt.choices:  # fixed choices are listed, not shown as STR
-            assert "{" + ",".join(map(str, opt.choices)) + "}" in help_text, key
+    for key in stage_options(stage):
+        if OPTIONS[key].choices:  # fixed choices are listed, not shown as STR
+            assert "{" + ",".join(map(str, OPTIONS[key].choices)) + "}" in help_text, key
 
 
 def _expect_one_line_error(capsys, run, *expected: str) -> str:

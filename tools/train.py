@@ -2,7 +2,7 @@
 
     python tools/train.py STAGE [flags]     e.g. python tools/train.py dacs --config configs/<pair>.yaml
 
-``python tools/train.py STAGE --help`` lists every option. The pipeline's steps also run here
+``python tools/train.py STAGE --help`` lists the options that stage reads. The pipeline's steps also run here
 (``tools/train.py step1`` is ``step1-warm-up.py``).
 """
 

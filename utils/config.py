@@ -21,7 +21,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -435,12 +435,15 @@ def load_config(path: Path) -> Config:
     return Config(stage=stage, preset=preset, **values)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> dict[str, Any]:
+def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = None,
+                         listed: Collection[str] | None = None) -> dict[str, Any]:
     """One flag per option, plus ``--config`` and ``--preset``; flag defaults are None (= not given).
 
     With ``stage``, the flags sit in :data:`HELP_GROUPS` and each help text ends with the value that stage
     runs when neither YAML nor flags set it (its stage defaults and the ``paper`` preset applied): what
-    ``--print-config`` prints. Returns the argument groups by name (empty without ``stage``)."""
+    ``--print-config`` prints. ``--help`` lists only the options in ``listed`` (None: all); the flags of the
+    others are still accepted, so that one YAML file or command line serves every stage. Returns the
+    argument groups by name (empty without ``stage``)."""
     groups = {name: parser.add_argument_group(name) for name in HELP_GROUPS} if stage else {}
     stage_values = resolve_config(stage).to_dict() if stage else {}
     first = groups.get("presets and legacy switches", parser)
@@ -451,6 +454,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = No
     for key, opt in OPTIONS.items():
         flag = "--" + key.replace("_", "-")
         help = f"{opt.help} (default: {format_value(stage_values[key])})" if stage else opt.help
+        help = help if listed is None or key in listed else argparse.SUPPRESS
         metavar = ("{" + ",".join(map(str, opt.choices)) + "}" if opt.choices else "BOOL" if opt.type is bool
                    else "INT|auto" if opt.parse is int_or_auto else opt.type.__name__.upper())
         target = groups.get(OPTION_GROUPS[key], parser)

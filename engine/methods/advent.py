@@ -24,6 +24,7 @@ class AdvEnt(Method):
     uses_target = True
     discriminators = ("d1",)
     refreshes_prototypes = False
+    options = ("w_ce",)
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)

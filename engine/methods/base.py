@@ -29,6 +29,10 @@ from utils.errors import NonFiniteError
 Batch = dict[str, Any]  # a collated batch: "img" [B, 3, H, W] uint8 or float, "label" [B, H, W], ...
 Logs = dict[str, torch.Tensor]  # name -> detached 0-dim tensor on the training device
 
+# The options that a method with each discriminator reads (Method.read_options).
+DISCRIMINATOR_OPTIONS: dict[str, tuple[str, ...]] = {"d1": ("lr_d", "betas_d", "w_adv_d1"),
+                                                     "d2": ("lr_d", "betas_d", "w_adv_d2", "legacy_d2_gen")}
+
 
 def set_requires_grad(module: nn.Module | None, flag: bool) -> None:
     if module is not None:
@@ -54,6 +58,18 @@ class Method:
     # Its loss reads the prototype NLL at the source labels, whose ignored pixels the legacy preset's NLL
     # (no ignore index) cannot take: the source crops are checked for them (data.transforms.RejectIgnored).
     prototype_nll: bool = False
+    # The options this class's __init__ reads beyond those every stage reads (engine.methods.stage_options);
+    # a stage's --help lists only its method's. A subclass names its own: its bases' and its discriminators'
+    # (DISCRIMINATOR_OPTIONS) are added by read_options.
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def read_options(cls) -> frozenset[str]:
+        """The options the method reads beyond the common ones: its classes' ``options`` and its
+        discriminators'."""
+        names = {name for klass in cls.__mro__ for name in vars(klass).get("options", ())}
+        names.update(name for d in cls.discriminators for name in DISCRIMINATOR_OPTIONS[d])
+        return frozenset(names)
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         # --- the segmenter: Adam at a constant learning rate (docs/method.md §5)
@@ -70,8 +86,10 @@ class Method:
         self.d1, self.d2 = d1, d2
         self.opt_d1, self.opt_d2 = (torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
                                     if d is not None else None for d in (d1, d2))
-        self.w_adv_d1, self.w_adv_d2 = cfg.w_adv_d1, cfg.w_adv_d2
-        self.legacy_d2_gen = cfg.legacy_d2_gen
+        # A discriminator's options are read only where the method has it (DISCRIMINATOR_OPTIONS).
+        self.w_adv_d1 = cfg.w_adv_d1 if d1 is not None else 0.0
+        self.w_adv_d2 = cfg.w_adv_d2 if d2 is not None else 0.0
+        self.legacy_d2_gen = d2 is not None and cfg.legacy_d2_gen
 
     def train_step(self, src: Batch, tgt: Batch | None, protos: RefreshResult, epoch: int) -> Logs:
         """One iteration on a source batch and (``uses_target``) a target batch at 1-based ``epoch`` of the
@@ -198,6 +216,8 @@ class TeacherMethod(Method):
     """A method with a teacher: a copy of the network the stage starts from, never trained directly and in
     eval mode (it reads, never updates, the BatchNorm statistics), following the student by an EMA of
     momentum ``--ema-momentum`` (None: it stays the initial network). It is part of ``last.pt``."""
+
+    options = ("ema_momentum",)
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)

@@ -21,6 +21,7 @@ class DACS(TeacherMethod):
 
     uses_target = True
     refreshes_prototypes = False
+    options = ("w_ce", "pseudo_threshold")
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)

@@ -17,6 +17,7 @@ class MinEnt(Method):
 
     uses_target = True
     refreshes_prototypes = False
+    options = ("w_ce", "w_ent")
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)

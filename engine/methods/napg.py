@@ -22,6 +22,7 @@ class NAPG(SourceOnly):
 
     uses_target = True
     discriminators = ("d1", "d2")
+    options = ("gnce_target_weight", "gnce_target_mask", "legacy_d2_step1")
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)

@@ -17,6 +17,7 @@ class SourceOnly(Method):
     §4.5), with the prototypes P_ST of the epoch's refresh."""
 
     prototype_nll = True
+    options = ("w_ce", "w_proto", "w_gnce", "gnce_start_epoch", "gnce_windows")
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)

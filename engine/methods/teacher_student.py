@@ -20,6 +20,7 @@ class TeacherStudent(TeacherMethod):
 
     uses_target = True
     discriminators = ("d1", "d2")
+    options = ("w_kd", "kd_temperature", "kd_normalize", "w_ce_src", "legacy_geometry")
 
     def __init__(self, model: nn.Module, d1: nn.Module | None, d2: nn.Module | None, cfg: Config):
         super().__init__(model, d1, d2, cfg)
