@@ -153,10 +153,32 @@ def test_every_tool_refuses_a_typo_in_one_line_with_a_suggestion(name, capsys):
         assert flag in err, (name, wrong, err)
 
 
+def _flat(text: str) -> str:
+    """Help text on one line, as it reads before argparse wraps it (at spaces and after hyphens)."""
+    return " ".join(text.split()).replace("- ", "-")
+
+
 @pytest.mark.parametrize("name", TOOLS)
-def test_every_tool_option_has_help_text(name):
-    for action in _tool_parser(name)._actions:
+def test_every_tool_option_has_help_text_and_shows_its_default(name):
+    parser = _tool_parser(name)
+    text = _flat(parser.format_help())
+    for action in parser._actions:
         assert action.help, (name, action.option_strings or action.dest)
+        takes_value = action.option_strings and action.nargs != 0
+        if takes_value and action.default not in (None, "") and "default" not in action.help:
+            assert f"{_flat(action.help)} (default: {format_value(action.default)})" in text, (
+                name, action.option_strings)
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("predict", ["window side in network px (default: 512)", "window step in network px (default: 341)"]),
+    ("evaluate", ["split to score (default: val)"]),
+    ("run_table", ["training seeds (default: 0 1 2)"]),
+])
+def test_tool_help_shows_readable_defaults(name, shown):
+    text = _flat(_tool_parser(name).format_help())
+    for fragment in shown:
+        assert fragment in text, fragment
 
 
 def test_other_parse_errors_are_one_line_too(capsys):

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 
 from utils.errors import UserError
+from utils.flags import format_value
 from utils.stages import STAGES
 
 INF = float("inf")
@@ -465,18 +466,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = No
         else:
             target.add_argument(flag, dest=key, default=None, metavar=metavar, help=help)
     return groups
-
-
-def format_value(value: Any) -> str:
-    """An option value as a help text shows it: ``0.3333333333333333`` -> ``0.333333``, lists spaced,
-    None -> ``none``."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return " ".join(format_value(v) for v in value)
-    return "none" if value is None else str(value)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 argparse would take ``--epoch 1`` as ``--epochs 1`` (prefix matching) and answer a misspelt flag with the
 whole usage block; here the first is refused like any unknown flag, and every error is one line that names
-the nearest known flags, with exit code 2.
+the nearest known flags, with exit code 2. Every option that takes a value shows its default in ``--help``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,38 @@ import argparse
 import difflib
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
+
+
+def format_value(value: Any) -> str:
+    """A value as a help text shows it: ``0.3333333333333333`` -> ``0.333333``, lists spaced, None -> ``none``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(format_value(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to the help of an option that takes a value and has a default, unless the help
+    already says what its default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if (action.option_strings and action.nargs != 0 and action.default not in (None, "", argparse.SUPPRESS)
+                and "default" not in help):
+            help += f" (default: {format_value(action.default)})".replace("%", "%%")
+        return help
 
 
 class FlagParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` with ``allow_abbrev=False`` and one-line errors."""
+    """``argparse.ArgumentParser`` with ``allow_abbrev=False``, one-line errors and defaults in the help."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
