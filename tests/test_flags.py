@@ -172,7 +172,8 @@ def test_every_tool_option_has_help_text_and_shows_its_default(name):
 
 @pytest.mark.parametrize(("name", "shown"), [
     ("predict", ["window side in network px (default: 512)", "window step in network px (default: 341)"]),
-    ("evaluate", ["split to score (default: val)"]),
+    ("evaluate", ["--split {train,val} split of --domain to score", "--target-eval-split) (default: val)",
+                  "see the README) (default: standard)"]),
     ("run_table", ["training seeds (default: 0 1 2)"]),
 ])
 def test_tool_help_shows_readable_defaults(name, shown):

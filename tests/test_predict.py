@@ -74,7 +74,7 @@ def test_band_selection_equals_a_file_of_those_bands(checkpoint, tmp_path):
     rgbir = _image(4, 200, 260, seed=1)
     _geotiff(tmp_path / "rgbir.tif", rgbir)
     _geotiff(tmp_path / "irrg.tif", rgbir[[3, 0, 1]])
-    assert _predict(checkpoint, tmp_path / "rgbir.tif", tmp_path / "a", "--bands", "4,1,2") == 0
+    assert _predict(checkpoint, tmp_path / "rgbir.tif", tmp_path / "a", "--band-order", "4,1,2") == 0
     assert _predict(checkpoint, tmp_path / "irrg.tif", tmp_path / "b") == 0
     with rasterio.open(tmp_path / "a" / "rgbir_classes.tif") as a, \
             rasterio.open(tmp_path / "b" / "irrg_classes.tif") as b:
@@ -118,7 +118,7 @@ def test_existing_outputs_are_not_overwritten(checkpoint, tmp_path, capsys):
     assert (out / "t_classes.tif").read_bytes() != b"earlier result"
 
 
-@pytest.mark.parametrize("flags", [["--bands", "1,2"], ["--bands", "1,2,5"], ["--stride", "0"]])
+@pytest.mark.parametrize("flags", [["--band-order", "1,2"], ["--band-order", "1,2,5"], ["--stride", "0"]])
 def test_bad_options_end_with_one_line(checkpoint, tmp_path, capsys, flags):
     tile = tmp_path / "t.tif"
     _geotiff(tile, _image(3, 64, 64))
@@ -160,7 +160,7 @@ def test_a_plain_png_gets_no_world_file(checkpoint, tmp_path):
 def test_a_tile_with_more_bands_needs_bands(checkpoint, tmp_path, capsys):
     _geotiff(tmp_path / "rgbir.tif", _image(4, 64, 64))
     assert _predict(checkpoint, tmp_path / "rgbir.tif", tmp_path / "out") == 2
-    assert "4 band(s); pass --bands" in capsys.readouterr().err
+    assert "4 band(s); pass --band-order" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])

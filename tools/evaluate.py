@@ -4,7 +4,7 @@
 
 ``--checkpoint`` takes a finished stage folder (its model.pt), a model.pt/best.pt file, or a converted
 original checkpoint (all read by ``engine/handoff.py``); ``--normalize`` defaults to the checkpoint's.
-``--protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1).
+``--metric-protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1).
 ``--recalibrate-bn`` first re-estimates the BatchNorm statistics on the evaluated domain's *train* images
 (no labels read; AdaBN), which is how a source-only model is given target statistics.
 
@@ -64,9 +64,12 @@ def build_parser() -> FlagParser:
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="slide with --raw: which benchmark")
     parser.add_argument("--bands", help="slide with --raw: rgb or irrg")
     parser.add_argument("--labels", default="eroded", choices=LABEL_KINDS, help="slide with --raw: ground truth")
-    parser.add_argument("--split", default="val", choices=("train", "val"), help="split to score")
-    parser.add_argument("--protocol", default="standard", choices=PROTOCOLS,
-                        help="which classes the mIoU averages (standard: all; see the README)")
+    parser.add_argument("--split", default="val", choices=("train", "val"),
+                        help="split of --domain to score (a stage scores its target's --target-eval-split)")
+    # Not --protocol: that names the data's patch protocol (prepare_isprs.py, run_table.py).
+    parser.add_argument("--metric-protocol", default="standard", choices=PROTOCOLS,
+                        help="how the metrics are computed (napg_legacy: the original's H/4 maps, IoU + 1; see the "
+                             "README)")
     parser.add_argument("--prototypes", default="auto", choices=("auto", "target", "source_target", "none"),
                         help="prototype set for the prototype branch (auto: target if present)")
     parser.add_argument("--label-format", choices=("mmseg_raw", "train_ids"),
@@ -99,16 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         scores = evaluate_checkpoint(args.checkpoint, args.data_root, args.domain, split=args.split,
                                      batch_size=args.batch_size, num_workers=args.num_workers, resize=args.resize,
-                                     recalibrate=args.recalibrate_bn, protocol=args.protocol,
+                                     recalibrate=args.recalibrate_bn, protocol=args.metric_protocol,
                                      prototypes=args.prototypes, label_format=args.label_format,
                                      normalize=args.normalize, bn_domain=args.bn_domain, device=args.device,
                                      allow_band_mismatch=args.allow_band_mismatch)
     for branch, metrics in scores.results.items():
-        print(f"{branch} branch, {args.domain}/{args.split}, {scores.mode}, protocol {args.protocol}, {scores.bn}:")
+        print(f"{branch} branch, {args.domain}/{args.split}, {scores.mode}, protocol {args.metric_protocol}, "
+              f"{scores.bn}:")
         print(format_table(metrics, scores.classes))
     if args.json:
         write_json(Path(args.json), {"checkpoint": str(scores.checkpoint), "domain": args.domain, "split": args.split,
-                                     "mode": scores.mode, "protocol": args.protocol, "bn": scores.bn,
+                                     "mode": scores.mode, "protocol": args.metric_protocol, "bn": scores.bn,
                                      "recalibrated_bn": scores.recalibrated_bn, **scores.results})
     return 0
 

@@ -2,9 +2,9 @@
 
     python tools/predict.py --checkpoint runs/demo/step2 --input tiles/ --out pred/ [--entropy] [--probs]
 
-Input: one GeoTIFF / TIFF / PNG / JPEG file or a folder of them, 8-bit, three bands picked by ``--bands``
+Input: one GeoTIFF / TIFF / PNG / JPEG file or a folder of them, 8-bit, three bands picked by ``--band-order``
 (1-based, in the order the network was trained on; e.g. ``4,1,2`` turns a Potsdam RGBIR tile into IRRG).
-A tile with more than three bands needs ``--bands``. Per input ``<stem>`` it writes ``<stem>_classes.tif``
+A tile with more than three bands needs ``--band-order``. Per input ``<stem>`` it writes ``<stem>_classes.tif``
 (one uint8 band of train ids with the input's CRS and transform, the benchmark's colour table, nodata 255,
 the class names as band metadata, and ``<stem>_classes.qml``, the QGIS style with the legend; a plain
 TIFF's ``.tfw`` world file is copied next to it), ``<stem>_color.png`` (the same colours; for a georeferenced
@@ -56,7 +56,8 @@ def build_parser() -> FlagParser:
     parser.add_argument("--stride", type=int, default=341, help="window step in network px")
     parser.add_argument("--scale", type=float,
                         help="resize factor image -> network (default: the checkpoint's training scale)")
-    parser.add_argument("--bands", help="three 1-based band numbers, e.g. 4,1,2 for IRRG from an RGBIR tile "
+    # Not --bands: that names a band combination (rgb, irrg) in prepare_isprs.py and evaluate.py.
+    parser.add_argument("--band-order", help="three 1-based band numbers, e.g. 4,1,2 for IRRG from an RGBIR tile "
                         "(default: 1,2,3 of a three-band tile; needed for more bands)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--entropy", action="store_true", help="also write <stem>_entropy.tif")
@@ -70,7 +71,7 @@ def build_parser() -> FlagParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bands = parse_bands(args.bands) if args.bands is not None else None
+    bands = parse_bands(args.band_order) if args.band_order is not None else None
     if args.crop < 32 or args.stride < 1 or args.stride > args.crop or args.batch_size < 1:
         raise UserError(f"need --crop >= 32, 1 <= --stride <= --crop and --batch-size >= 1, got --crop {args.crop} "
                         f"--stride {args.stride} --batch-size {args.batch_size}")
@@ -92,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       batch_size=args.batch_size, amp=args.amp, hflip=args.hflip, normalize=meta["normalize"])
     trained = " or ".join(",".join(b) for b in trained_bands(meta)) or "not recorded"
     print(f"{path}: {meta['stage']} {meta['backbone']}, scale {cfg.scale:g}, crop {cfg.crop}, stride {cfg.stride}"
-          + (", flip TTA" if cfg.hflip else "") + f"; trained on bands {trained} (--bands picks them in that order)")
+          + (", flip TTA" if cfg.hflip else "")
+          + f"; trained on bands {trained} (--band-order picks them in that order)")
     failed = []
     for tile in tqdm(tiles, desc="tiles", unit="tile", disable=len(tiles) < 2):
         try:
@@ -117,7 +119,7 @@ def parse_bands(text: str) -> list[int]:
     except ValueError:
         bands = []
     if len(bands) != 3 or min(bands) < 1:
-        raise UserError(f"--bands takes three 1-based band numbers like 1,2,3 or 4,1,2, got {text!r}")
+        raise UserError(f"--band-order takes three 1-based band numbers like 1,2,3 or 4,1,2, got {text!r}")
     return bands
 
 
@@ -179,11 +181,11 @@ def read_tile(path: Path, bands: list[int] | None) -> tuple[torch.Tensor, dict]:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
                 if bands is None and src.count != 3:
-                    raise UserError(f"it has {src.count} band(s); pass --bands with the three the network was "
+                    raise UserError(f"it has {src.count} band(s); pass --band-order with the three the network was "
                                     f"trained on, e.g. 4,1,2 for IRRG from RGBIR")
                 bands = bands or [1, 2, 3]
                 if max(bands) > src.count:
-                    raise UserError(f"it has {src.count} bands, --bands asks for band {max(bands)}")
+                    raise UserError(f"it has {src.count} bands, --band-order asks for band {max(bands)}")
                 if src.dtypes[0] != "uint8":
                     raise UserError(f"expected 8-bit bands, found {src.dtypes[0]}; convert the image to 8 bit")
                 image = src.read(bands)
