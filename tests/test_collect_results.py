@@ -19,7 +19,7 @@ def _fake_run(folder: Path, rng: np.random.Generator) -> dict[str, dict]:
     """A pipeline folder with finished step0 and step2 stages holding random metrics; returns them."""
     written = {}
     for stage in ("step0", "step2"):
-        metrics = {k: float(rng.uniform(0.2, 0.9)) for k in ("miou", "miou5", "mf1", "mf1_5", "oa")}
+        metrics = {k: float(rng.uniform(0.2, 0.9)) for k in ("miou", "miou_5", "mf1", "mf1_5", "oa")}
         metrics["iou"] = [float(v) for v in rng.uniform(0, 1, len(CLASS_NAMES))]
         (folder / stage).mkdir(parents=True)
         (folder / stage / "manifest.json").write_text(json.dumps(
@@ -40,7 +40,7 @@ def test_mean_and_std_over_seeds(tmp_path, capsys):
     assert set(rows) == {"step0", "step2"}
     for stage, row in rows.items():
         assert row["pair"] == "potsdam_irrg -> vaihingen_irrg (mmseg)" and row["runs"] == "3"
-        for key in ("miou", "miou5", "mf1", "mf1_5"):
+        for key in ("miou", "miou_5", "mf1", "mf1_5"):
             values = [run[stage][key] for run in inputs]
             assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values), abs=1e-6)
             assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-6)
@@ -52,6 +52,20 @@ def test_mean_and_std_over_seeds(tmp_path, capsys):
     assert want in (out / "results.md").read_text()
     with Image.open(out / "results.png") as chart:
         assert chart.size[0] > 100 and chart.size[1] > 100
+
+
+def test_an_eval_json_written_before_the_metric_rename_is_read(tmp_path, capsys):
+    run = tmp_path / "old"
+    metrics = _fake_run(run, np.random.default_rng(2))
+    for stage in ("step0", "step2"):  # "miou5" is what runs wrote before it became "miou_5"
+        path = run / stage / "eval.json"
+        evaluation = json.loads(path.read_text())
+        evaluation["classifier"]["miou5"] = evaluation["classifier"].pop("miou_5")
+        path.write_text(json.dumps(evaluation))
+    out = tmp_path / "results"
+    assert run_cli(main, [str(run), "--out", str(out)]) == 0
+    rows = {r["stage"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert float(rows["step2"]["miou_5_mean"]) == pytest.approx(metrics["step2"]["miou_5"], abs=1e-6)
 
 
 def test_existing_results_are_kept_without_overwrite(tmp_path, capsys):

@@ -75,7 +75,7 @@ def test_standard_and_legacy_on_hand_computed_matrix():
     assert r["miou"] == pytest.approx((2 / 4 + 1 / 3 + 1) / 3)
     assert r["mf1"] == pytest.approx((4 / 6 + 2 / 4 + 1) / 3)
     # The last class (clutter) is left out of the *5 means only.
-    assert r["miou5"] == pytest.approx((2 / 4 + 1 / 3) / 2)
+    assert r["miou_5"] == pytest.approx((2 / 4 + 1 / 3) / 2)
     assert r["mf1_5"] == pytest.approx((4 / 6 + 2 / 4) / 2)
 
     legacy = cm.compute("napg_legacy")
@@ -97,13 +97,13 @@ def test_absent_class_and_zero_tp():
     approx(r["recall"], [2 / 3, 1 / 2, None, None])
     assert r["miou"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
     assert r["mf1"] == pytest.approx((4 / 6 + 2 / 3 + 0.0) / 3)
-    assert r["miou5"] == pytest.approx(0.5)
+    assert r["miou_5"] == pytest.approx(0.5)
     assert r["mf1_5"] == pytest.approx(2 / 3)
 
     legacy = cm.compute("napg_legacy")
     approx(legacy["iou"], [2 / 5, 1 / 3, 0.0, 0.0])
     assert legacy["miou"] == pytest.approx((2 / 5 + 1 / 3) / 4)  # plain mean, absent class counts as 0
-    assert legacy["miou5"] == pytest.approx((2 / 5 + 1 / 3) / 3)
+    assert legacy["miou_5"] == pytest.approx((2 / 5 + 1 / 3) / 3)
     approx(legacy["f1"], [4 / 6, 2 / 3, None, None])  # TP = 0 -> undefined, dropped from mF1
     assert legacy["mf1"] == pytest.approx((4 / 6 + 2 / 3) / 2)
     assert legacy["mf1_5"] == pytest.approx((4 / 6 + 2 / 3) / 2)
@@ -117,7 +117,7 @@ def test_six_class_five_class_means_and_json():
     cm.update(pred, target)
     r = cm.compute()
     assert r["miou"] == pytest.approx(sum(r["iou"]) / 6)
-    assert r["miou5"] == pytest.approx(sum(r["iou"][:5]) / 5)
+    assert r["miou_5"] == pytest.approx(sum(r["iou"][:5]) / 5)
     assert r["mf1_5"] == pytest.approx(sum(r["f1"][:5]) / 5)
     # Clutter confusions still count: dropping clutter pixels altogether changes the other classes.
     keep = (target != 5) & (pred != 5)
@@ -127,7 +127,7 @@ def test_six_class_five_class_means_and_json():
     for protocol in ("standard", "napg_legacy"):
         out = cm.compute(protocol)
         json.dumps(out, allow_nan=False)
-        assert all(0.0 <= out[k] <= 1.0 for k in ("oa", "miou", "mf1", "miou5", "mf1_5"))
+        assert all(0.0 <= out[k] <= 1.0 for k in ("oa", "miou", "mf1", "miou_5", "mf1_5"))
 
 
 def test_invalid_inputs():

@@ -51,7 +51,7 @@ def test_progress_bar_and_tensorboard_contents(chain):
     for tag in ("train/loss_ce", "train/loss_proto", "train/loss_adv_d1", "train/loss_adv_d2", "train/loss_d1",
                 "train/loss_d2", "train/loss_gnce_src", "train/loss_gnce_tgt", "train/lr", "train/lr_d",
                 "train/tau", "train/d1_target", "prototypes/count_car", "eval/classifier/miou",
-                "eval/prototype/miou", "eval/classifier/iou_clutter", "eval/classifier/miou5"):
+                "eval/prototype/miou", "eval/classifier/iou_clutter", "eval/classifier/miou_5"):
         assert tag in scalars, tag
     assert {"panels/source", "panels/target"} <= set(events.Tags()["images"])
 
@@ -107,18 +107,18 @@ def test_evaluate_tool_and_results_table(chain, synthetic_root, tmp_path):
     for protocol in ("standard", "napg_legacy"):
         proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(work / "step2"), "--data-root",
                                str(synthetic_root), "--domain", "vailhingen6", "--split", "val", "--resize", "64",
-                               "--num-workers", "0", "--device", "cpu", "--protocol", protocol, "--json", str(out),
-                               "--batch-size", "2"],
+                               "--num-workers", "0", "--device", "cpu", "--metric-protocol", protocol, "--json",
+                               str(out), "--batch-size", "2"],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         result = json.loads(out.read_text())
         assert result["protocol"] == protocol
         for branch in ("classifier", "prototype"):
-            assert set(result[branch]) >= {"oa", "miou", "mf1", "miou5", "mf1_5", "iou", "f1", "precision", "recall"}
+            assert set(result[branch]) >= {"oa", "miou", "mf1", "miou_5", "mf1_5", "iou", "f1", "precision", "recall"}
             assert 0 <= result[branch]["miou"] <= 1
     results = collect_results(work)
     assert list(results) == list(STAGE_SCRIPTS)
-    assert all(set(r) >= {"miou", "mf1", "oa", "miou5", "mf1_5", "iou"} for r in results.values())
+    assert all(set(r) >= {"miou", "mf1", "oa", "miou_5", "mf1_5", "iou"} for r in results.values())
     table = results_table(results)
     assert "step3 teacher-student" in table and "target-val" in table
 

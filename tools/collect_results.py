@@ -33,13 +33,14 @@ from utils.checkpoint import atomic_write_bytes
 from utils.config import load_yaml
 from utils.errors import UserError, run_cli
 from utils.flags import FlagParser
+from utils.metrics import current_keys
 from utils.paths import check_output_files, check_output_folder
 from utils.plots import can_draw, image_png, results_rgb
 from utils.run import read_json
 from utils.stages import STAGE_NAMES
 
 # Summary metrics: key in eval.json -> column name.
-METRICS = {"miou": "mIoU", "miou5": "mIoU-5", "mf1": "mF1", "mf1_5": "mF1-5", "oa": "OA"}
+METRICS = {"miou": "mIoU", "miou_5": "mIoU-5", "mf1": "mF1", "mf1_5": "mF1-5", "oa": "OA"}
 OUTPUTS = ("results.md", "results.csv", "results.png")
 
 
@@ -86,7 +87,7 @@ def gather(runs: Sequence[Path], label: str | None = None) -> tuple[dict[Group, 
                 raise UserError(f"{folder / 'eval.json'} has no target-val metrics (the run had no target)")
             pair = f"{manifest['source']} -> {manifest['target']} ({evaluation.get('protocol', 'mmseg')})"
             key = (pair, manifest["stage"], label or run_label(folder))
-            groups.setdefault(key, []).append((folder, evaluation["classifier"]))
+            groups.setdefault(key, []).append((folder, current_keys(evaluation["classifier"])))
             classes.setdefault(tuple(evaluation.get("classes", ISPRS_CLASSES)), folder)
     if len(classes) > 1:
         raise UserError(f"the runs segment different class lists ({', '.join(map(str, classes.values()))} differ); "

@@ -26,6 +26,7 @@ from utils.config import load_yaml, resolve_config
 from utils.errors import UserError, run_cli
 from utils.flags import FlagParser
 from utils.metrics import SUMMARY_KEYS as METRICS
+from utils.metrics import current_keys
 from utils.paths import check_output_files, check_output_folder
 from utils.plots import image_png
 from utils.run import read_json, write_json
@@ -92,7 +93,7 @@ def collect_results(work_dir: Path) -> dict:
         path = work_dir / stage / "eval.json"
         if path.exists():
             ev = read_json(path)
-            cls = ev["classifier"]
+            cls = current_keys(ev["classifier"])
             results[stage] = {**{k: cls[k] for k in METRICS}, "iou": cls["iou"], "split": ev["split"],
                               "protocol": ev.get("protocol", "mmseg"),
                               "prototype_miou": ev.get("prototype", {}).get("miou"),

@@ -16,7 +16,14 @@ from utils.dist import is_dist
 
 PROTOCOLS = ("standard", "napg_legacy")
 # The scalar scores that tables, logs and run summaries report, in their order.
-SUMMARY_KEYS = ("miou", "mf1", "oa", "miou5", "mf1_5")
+SUMMARY_KEYS = ("miou", "mf1", "oa", "miou_5", "mf1_5")
+# Keys of metrics that files written before a rename hold: old name -> current name.
+RENAMED_KEYS = {"miou5": "miou_5"}
+
+
+def current_keys(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of an eval.json (one branch) under the current key names, whenever the file was written."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in metrics.items()}
 
 
 def _as_tensor(x: Any, device: torch.device | None) -> torch.Tensor:
@@ -114,7 +121,7 @@ class ConfusionMatrix:
     def compute(self, protocol: str = "standard") -> dict[str, Any]:
         """Scores as floats in [0, 1].
 
-        Keys: ``oa``, ``miou``, ``mf1``, ``miou5``, ``mf1_5`` (the last class, clutter, left out of
+        Keys: ``oa``, ``miou``, ``mf1``, ``miou_5``, ``mf1_5`` (the last class, clutter, left out of
         the mean only), per-class lists ``iou``, ``f1``, ``precision``, ``recall``, plus
         ``protocol`` and ``pixels``.
 
@@ -154,7 +161,7 @@ class ConfusionMatrix:
             "oa": float(tp.sum() / total),
             "miou": _mean(iou, iou_skips_nan),
             "mf1": _mean(f1, True),
-            "miou5": _mean(iou[head], iou_skips_nan),
+            "miou_5": _mean(iou[head], iou_skips_nan),
             "mf1_5": _mean(f1[head], True),
             "iou": _listed(iou),
             "f1": _listed(f1),
@@ -176,6 +183,6 @@ def format_table(results: dict[str, Any], class_names: Sequence[str]) -> str:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{pct(v):>6}" for v in cells))
     lines.append(
         f"OA {pct(results['oa'])} | mIoU {pct(results['miou'])} | mF1 {pct(results['mf1'])} | "
-        f"mIoU-5 {pct(results['miou5'])} | mF1-5 {pct(results['mf1_5'])} ({results['protocol']})"
+        f"mIoU-5 {pct(results['miou_5'])} | mF1-5 {pct(results['mf1_5'])} ({results['protocol']})"
     )
     return "\n".join(lines)
