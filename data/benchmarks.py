@@ -41,11 +41,15 @@ class Benchmark:
     # Protocol name (prepare tool's --protocol) -> how meta.json and every output name it.
     protocols: Mapping[str, str]
     default_protocol: str  # also that of a prepared folder whose meta.json names none
+    prepare: str  # the tool that prepares its domains (with --protocol)
     # K per class (``clusters``) and GNCE window per class (``gnce_windows``) of every stage, then of the stages
     # that differ; a config's or a flag's values replace them.
     clusters: tuple[int, ...]
     gnce_windows: tuple[int, ...]
     stage_defaults: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
+    # Protocols whose folders serve only as a target (no labelled train split); their source is prepared with
+    # the default protocol.
+    target_only: frozenset[str] = frozenset()
     # The class that the "-N" means (mIoU-5, mF1-5 for ISPRS) leave out; always the last one. None: no such means.
     mean_without: str | None = None
 
@@ -90,6 +94,7 @@ ISPRS = Benchmark(
              Domain("potsdam_rgb_9cm", "potsdam", ("R", "G", "B"), 0.09),
              Domain("potsdam_irrg_9cm", "potsdam", ("NIR", "R", "G"), 0.09)),
     protocols={name: name for name in ISPRS_PROTOCOLS}, default_protocol="mmseg",
+    prepare="tools/prepare_isprs.py",
     # The released code's K per class and GNCE windows (docs/method.md).
     clusters=(1, 1, 1, 1, 1, 1), gnce_windows=(1, 1, 1, 1, 1, 1),
     stage_defaults={"step2": {"clusters": (2, 2, 2, 2, 4, 4), "gnce_windows": (2, 2, 2, 2, 1, 0)},
@@ -105,6 +110,7 @@ LOVEDA = Benchmark(
     domains=(Domain("loveda_urban", "loveda", ("R", "G", "B"), 0.3),
              Domain("loveda_rural", "loveda", ("R", "G", "B"), 0.3)),
     protocols={"standard": "standard", "official-uda": "official-uda (transductive)"}, default_protocol="standard",
+    prepare="tools/prepare_loveda.py", target_only=frozenset({"official-uda"}),
     # This project's choice (the paper gives none), not tuned: two prototypes and a 2-px window for every class
     # in step 2, one prototype elsewhere.
     clusters=(1,) * 7, gnce_windows=(1,) * 7,
