@@ -5,7 +5,12 @@ default, the help text, the allowed range and the list length. The command line 
 ``lr_d`` -> ``--lr-d``), the YAML loader and the validation are all derived from those rows, so an
 option is described in exactly one place. Resolution order (later wins)::
 
-    Config defaults -> STAGES[stage].defaults -> PRESETS[preset] -> YAML top level -> YAML[stage] -> flags
+    Config defaults -> STAGES[stage].defaults -> benchmark defaults -> PRESETS[preset] -> YAML top level
+    -> YAML[stage] -> flags
+
+The benchmark defaults (``num_classes`` and the per-class lists ``clusters`` and ``gnce_windows``) come from the
+declaration (data/benchmarks.py) of the data's benchmark: the source's and target's meta.json, else the
+declaration that registers their names, else ISPRS. A ``num_classes`` that contradicts the data's is refused.
 
 Unknown keys in a YAML file, unknown presets and values of the wrong type are user errors, and a
 ``Config`` cannot be built (or ``dataclasses.replace``-d) with a value out of range. ``paper`` is the
@@ -28,6 +33,8 @@ from typing import Any, Literal
 
 import yaml
 
+from data.benchmarks import ISPRS
+from data.domains import check_num_classes, run_benchmark
 from utils.errors import UserError
 from utils.stages import STAGES
 
@@ -60,7 +67,8 @@ class Config:
     data_root: str = option("data", "folder holding the prepared domain folders")
     source: str = option("potsdam_irrg", "source domain (registered name, alias or path)")
     target: str = option("vaihingen_irrg", "target domain (registered name, alias or path)")
-    num_classes: int = option(6, "number of classes (train ids 0..C-1, 255 = ignore)", range=(1, INF))
+    num_classes: int = option(ISPRS.num_classes, "number of classes (train ids 0..C-1, 255 = ignore; default: the "
+                              "data's benchmark, from meta.json)", range=(1, INF))
     img_size: int = option(512, "training crop/input side in pixels (multiple of 32)", range=(32, INF))
     resize: int | None = option(None, "resize every patch to this side before use (demo data only)",
                                 range=(32, INF))
@@ -89,8 +97,8 @@ class Config:
     iters_per_epoch: int | None = option(None, "cap on iterations per epoch (smoke runs)", range=(1, INF))
     legacy_epoch_length: bool = option(False, "an epoch is one batch short of a pass over the data (released code)")
     # --- prototypes ---
-    clusters: tuple[int, ...] = option((1, 1, 1, 1, 1, 1), "k-means groups per class (K = max; K_c must divide K)",
-                                       range=(1, INF))
+    clusters: tuple[int, ...] = option(ISPRS.clusters, "k-means groups per class (K = max; K_c must divide K; "
+                                       "default: the data's benchmark's for the stage)", range=(1, INF))
     auto_k: bool = option(False, "choose K per class from the centroid variance (k_min/k_max)")
     auto_k_max: int = option(4, "K for high-variance classes with --auto-k", range=(1, INF))
     auto_k_threshold: float = option(0.5, "normalised-variance threshold of --auto-k", range=(0.0, INF))
@@ -118,8 +126,8 @@ class Config:
     legacy_d2_step1: bool = option(False, "step-1 D2 update uses the source map twice (released code)")
     w_gnce: float = option(0.0, "GNCE neighbourhood-loss weight", range=(0.0, INF))
     gnce_start_epoch: int = option(1, "first epoch with the GNCE term", range=(0, INF))
-    gnce_windows: tuple[int, ...] = option((1, 1, 1, 1, 1, 1), "GNCE window per class (0 skips the class)",
-                                           range=(0, INF))
+    gnce_windows: tuple[int, ...] = option(ISPRS.gnce_windows, "GNCE window per class (0 skips the class; "
+                                           "default: the data's benchmark's for the stage)", range=(0, INF))
     gnce_target_weight: float = option(0.0, "relative weight of the GNCE term on target images", range=(0.0, INF))
     gnce_target_mask: bool = option(False, "restrict target GNCE to confident pixels (tau)")
     # --- step 3 ---
@@ -420,7 +428,14 @@ def resolve_config(stage: str, yaml_data: dict[str, Any] | None = None, override
     _apply(values, yaml_data, yaml_name)
     _apply(values, stage_sections.get(stage, {}), f"{yaml_name} [{stage}]")
     _apply(values, overrides, "command line")
-    return Config(stage=stage, preset=preset, **values)
+    data = {key: values.get(key, OPTIONS[key].default) for key in ("data_root", "source", "target")}
+    benchmark = run_benchmark(data["data_root"], data["source"], data["target"])
+    if benchmark is not None and "num_classes" in values:
+        check_num_classes(values["num_classes"], benchmark)
+    # The benchmark's values sit under everything but the stage defaults, which set none of them.
+    benchmark_values: dict[str, Any] = {}
+    _apply(benchmark_values, (benchmark or ISPRS).defaults(stage), "benchmark defaults")
+    return Config(stage=stage, preset=preset, **{**benchmark_values, **values})
 
 
 def load_config(path: Path) -> Config:
