@@ -1,27 +1,43 @@
-"""Class list and the registry of ISPRS domains (prepared mmseg-layout folders under a data root)."""
+"""The registry of domains (prepared mmseg-layout folders under a data root) and the benchmark of a run's data."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from data.benchmarks import BENCHMARKS, Benchmark, benchmark_of
+from data.benchmarks import BENCHMARKS, Benchmark, Domain, benchmark_of
 from data.files import read_meta
 from data.isprs import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from utils.errors import UserError
 
 __all__ = ["CLASS_NAMES", "DOMAINS", "IGNORE_INDEX", "NUM_CLASSES", "Domain", "check_num_classes", "data_benchmark",
-           "domain_bands", "get_domain", "resolve_domain"]
+           "domain_bands", "get_domain", "resolve_domain", "run_benchmark"]
 
 
 def data_benchmark(data_root: str | Path | None, *domains: str | None) -> Benchmark:
     """The benchmark of the prepared ``domains`` (their meta.json); they must share one."""
     found = {name: benchmark_of(read_meta(resolve_domain(data_root, name))) for name in domains if name}
-    kinds = {b.name for b in found.values()}
-    if len(kinds) > 1:
+    return _one_benchmark(found) or BENCHMARKS["isprs"]
+
+
+def _one_benchmark(found: dict[str, Benchmark]) -> Benchmark | None:
+    """The benchmark that all of ``found`` (domain -> its benchmark) share; None for none."""
+    if len({b.name for b in found.values()}) > 1:
         which = ", ".join(f"{n}: {b.name}" for n, b in found.items())
         raise UserError(f"the domains belong to different benchmarks ({which}); adapt between domains of one benchmark")
-    return next(iter(found.values()), BENCHMARKS["isprs"])
+    return next(iter(found.values()), None)
+
+
+def run_benchmark(data_root: str | Path | None, *domains: str | None) -> Benchmark | None:
+    """The benchmark of a run's ``domains`` before it reads them: each prepared folder's meta.json, else the
+    declaration that registers the domain's name; None when no domain says. They must share one."""
+    found: dict[str, Benchmark] = {}
+    for name in filter(None, domains):
+        try:
+            found[name] = benchmark_of(read_meta(resolve_domain(data_root, name)))
+        except UserError:  # not prepared (yet): its registered name may still say
+            if (domain := get_domain(name)) is not None:
+                found[name] = _BENCHMARK_OF[domain.name]
+    return _one_benchmark(found)
 
 
 def check_num_classes(num_classes: int, benchmark: Benchmark) -> None:
@@ -32,31 +48,9 @@ def check_num_classes(num_classes: int, benchmark: Benchmark) -> None:
                         f"got {num_classes}")
 
 
-@dataclass(frozen=True)
-class Domain:
-    """A registered domain: folder name, the bands held in the PNG's R,G,B slots, ground sampling distance."""
-
-    name: str
-    dataset: str
-    bands: tuple[str, str, str]
-    gsd_m: float
-    aliases: tuple[str, ...] = ()
-
-
-# The aliases are the folder names of the original NAPG code ("vailhingen6" is its spelling).
-DOMAINS: dict[str, Domain] = {
-    d.name: d
-    for d in (
-        Domain("potsdam_rgb", "potsdam", ("R", "G", "B"), 0.05, ("potsdamRGB6",)),
-        Domain("potsdam_irrg", "potsdam", ("NIR", "R", "G"), 0.05, ("potsdamIRRG6",)),
-        Domain("vaihingen_irrg", "vaihingen", ("NIR", "R", "G"), 0.09, ("vailhingen6",)),
-        # Potsdam resampled to Vaihingen's 9 cm before cropping (prepare tool, --target-gsd 0.09).
-        Domain("potsdam_rgb_9cm", "potsdam", ("R", "G", "B"), 0.09),
-        Domain("potsdam_irrg_9cm", "potsdam", ("NIR", "R", "G"), 0.09),
-        Domain("loveda_urban", "loveda", ("R", "G", "B"), 0.3),
-        Domain("loveda_rural", "loveda", ("R", "G", "B"), 0.3),
-    )
-}
+# Every benchmark's domains, by canonical name (the declarations in data/benchmarks.py own them).
+DOMAINS: dict[str, Domain] = {d.name: d for b in BENCHMARKS.values() for d in b.domains}
+_BENCHMARK_OF: dict[str, Benchmark] = {d.name: b for b in BENCHMARKS.values() for d in b.domains}
 _ALIASES: dict[str, str] = {alias: d.name for d in DOMAINS.values() for alias in d.aliases}
 
 

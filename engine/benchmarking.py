@@ -17,10 +17,11 @@ from torch.utils.data import default_collate
 from data.dataset import SegmentationFolder, finish_sample
 from data.loaders import build_loader
 from engine.build import build_transforms
+from engine.config import resolve_config
 from engine.device import set_cudnn_autotuning, unwrap
 from engine.methods.base import Method
 from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
-from utils.config import Config, resolve_config
+from utils.config import Config
 from utils.stages import STAGES
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from utils.config import Config, add_config_arguments, config_from_args, overrides_from_args
+from engine.config import config_from_args, resolve_config
+from utils.config import Config, add_config_arguments, overrides_from_args
 from utils.flags import FlagParser
 from utils.paths import check_output_folder
 from utils.stages import STAGES
@@ -25,7 +26,7 @@ def build_parser(stage: str) -> FlagParser:
                "without YAML; --print-config shows what a command line resolves to. Only the options this stage "
                "reads are listed; the other stages' flags are accepted (and ignored here), so one config serves "
                "them all.")
-    groups = add_config_arguments(parser, stage, stage_options(stage))
+    groups = add_config_arguments(parser, resolve_config(stage).to_dict(), stage_options(stage))
     groups["presets and legacy switches"].add_argument("--print-config", action="store_true",
                                                        help="print the resolved config and exit")
     return parser

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from data.benchmarks import Benchmark
+from data.benchmarks import Benchmark, data_protocol_of
 from data.domains import domain_bands, resolve_domain
 from data.files import read_meta
 from engine.build import bn_stats_of
@@ -231,11 +231,12 @@ def _bands(cfg: Config) -> dict[str, list[str] | None]:
 
 
 def data_protocol(cfg: Config) -> str:
-    """The protocol (``data.isprs.PROTOCOLS``) the run's domains were prepared with: the target's ``meta.json``
-    (a folder without one, from mmseg's own converters, is mmseg's); "a / b" when source and target differ."""
-    found = [read_meta(resolve_domain(Path(cfg.data_root), name)).get("protocol", "mmseg")
+    """The protocol (the benchmark declaration's) the run's domains were prepared with: their ``meta.json`` (a
+    folder without the field, e.g. from mmseg's own converters, has its benchmark's default); "a / b" when
+    source and target differ."""
+    found = [data_protocol_of(read_meta(resolve_domain(Path(cfg.data_root), name)))
              for name in (cfg.source, cfg.target) if name]
-    return " / ".join(dict.fromkeys(found)) or "mmseg"
+    return " / ".join(dict.fromkeys(found))
 
 
 def _input_scale(cfg: Config) -> float:

@@ -18,7 +18,8 @@ STAGE_SCRIPTS = {name: STAGES[name].script for name in PIPELINE}  # the pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"  # computed by the original code (tests/fixtures/README.md)
-REAL_SAMPLES = REPO / "tests" / "data" / "real-samples"  # two real labelled ISPRS patches (its README.md)
+# Two real labelled ISPRS patches and three real LoveDA tiles (its README.md names their sources).
+REAL_SAMPLES = REPO / "tests" / "data" / "real-samples"
 RAW_VALUES = np.arange(7)  # mmseg_raw: 0 boundary, 1..6 classes
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 
 from engine.build import check_stage_data
 from engine.cli import stage_main
+from engine.config import resolve_config
 from tests.helpers import REPO, tiny_args, write_domain
 from tools import (
     benchmark,
@@ -44,7 +45,7 @@ from tools import (
 )
 from tools import convert_original_checkpoint as convert
 from tools import evaluate as evaluate_tool
-from utils.config import OPTIONS, resolve_config
+from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 
 pytestmark = pytest.mark.slow

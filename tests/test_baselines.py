@@ -15,12 +15,12 @@ import torch
 from data.domains import domain_bands
 from engine.build import build_method
 from engine.cli import stage_main
+from engine.config import resolve_config
 from engine.methods.base import ema_update
 from engine.refresh import RefreshResult
 from losses import class_mix_masks, entropy_loss, mix, pseudo_labels_with_weight, weighted_pseudo_label_ce
 from tests.helpers import REPO, tiny_args
 from utils.checkpoint import load_checkpoint
-from utils.config import resolve_config
 from utils.errors import run_cli
 from utils.stages import PIPELINE, STAGES
 

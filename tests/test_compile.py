@@ -14,9 +14,9 @@ import torch
 
 from engine.benchmarking import random_data
 from engine.build import build_method
+from engine.config import resolve_config
 from engine.refresh import RefreshResult
 from engine.trainer import train_iteration
-from utils.config import resolve_config
 from utils.run import seed_everything
 
 

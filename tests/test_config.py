@@ -1,9 +1,13 @@
-"""Config resolution: defaults < stage defaults < preset < YAML < YAML stage section < flags."""
+"""Config resolution: defaults < stage defaults < benchmark defaults < preset < YAML < YAML stage section < flags."""
+
+import json
 
 import pytest
 
+from data.benchmarks import ISPRS, LOVEDA
 from engine.cli import build_parser
-from utils.config import OPTIONS, PRESETS, config_from_args, resolve_config
+from engine.config import config_from_args, resolve_config
+from utils.config import OPTIONS, PRESETS
 from utils.errors import UserError
 from utils.stages import STAGES
 
@@ -13,7 +17,7 @@ def test_precedence_of_every_layer():
     cfg = resolve_config("step2", yaml_data, {"lr": "5e-4"})
     assert cfg.lr == 5e-4  # flag beats YAML
     assert cfg.epochs == 9  # stage section beats the top level
-    assert cfg.clusters == STAGES["step2"].defaults["clusters"]
+    assert cfg.clusters == ISPRS.defaults("step2")["clusters"] == (2, 2, 2, 2, 4, 4)
     assert resolve_config("step1", yaml_data).epochs == 7
 
 
@@ -28,6 +32,27 @@ def test_unknown_keys_and_wrong_types_are_user_errors():
         resolve_config("step1", {"backbone": "vgg16"})
     with pytest.raises(UserError, match="unknown preset"):
         resolve_config("step1", {"preset": "fast"})
+
+
+def test_the_class_count_and_the_per_class_lists_come_from_the_datas_benchmark(tmp_path):
+    # Folders of unregistered names: only their meta.json says LoveDA.
+    for name in ("rural", "urban"):
+        (tmp_path / name / "img_dir").mkdir(parents=True)
+        (tmp_path / name / "meta.json").write_text(json.dumps({"benchmark": "loveda"}))
+    data = {"data_root": str(tmp_path), "source": "rural", "target": "urban"}
+    for stage, clusters, windows in (("step0", (1,) * 7, (1,) * 7), ("step2", (2,) * 7, (2,) * 7),
+                                     ("step3", (1,) * 7, (1,) * 7)):
+        cfg = resolve_config(stage, data)
+        assert (cfg.num_classes, cfg.clusters, cfg.gnce_windows) == (7, clusters, windows), stage
+    assert resolve_config("step2", data, {"clusters": "1 1 1 1 1 1 2"}).clusters == (1,) * 6 + (2,)  # flags win
+    registered = {"source": "loveda_rural", "target": "loveda_urban"}  # not prepared: their registered names say
+    assert resolve_config("step2", registered).clusters == LOVEDA.defaults("step2")["clusters"] == (2,) * 7
+    assert resolve_config("step3").clusters == (1, 1, 1, 2, 2, 2) and resolve_config("step3").num_classes == 6
+    with pytest.raises(UserError, match="'num_classes' must be 7: the data's labels are the 7 loveda classes"):
+        resolve_config("step0", {**data, "num_classes": 6})
+    (tmp_path / "urban" / "meta.json").write_text("{}")  # ISPRS (no benchmark field)
+    with pytest.raises(UserError, match="different benchmarks"):
+        resolve_config("step0", data)
 
 
 def test_cross_option_checks():

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.cli import stage_main
+from engine.config import resolve_config
 from engine.coverage import GradientCoverage, cancelled_by_batchnorm, untrained_at_evaluation
 from models import NAPGNet
 from models.napg import ASPP_RATES, FEATURE_CHANNELS
 from tests.helpers import REPO, tiny_args
-from utils.config import load_yaml, resolve_config
+from utils.config import load_yaml
 from utils.stages import STAGE_NAMES
 
 OUTPUT_STRIDE = 32  # layer 4 of the ResNet in models/napg.py

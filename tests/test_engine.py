@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.build import build_method
+from engine.config import resolve_config
 from engine.methods import Method, method_class
 from engine.methods.napg import NAPG
 from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from models import FCDiscriminatorHighMask, NAPGNet
-from utils.config import resolve_config
 from utils.errors import UserError
 from utils.stages import STAGES
 

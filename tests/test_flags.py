@@ -12,8 +12,9 @@ import torch
 import yaml
 
 from engine.cli import build_parser, stage_main
+from engine.config import resolve_config
 from engine.methods import method_class, stage_options
-from utils.config import HELP_GROUPS, OPTIONS, format_value, resolve_config
+from utils.config import HELP_GROUPS, OPTIONS, format_value
 from utils.flags import FlagParser
 from utils.stages import STAGE_NAMES, STAGES
 

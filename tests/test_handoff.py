@@ -12,6 +12,7 @@ import torch
 
 import tools.convert_original_checkpoint as convert
 import tools.evaluate as evaluate_tool
+from engine.config import resolve_config
 from engine.handoff import (
     META_DEFAULTS,
     handoff_meta,
@@ -23,7 +24,6 @@ from engine.handoff import (
 from engine.refresh import RefreshResult, RefreshSpec, refresh_prototypes
 from models import NAPGNet
 from tests.helpers import fixture_path, run_step, tiny_args
-from utils.config import resolve_config
 from utils.errors import UserError, run_cli
 from utils.stages import ORIGINAL, STAGES
 

@@ -3,6 +3,7 @@ and prediction."""
 
 from __future__ import annotations
 
+import csv
 import json
 import zipfile
 from pathlib import Path
@@ -11,13 +12,16 @@ import cv2
 import numpy as np
 import pytest
 import rasterio
+import torch
 from PIL import Image
 
 from data.benchmarks import BENCHMARKS
 from data.dataset import SegmentationFolder
 from engine.cli import stage_main
+from engine.handoff import handoff_meta, save_handoff
+from models import NAPGNet
 from tests.helpers import REPO
-from tools import evaluate, predict, prepare_loveda
+from tools import collect_results, evaluate, predict, prepare_loveda, run_pipeline
 from utils.errors import run_cli
 
 REAL = Path(__file__).parent / "data" / "real-samples" / "loveda"
@@ -97,6 +101,29 @@ def test_official_uda_adapts_on_val_and_says_transductive(loveda, tmp_path):
     assert "transductive" in json.loads((urban / "meta.json").read_text())["protocol"]
 
 
+def test_evaluate_names_the_datas_protocol_and_official_uda_as_transductive(loveda, tmp_path, capsys):
+    root, _ = loveda
+    assert run_cli(prepare_loveda.main, ["--raw", str(root / "raw"), "--out", str(tmp_path / "uda"),
+                                         "--protocol", "official-uda"]) == 0
+    torch.manual_seed(0)
+    meta = handoff_meta(stage="step0", source="loveda_rural", target="loveda_urban", num_classes=7,
+                        backbone="resnet18", shared_similarity=True, clusters=None, bn_stats="shared",
+                        normalize="unit", epoch=1, benchmark="loveda")
+    checkpoint = tmp_path / "model.pt"
+    save_handoff(checkpoint, NAPGNet(num_classes=7, backbone="resnet18"), None, None, None, meta)
+    for data_root, said in ((root / "data", "standard"), (tmp_path / "uda", "official-uda (transductive)")):
+        out = tmp_path / f"{data_root.name}.json"
+        capsys.readouterr()
+        assert run_cli(evaluate.main, ["--checkpoint", str(checkpoint), "--data-root", str(data_root), "--domain",
+                                       "loveda_urban", "--num-workers", "0", "--device", "cpu", "--json",
+                                       str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert f"protocol standard, data protocol {said}, " in printed and "agriculture" in printed
+        written = json.loads(out.read_text())
+        assert written["data_protocol"] == said and written["protocol"] == "standard"
+        assert len(written["classifier"]["iou"]) == 7
+
+
 def test_bad_input_is_one_line_and_writes_nothing(loveda, tmp_path, capsys):
     root, _ = loveda
     assert run_cli(prepare_loveda.main, ["--raw", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
@@ -146,3 +173,28 @@ def test_a_seven_class_pipeline_evaluates_and_predicts_in_lovedas_colours(loveda
         assert got.colormap(1)[4][:3] == LOVEDA.palette[4]
     colours = np.asarray(Image.open(tmp_path / "pred" / "tile_color.png").convert("RGB")).reshape(-1, 3)
     assert {tuple(c) for c in np.unique(colours, axis=0)} <= set(LOVEDA.palette)
+
+
+def test_the_tables_take_their_class_wording_from_the_benchmark(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for benchmark, classes in (("loveda", LOVEDA.classes), (None, BENCHMARKS["isprs"].classes)):
+        run = tmp_path / (benchmark or "isprs")
+        metrics = {k: float(rng.uniform(0.2, 0.9)) for k in ("miou", "miou_5", "mf1", "mf1_5", "oa")}
+        metrics["iou"] = [float(v) for v in rng.uniform(0, 1, len(classes))]
+        (run / "step0").mkdir(parents=True)
+        (run / "step0" / "manifest.json").write_text(json.dumps({"stage": "step0", "source": "a", "target": "b"}))
+        evaluation = {"split": "target-val", "classifier": metrics, **({"benchmark": benchmark} if benchmark else {})}
+        (run / "step0" / "eval.json").write_text(json.dumps(evaluation))
+        table = run_pipeline.results_table(run_pipeline.collect_results(run))
+        assert run_cli(collect_results.main, [str(run), "--out", str(run / "table")]) == 0
+        written = (run / "table" / "results.md").read_text()
+        header = next(iter(csv.reader((run / "table" / "results.csv").open())))
+        if benchmark == "loveda":  # no class is declared out of a mean: no "-N" column, and not a word of clutter
+            assert "clutter" not in table + written and "-6" not in table + written and "miou_5_mean" not in header
+            assert "protocol standard, classifier branch, 7 loveda classes;" in table
+            assert "7 loveda classes" in written and "iou_agriculture_mean" in header
+        else:
+            assert table.splitlines()[0].split() == ["stage", "mIoU", "mF1", "OA", "mIoU-5", "mF1-5", "src", "mIoU"]
+            assert "protocol mmseg, classifier branch, 6 classes incl. clutter; -5 = clutter excluded from the mean;" \
+                in table and "-5 = clutter excluded from the mean" in written and "miou_5_mean" in header
+    capsys.readouterr()

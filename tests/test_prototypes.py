@@ -56,8 +56,8 @@ def test_legacy_kmeans_is_sklearn_kmeans_on_standardised_centroids():
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import StandardScaler
 
+    from engine.config import resolve_config
     from engine.refresh import RefreshSpec
-    from utils.config import resolve_config
 
     cfg = resolve_config("step2", {}, preset="legacy")
     default_n_init = inspect.signature(KMeans).parameters["n_init"].default

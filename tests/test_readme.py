@@ -11,7 +11,8 @@ import pytest
 
 from data.isprs import DATASETS
 from engine.cli import build_parser as stage_parser
-from utils.config import OPTIONS, format_value, load_yaml, resolve_config
+from engine.config import resolve_config
+from utils.config import OPTIONS, format_value, load_yaml
 from utils.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]

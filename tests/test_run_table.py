@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +40,48 @@ def test_the_slurm_script_runs_one_pipeline_per_array_element(tmp_path, capsys):
         assert command[command.index("--seed") + 1] == str(seed) and command[-2:] == ["--amp", "bf16"]
     # The array element's line is what bash runs: the script itself is valid bash.
     assert subprocess.run(["bash", "-n", str(runs / "run_table.sbatch")]).returncode == 0
+
+
+def _loveda_folders(root: Path, protocol: str) -> Path:
+    """Both LoveDA domains under ``root``, as prepare_loveda.py names them in meta.json (no images needed here)."""
+    for domain in ("loveda_urban", "loveda_rural"):
+        (root / domain / "img_dir").mkdir(parents=True)
+        (root / domain / "meta.json").write_text(json.dumps({"benchmark": "loveda", "protocol": protocol}))
+    return root
+
+
+def test_the_loveda_tasks_run_official_uda_on_the_target_root(tmp_path, capsys):
+    data = _loveda_folders(tmp_path / "data", "standard")
+    uda = _loveda_folders(tmp_path / "uda", "official-uda (transductive)")
+    runs = tmp_path / "runs"
+    assert run_cli(run_table.main, ["--tasks", "loveda", "--seeds", "0", "1", "--runs", str(runs), "--slurm",
+                                    "--data-root", str(data), "--protocol", "official-uda",
+                                    "--target-root", str(uda)]) == 0
+    script = (runs / "run_table.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in script
+    commands = [shlex.split(shlex.split(line)[0]) for line in script.split("COMMANDS=(\n")[1].split("\n)")[0]
+                .splitlines()]
+    expected = [(task, target, seed) for task, target in (("loveda_rural2urban", "loveda_urban"),
+                                                          ("loveda_urban2rural", "loveda_rural")) for seed in (0, 1)]
+    for command, (task, target, seed) in zip(commands, expected, strict=True):
+        assert command[command.index("--config") + 1].endswith(f"configs/{task}.yaml")
+        assert command[command.index("--target") + 1] == str(uda / target)  # the transductive target folder
+        assert command[command.index("--data-root") + 1] == str(data)  # the sources: standard
+        assert command[command.index("--seed") + 1] == str(seed)
+    capsys.readouterr()
+    # A protocol of the other benchmark, tasks of two benchmarks, official-uda targets that are standard.
+    for args, said in ((["--tasks", "loveda", "--protocol", "st-dasegnet"],
+                        "--protocol st-dasegnet is not a protocol of the tasks' benchmark loveda; use standard or "
+                        "official-uda"),
+                       (["--tasks", "pot_irrg2vai,loveda_rural2urban"], "the tasks belong to different benchmarks"),
+                       (["--tasks", "loveda_rural2urban", "--protocol", "official-uda"],
+                        "was prepared with protocol standard, not official-uda (transductive); prepare it with "
+                        "tools/prepare_loveda.py --protocol official-uda")):
+        assert run_cli(run_table.main, [*args, "--slurm", "--runs", str(tmp_path / "refused"),
+                                        "--data-root", str(data)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err, err
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.slow

@@ -17,9 +17,9 @@ import torch
 import engine.trainer as trainer
 from engine.benchmarking import random_data
 from engine.build import build_method
+from engine.config import resolve_config
 from engine.refresh import RefreshSpec, refresh_prototypes
 from engine.safety import read_back
-from utils.config import resolve_config
 from utils.run import seed_everything
 
 OURS = ("engine.", "losses.", "models.", "utils.")

@@ -9,7 +9,7 @@ from torch.utils.data import default_collate
 from data.dataset import SegmentationFolder
 from data.preprocess import to_model_input
 from engine.build import build_transforms
-from utils.config import resolve_config
+from engine.config import resolve_config
 
 
 @pytest.mark.parametrize("cache", [False, True])

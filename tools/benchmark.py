@@ -54,12 +54,13 @@ from engine.benchmarking import (
     time_steps,
 )
 from engine.build import build_data, build_method
+from engine.config import resolve_config
 from engine.evaluate import evaluate
 from engine.handoff import check_fits, handoff_file, load_handoff
 from engine.trainer import train_iteration
 from models import NAPGNet, PrototypeHead
 from models.napg import BACKBONES, FEATURE_CHANNELS
-from utils.config import OPTIONS, resolve_config
+from utils.config import OPTIONS
 from utils.errors import UserError, run_cli
 from utils.flags import FlagParser, add_shared_similarity
 from utils.paths import check_output_files

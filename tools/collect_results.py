@@ -4,7 +4,8 @@
 
 Each RUN is a pipeline folder (its stage folders are read: steps and baselines) or a finished stage folder. A stage's
 numbers are the target-val classifier metrics of its ``eval.json``; its pair and stage come from its
-``manifest.json``, the data's protocol (``prepare_isprs.py --protocol``) from ``eval.json``. Runs of the same
+``manifest.json``, the data's protocol (``prepare_isprs.py``/``prepare_loveda.py --protocol``) and benchmark from
+``eval.json`` (the benchmark's declaration names the classes and the summary means it has). Runs of the same
 pair, stage and label are averaged (the seeds of one experiment): the standard deviation is the sample one (n
 - 1), "-" for a single run. The label is ``--label`` when given, else a hash of the run's ``config.yaml``
 without its seeds and run-folder options, plus the kind of checkpoint it started from, so that runs of
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data.isprs import CLASS_NAMES as ISPRS_CLASSES
+from data.benchmarks import Benchmark, benchmark_of
 from utils.checkpoint import atomic_write_bytes
 from utils.config import load_yaml
 from utils.errors import UserError, run_cli
@@ -39,8 +40,9 @@ from utils.plots import can_draw, image_png, results_rgb
 from utils.run import read_json
 from utils.stages import STAGE_NAMES
 
-# Summary metrics: key in eval.json -> column name.
-METRICS = {"miou": "mIoU", "miou_5": "mIoU-5", "mf1": "mF1", "mf1_5": "mF1-5", "oa": "OA"}
+# Summary metrics (eval.json's keys) in the table's order; a benchmark shows those it declares
+# (``Benchmark.summary_columns``).
+METRIC_ORDER = ("miou", "miou_5", "mf1", "mf1_5", "oa")
 OUTPUTS = ("results.md", "results.csv", "results.png")
 
 
@@ -73,33 +75,40 @@ def run_label(folder: Path) -> str:
     return label + (f", init {init.get('stage', 'checkpoint')}" if isinstance(init, dict) else "")
 
 
-def gather(runs: Sequence[Path], label: str | None = None) -> tuple[dict[Group, list[tuple[Path, dict]]],
-                                                                    tuple[str, ...]]:
-    """(pair, stage, label) -> (folder, target-val classifier metrics) of every run of it, and the runs' class
-    names (eval.json's; ISPRS's for runs that predate the field), which must be the same for all."""
+def gather(runs: Sequence[Path], label: str | None = None) -> tuple[dict[Group, list[tuple[Path, dict]]], Benchmark]:
+    """(pair, stage, label) -> (folder, target-val classifier metrics) of every run of it, and the runs' benchmark
+    (eval.json's; ISPRS for runs that predate the field), which must be the same for all."""
     groups: dict[Group, list[tuple[Path, dict]]] = {}
-    classes: dict[tuple[str, ...], Path] = {}
+    benchmarks: dict[str, tuple[Benchmark, Path]] = {}
     for run in runs:
         for folder in stage_folders(run):
             manifest = read_json(folder / "manifest.json")
             evaluation = read_json(folder / "eval.json")
             if "classifier" not in evaluation:
                 raise UserError(f"{folder / 'eval.json'} has no target-val metrics (the run had no target)")
-            pair = f"{manifest['source']} -> {manifest['target']} ({evaluation.get('protocol', 'mmseg')})"
+            benchmark = benchmark_of(evaluation)
+            protocol = evaluation.get("protocol", benchmark.default_protocol)
+            pair = f"{manifest['source']} -> {manifest['target']} ({protocol})"
             key = (pair, manifest["stage"], label or run_label(folder))
             groups.setdefault(key, []).append((folder, current_keys(evaluation["classifier"])))
-            classes.setdefault(tuple(evaluation.get("classes", ISPRS_CLASSES)), folder)
-    if len(classes) > 1:
-        raise UserError(f"the runs segment different class lists ({', '.join(map(str, classes.values()))} differ); "
+            benchmarks.setdefault(benchmark.name, (benchmark, folder))
+    if len(benchmarks) > 1:
+        raise UserError(f"the runs segment different class lists ({', '.join(str(f) for _, f in benchmarks.values())} "
+                        f"differ); "
                         f"collect the runs of each benchmark separately")
     ordered = dict(sorted(groups.items(), key=lambda kv: (kv[0][0], STAGE_NAMES.index(kv[0][1]), kv[0][2])))
-    return ordered, next(iter(classes), ISPRS_CLASSES)
+    return ordered, next(iter(benchmarks.values()))[0]  # stage_folders found at least one
 
 
-def summarise(runs: list[dict], classes: Sequence[str]) -> dict[str, tuple[float, float]]:
+def metric_columns(benchmark: Benchmark) -> dict[str, str]:
+    """The summary metrics of ``benchmark``'s table: eval.json's key -> column name."""
+    return {key: benchmark.summary_columns[key] for key in METRIC_ORDER if key in benchmark.summary_columns}
+
+
+def summarise(runs: list[dict], benchmark: Benchmark) -> dict[str, tuple[float, float]]:
     """Mean and sample std of each metric and each class's IoU (``iou_<class>``) over ``runs``; NaN std for one."""
-    values = {key: [r[key] for r in runs] for key in METRICS}
-    values.update({f"iou_{name}": [r["iou"][i] for r in runs] for i, name in enumerate(classes)})
+    values = {key: [r[key] for r in runs] for key in metric_columns(benchmark)}
+    values.update({f"iou_{name}": [r["iou"][i] for r in runs] for i, name in enumerate(benchmark.classes)})
     out = {}
     for key, vals in values.items():
         arr = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
@@ -124,24 +133,25 @@ def paper_table(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group,
     return [*lines, ""]
 
 
-def markdown(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict], classes: Sequence[str]) -> str:
-    head = ["pair", "stage", "label", "runs", *METRICS.values()]
+def markdown(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict], benchmark: Benchmark) -> str:
+    metrics, classes = metric_columns(benchmark), benchmark.classes
+    head = ["pair", "stage", "label", "runs", *metrics.values()]
     lines = ["Target-val mIoU (%), mean ± sample std over runs:", "", *paper_table(groups, stats),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, runs in groups.items():
-        lines.append(f"| {' | '.join(key)} | {len(runs)} | " + " | ".join(_pm(*stats[key][k]) for k in METRICS) + " |")
+        lines.append(f"| {' | '.join(key)} | {len(runs)} | " + " | ".join(_pm(*stats[key][k]) for k in metrics) + " |")
     head = ["pair", "stage", "label", *classes]
     lines += ["", "IoU per class:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in groups:
         lines.append(f"| {' | '.join(key)} | " + " | ".join(_pm(*stats[key][f"iou_{n}"]) for n in classes) + " |")
-    lines += ["", "Target-val, classifier branch, percent; mean ± sample std over runs; -5 = clutter excluded "
-                  "from the mean. Rows average the runs of one pair, stage and label:", ""]
+    lines += ["", f"Target-val, classifier branch, percent; mean ± sample std over runs; {benchmark.classes_note}. "
+                  "Rows average the runs of one pair, stage and label:", ""]
     lines += [f"- {' / '.join(key)}: {', '.join(str(folder) for folder, _ in runs)}" for key, runs in groups.items()]
     return "\n".join(lines) + "\n"
 
 
-def csv_text(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict], classes: Sequence[str]) -> str:
-    keys = [*METRICS, *(f"iou_{n}" for n in classes)]
+def csv_text(groups: dict[Group, list[tuple[Path, dict]]], stats: dict[Group, dict], benchmark: Benchmark) -> str:
+    keys = [*metric_columns(benchmark), *(f"iou_{n}" for n in benchmark.classes)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["pair", "stage", "label", "runs", *(f"{k}_{part}" for k in keys for part in ("mean", "std"))])
@@ -164,17 +174,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_output_folder(args.out, "--out")
     check_output_files([args.out / name for name in OUTPUTS], "--out", args.overwrite)
-    groups, classes = gather(args.runs, args.label)
-    stats = {key: summarise([metrics for _, metrics in runs], classes) for key, runs in groups.items()}
-    table = markdown(groups, stats, classes)
+    groups, benchmark = gather(args.runs, args.label)
+    stats = {key: summarise([metrics for _, metrics in runs], benchmark) for key, runs in groups.items()}
+    table = markdown(groups, stats, benchmark)
     atomic_write_bytes(args.out / "results.md", table.encode())
-    atomic_write_bytes(args.out / "results.csv", csv_text(groups, stats, classes).encode())
+    atomic_write_bytes(args.out / "results.csv", csv_text(groups, stats, benchmark).encode())
+    metrics, classes = metric_columns(benchmark), benchmark.classes
     written = OUTPUTS[:2]
     if can_draw("results.png"):
         labels = [" ".join(key) for key in groups]
         chart = results_rgb(
-            labels, {METRICS[k]: ([stats[g][k][0] for g in groups], [stats[g][k][1] for g in groups])
-                     for k in METRICS},
+            labels, {name: ([stats[g][k][0] for g in groups], [stats[g][k][1] for g in groups])
+                     for k, name in metrics.items()},
             classes, tuple(np.array([[stats[g][f"iou_{n}"][i] for n in classes] for g in groups])
                                for i in (0, 1)))
         atomic_write_bytes(args.out / "results.png", image_png(chart))

@@ -4,7 +4,8 @@
 
 ``--checkpoint`` takes a finished stage folder (its model.pt), a model.pt/best.pt file, or a converted
 original checkpoint (all read by ``engine/handoff.py``); ``--normalize`` defaults to the checkpoint's.
-``--metric-protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1).
+``--metric-protocol napg_legacy`` reproduces the original's numbers (H/4 maps, IoU + 1). Every output also names the
+data's protocol (``meta.json``; LoveDA's ``official-uda`` says *transductive*) as ``data protocol``.
 ``--recalibrate-bn`` first re-estimates the BatchNorm statistics on the evaluated domain's *train* images
 (no labels read; AdaBN), which is how a source-only model is given target statistics.
 
@@ -26,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from tqdm import tqdm
 
-from data.benchmarks import benchmark_of
+from data.benchmarks import ISPRS, benchmark_of, data_protocol_of
 from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
 from data.domains import domain_bands, resolve_domain
+from data.files import read_meta
 from data.isprs import DATASETS, LABEL_KINDS, decode_label, raw_to_train_ids
 from data.prepare import decode_raw, find_tiles
 from engine.evaluate import (
@@ -106,15 +108,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      prototypes=args.prototypes, label_format=args.label_format,
                                      normalize=args.normalize, bn_domain=args.bn_domain, device=args.device,
                                      allow_band_mismatch=args.allow_band_mismatch)
+    data = data_protocol(args)
     for branch, metrics in scores.results.items():
         print(f"{branch} branch, {args.domain}/{args.split}, {scores.mode}, protocol {args.metric_protocol}, "
-              f"{scores.bn}:")
+              f"data protocol {data}, {scores.bn}:")
         print(format_table(metrics, scores.classes))
     if args.json:
         write_json(Path(args.json), {"checkpoint": str(scores.checkpoint), "domain": args.domain, "split": args.split,
-                                     "mode": scores.mode, "protocol": args.metric_protocol, "bn": scores.bn,
+                                     "mode": scores.mode, "protocol": args.metric_protocol, "data_protocol": data,
+                                     "bn": scores.bn,
                                      "recalibrated_bn": scores.recalibrated_bn, **scores.results})
     return 0
+
+
+def data_protocol(args: argparse.Namespace) -> str:
+    """The protocol the scored data were prepared with (their meta.json, as the benchmark declaration names it,
+    e.g. "official-uda (transductive)"); raw ISPRS tiles are split as mmseg's converters split them."""
+    if args.raw is not None:
+        return ISPRS.default_protocol
+    return data_protocol_of(read_meta(resolve_domain(Path(args.data_root), args.domain)))
 
 
 def _evaluate_slide(args: argparse.Namespace) -> CheckpointScores:

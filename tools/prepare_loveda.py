@@ -33,17 +33,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from data.benchmarks import BENCHMARKS
+from data.benchmarks import LOVEDA
 from data.domains import DOMAINS
 from utils.errors import UserError, run_cli
 from utils.flags import FlagParser
 from utils.paths import check_output_folder
 from utils.publish import publish_dir
 
-LOVEDA = BENCHMARKS["loveda"]
 ZIPS = {"train": "Train.zip", "val": "Val.zip", "test": "Test.zip"}
 MEMBER = re.compile(r"(?:^|/)(Train|Val|Test)/(Urban|Rural)/(images_png|masks_png)/([^/]+\.png)$")
-PROTOCOLS = {"standard": "standard", "official-uda": "official-uda (transductive)"}
 RAW_NAMES = ("no-data", *LOVEDA.classes)  # raw id -> name
 
 
@@ -52,7 +50,7 @@ def build_parser() -> FlagParser:
     parser.add_argument("--raw", required=True, type=Path, help="folder with Train.zip, Val.zip, Test.zip or their "
                         "extracted folders")
     parser.add_argument("--out", required=True, type=Path, help="data root: loveda_urban/ and loveda_rural/ go here")
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="standard",
+    parser.add_argument("--protocol", choices=sorted(LOVEDA.protocols), default=LOVEDA.default_protocol,
                         help="standard: adapt on Train, evaluate on Val; official-uda: adapt and evaluate on Val "
                              "(LoveDA's UDA code, transductive)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing domain folders")
@@ -134,7 +132,7 @@ def write_domain(staging: Path, domain: str, members: dict, protocol: str) -> di
             "gsd_m": registered.gsd_m, "label_format": "mmseg_raw", "labels": "full",
             # The side of every tile (LoveDA's are all 1024 px), which checks and --resize scales read.
             **({"clip": side} if (side := _common_square_side(sizes)) else {}),
-            "protocol": PROTOCOLS[protocol], "counts": counts, "label_histogram": histograms,
+            "protocol": LOVEDA.protocols[protocol], "counts": counts, "label_histogram": histograms,
             "label_values": values, "synthetic": False, "tool": "prepare_loveda", "version": 1}
 
 
@@ -146,7 +144,8 @@ def _common_square_side(sizes: set[tuple[int, int]]) -> int | None:
     return width if width == height else None
 
 
-def prepare_loveda(raw: Path, out: Path, protocol: str = "standard", overwrite: bool = False) -> dict[str, dict]:
+def prepare_loveda(raw: Path, out: Path, protocol: str = LOVEDA.default_protocol,
+                   overwrite: bool = False) -> dict[str, dict]:
     """Write ``out/loveda_urban`` and ``out/loveda_rural``; returns their meta.json dicts."""
     targets = {domain: check_output_folder(out / f"loveda_{domain}", "--out", overwrite)
                for domain in ("urban", "rural")}

@@ -18,14 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from data.benchmarks import benchmark_of
 from engine.cli import flag_overrides, train_stage
+from engine.config import resolve_config
 from engine.pictures import pipeline_panels
 from engine.rundir import Action, RunFolder, State
 from utils.checkpoint import atomic_write_bytes
-from utils.config import load_yaml, resolve_config
+from utils.config import load_yaml
 from utils.errors import UserError, run_cli
 from utils.flags import FlagParser
-from utils.metrics import SUMMARY_KEYS as METRICS
 from utils.metrics import current_keys
 from utils.paths import check_output_files, check_output_folder
 from utils.plots import image_png
@@ -94,23 +95,27 @@ def collect_results(work_dir: Path) -> dict:
         if path.exists():
             ev = read_json(path)
             cls = current_keys(ev["classifier"])
-            results[stage] = {**{k: cls[k] for k in METRICS}, "iou": cls["iou"], "split": ev["split"],
-                              "protocol": ev.get("protocol", "mmseg"),
+            benchmark = benchmark_of(ev)  # eval.json names it (ISPRS for runs that predate the field)
+            results[stage] = {**{k: cls[k] for k in benchmark.summary_columns}, "iou": cls["iou"],
+                              "split": ev["split"], "benchmark": benchmark.name,
+                              "protocol": ev.get("protocol", benchmark.default_protocol),
                               "prototype_miou": ev.get("prototype", {}).get("miou"),
                               "source_val_miou": ev.get("source_val", {}).get("classifier", {}).get("miou")}
     return results
 
 
 def results_table(results: dict) -> str:
-    lines = [f"{'stage':<24}{'mIoU':>8}{'mF1':>8}{'OA':>8}{'mIoU-5':>8}{'mF1-5':>8}{'src mIoU':>10}"]
+    first = next(iter(results.values()), {"split": "target-val", "protocol": "mmseg"})
+    benchmark = benchmark_of(first)
+    columns = benchmark.summary_columns
+    lines = [f"{'stage':<24}" + "".join(f"{name:>8}" for name in columns.values()) + f"{'src mIoU':>10}"]
     for stage, m in results.items():
         source = m.get("source_val_miou")
-        lines.append(f"{stage + ' ' + STAGES[stage].title:<24}" + "".join(f"{100 * m[k]:>8.2f}" for k in METRICS)
+        lines.append(f"{stage + ' ' + STAGES[stage].title:<24}" + "".join(f"{100 * m[k]:>8.2f}" for k in columns)
                      + (f"{100 * source:>10.2f}" if source is not None else f"{'-':>10}"))
-    first = next(iter(results.values()), {"split": "target-val", "protocol": "mmseg"})
     protocols = " / ".join(dict.fromkeys(m["protocol"] for m in results.values())) or first["protocol"]
-    lines.append(f"({first['split']}, protocol {protocols}, classifier branch, 6 classes incl. clutter; -5 = clutter "
-                 f"excluded from the mean; src = source-val)")
+    lines.append(f"({first['split']}, protocol {protocols}, classifier branch, {benchmark.classes_note}; "
+                 f"src = source-val)")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
     python tools/validity.py --data-seed 1 --seeds 0 1 2 --out runs/validity_d1 [--methods M,...] [--ablate]
                              [--amp bf16|off] [any stage flag, passed on to every stage]
+    python tools/validity.py --collect DIR [DIR ...] --out DIR     # one study from studies of other seeds
 
 On a synthetic pair made with ``--data-seed`` (``tools/make_synthetic.py --size study`` by default), each
 training seed first trains its own **warm start** (a source-only run: the stand-in for ImageNet weights,
@@ -23,8 +24,10 @@ the target's train images at the evaluation size (``target_val_recalibrated``, t
 every stage also evaluates both val splits every ``--eval-every`` iterations (``curve``). The study prints
 the table, and writes ``validity.json``, ``validity.png`` (bars), ``curves.png`` (mean +- std over seeds)
 and every run folder under ``--out``; finished runs are kept, so rerunning a command continues it and
-adding methods adds runs. Nothing here reads a label of the target's train split except the oracle, and
-nothing is selected by target-val labels.
+adding methods adds runs. The training seeds are independent (each has its own warm start), so they can
+run as separate jobs, each with its own ``--out``; ``--collect`` then joins their ``validity.json`` files
+(same data, config and budget; each seed once) into one study with its table and pictures. Nothing here
+reads a label of the target's train split except the oracle, and nothing is selected by target-val labels.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ from data.domains import resolve_domain
 from data.synthetic import SIZES, make_synthetic
 from data.synthetic.colour_baseline import colour_classifier_scores
 from engine.cli import flag_overrides, train_stage
+from engine.config import resolve_config
 from engine.evaluate import evaluate_checkpoint
 from engine.rundir import Action, RunFolder
-from utils.config import Config, load_yaml, resolve_config
+from utils.config import Config, load_yaml
 from utils.errors import UserError, run_cli
 from utils.flags import FlagParser
 from utils.paths import check_output_files, check_output_folder
@@ -61,6 +65,7 @@ ABLATIONS = {"no_d1": {"w_adv_d1": 0.0}, "no_d2": {"w_adv_d2": 0.0}, "no_proto":
              "no_gnce": {"w_gnce": 0.0}}
 BASELINES = ("minent", "advent", "dacs")  # each the stage of the same name (utils/stages.py)
 METHODS = ("source_only", "source_only_bn", *BASELINES, "napg_step1", "napg", "napg_step3", "oracle")
+REPORT_ORDER = (*METHODS, *(f"napg_{k}" for k in ABLATIONS))  # the methods with the ablations
 LABELS = {"source_only": "source only", "source_only_bn": "source only + AdaBN", "minent": "MinEnt",
           "advent": "AdvEnt", "dacs": "DACS (EMA self-training)", "napg_step1": "NAPG step 1 (warm-up)",
           "napg": "NAPG step 2", "napg_step3": "NAPG step 3", "oracle": "oracle (target labels)",
@@ -97,8 +102,11 @@ def recipe(method: str, epochs: int, oracle_epochs: int) -> Recipe:
 
 def build_parser() -> FlagParser:
     parser = FlagParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-seed", type=int, required=True, help="seed of the synthetic data set")
-    parser.add_argument("--seeds", type=int, nargs="+", required=True, help="training seeds")
+    parser.add_argument("--data-seed", type=int, help="seed of the synthetic data set (required unless --collect)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (required unless --collect)")
+    parser.add_argument("--collect", type=Path, nargs="+", metavar="DIR",
+                        help="instead of training: join the validity.json of these study folders (other seeds of "
+                             "one study) into --out")
     parser.add_argument("--out", required=True, type=Path, help="study folder (data, runs, validity.json)")
     parser.add_argument("--methods", type=_methods, default=METHODS,
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
@@ -115,11 +123,16 @@ def build_parser() -> FlagParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
+    if args.collect:
+        if extra or args.seeds or args.data_seed is not None:
+            raise UserError("--collect joins finished studies: give it only the study folders and --out")
+    elif args.data_seed is None or not args.seeds:
+        raise UserError("--data-seed and --seeds are required (or --collect DIR ... to join finished studies)")
+    elif len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds has repeats: {args.seeds}")
     out = check_output_folder(args.out, "--out")
     check_output_files([out / name for name in ("validity.json", "validity.png", "curves.png")], "--out")
-    results = Study(args, extra).run()
+    results = collect([read_study(d) for d in args.collect]) if args.collect else Study(args, extra).run()
     write_json(args.out / "validity.json", results)
     print(summary_table(results))
     if can_draw("validity.png and curves.png"):
@@ -305,6 +318,40 @@ def stage_curve(work_dir: Path, stages: Sequence[str], source_val: bool = True) 
     return curve
 
 
+# ---------------------------------------------------------------------------------------------- collect
+# What must agree for studies of other seeds to be one study (the data, what was trained, how long).
+SAME_STUDY = ("data_seed", "size", "config", "extra_flags", "budget", "colour_classifier")
+
+
+def read_study(folder: Path) -> dict[str, Any]:
+    """The ``validity.json`` of a study folder."""
+    path = folder / "validity.json"
+    if not path.is_file():
+        raise UserError(f"--collect {folder}: no validity.json there; give the --out folder of a study")
+    return read_json(path)
+
+
+def collect(studies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One study from studies of other training seeds: their runs, warm starts and times side by side, the
+    methods in report order."""
+    first = studies[0]
+    joined = {**{key: first[key] for key in SAME_STUDY}, "methods": [], "warm_start": {}, "runs": {}, "seconds": {}}
+    for study in studies:
+        differ = [key for key in SAME_STUDY if study[key] != first[key]]
+        if differ:
+            raise UserError(f"--collect: the studies differ in {', '.join(differ)}; only other seeds of one study "
+                            f"can be joined")
+        again = sorted(set(study["runs"]) & set(joined["runs"]), key=int)
+        if again:
+            raise UserError(f"--collect: training seed {', '.join(again)} is in more than one study")
+        for key in ("warm_start", "runs", "seconds"):
+            joined[key].update(study[key])
+    names = {m for study in studies for m in study["methods"]}
+    joined["methods"] = [m for m in REPORT_ORDER if m in names]
+    joined["runs"] = dict(sorted(joined["runs"].items(), key=lambda item: int(item[0])))
+    return joined
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
@@ -315,7 +362,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def methods_of(results: dict[str, Any]) -> list[str]:
     """The methods every seed has, in report order."""
     runs = list(results["runs"].values())
-    return [m for m in (*METHODS, *(f"napg_{k}" for k in ABLATIONS)) if runs and all(m in r for r in runs)]
+    return [m for m in REPORT_ORDER if runs and all(m in r for r in runs)]
 
 
 def _miou(results: dict[str, Any], seed: str, method: str, split: str) -> float:

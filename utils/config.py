@@ -5,7 +5,10 @@ default, the help text, the allowed range and the list length. The command line 
 ``lr_d`` -> ``--lr-d``), the YAML loader and the validation are all derived from those rows, so an
 option is described in exactly one place. Resolution order (later wins)::
 
-    Config defaults -> STAGES[stage].defaults -> PRESETS[preset] -> YAML top level -> YAML[stage] -> flags
+    Config defaults -> STAGES[stage].defaults -> benchmark defaults -> PRESETS[preset] -> YAML top level
+    -> YAML[stage] -> flags
+
+The resolution itself is ``engine/config.py:resolve_config``: the benchmark defaults come from the data.
 
 Unknown keys in a YAML file, unknown presets and values of the wrong type are user errors, and a
 ``Config`` cannot be built (or ``dataclasses.replace``-d) with a value out of range. ``paper`` is the
@@ -61,7 +64,9 @@ class Config:
     data_root: str = option("data", "folder holding the prepared domain folders")
     source: str = option("potsdam_irrg", "source domain (registered name, alias or path)")
     target: str = option("vaihingen_irrg", "target domain (registered name, alias or path)")
-    num_classes: int = option(6, "number of classes (train ids 0..C-1, 255 = ignore)", range=(1, INF))
+    # num_classes, clusters, gnce_windows: the ISPRS values here; resolve_config sets the data's benchmark's.
+    num_classes: int = option(6, "number of classes (train ids 0..C-1, 255 = ignore; default: the "
+                              "data's benchmark, from meta.json)", range=(1, INF))
     img_size: int = option(512, "training crop/input side in pixels (multiple of 32)", range=(32, INF))
     resize: int | None = option(None, "resize every patch to this side before use (demo data only)",
                                 range=(32, INF))
@@ -90,8 +95,8 @@ class Config:
     iters_per_epoch: int | None = option(None, "cap on iterations per epoch (smoke runs)", range=(1, INF))
     legacy_epoch_length: bool = option(False, "an epoch is one batch short of a pass over the data (released code)")
     # --- prototypes ---
-    clusters: tuple[int, ...] = option((1, 1, 1, 1, 1, 1), "k-means groups per class (K = max; K_c must divide K)",
-                                       range=(1, INF))
+    clusters: tuple[int, ...] = option((1,) * 6, "k-means groups per class (K = max; K_c must divide K; "
+                                       "default: the data's benchmark's for the stage)", range=(1, INF))
     auto_k: bool = option(False, "choose K per class from the centroid variance (k_min/k_max)")
     auto_k_max: int = option(4, "K for high-variance classes with --auto-k", range=(1, INF))
     auto_k_threshold: float = option(0.5, "normalised-variance threshold of --auto-k", range=(0.0, INF))
@@ -119,8 +124,8 @@ class Config:
     legacy_d2_step1: bool = option(False, "step-1 D2 update uses the source map twice (released code)")
     w_gnce: float = option(0.0, "GNCE neighbourhood-loss weight", range=(0.0, INF))
     gnce_start_epoch: int = option(1, "first epoch with the GNCE term", range=(0, INF))
-    gnce_windows: tuple[int, ...] = option((1, 1, 1, 1, 1, 1), "GNCE window per class (0 skips the class)",
-                                           range=(0, INF))
+    gnce_windows: tuple[int, ...] = option((1,) * 6, "GNCE window per class (0 skips the class; "
+                                           "default: the data's benchmark's for the stage)", range=(0, INF))
     gnce_target_weight: float = option(0.0, "relative weight of the GNCE term on target images", range=(0.0, INF))
     gnce_target_mask: bool = option(False, "restrict target GNCE to confident pixels (tau)")
     # --- step 3 ---
@@ -333,7 +338,7 @@ def _coerce_scalar(key: str, value: Any, opt: Option, where: str) -> Any:
     return out
 
 
-def _apply(values: dict[str, Any], changes: Mapping[str, Any], where: str) -> None:
+def apply_values(values: dict[str, Any], changes: Mapping[str, Any], where: str) -> None:
     for key, value in changes.items():
         if key not in OPTIONS:
             raise UserError(f"{where}: unknown key '{key}' (see `--help` for the valid options)")
@@ -399,31 +404,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve_config(stage: str, yaml_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                   preset: str | None = None, yaml_name: str = "config") -> Config:
-    """The resolved :class:`Config` of ``stage`` (see the module docstring for the order)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage}")
-    yaml_data = dict(yaml_data or {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    stage_sections = {s: yaml_data.pop(s) for s in STAGES if s in yaml_data}
-    for s, section in stage_sections.items():
-        if not isinstance(section, dict):
-            raise UserError(f"{yaml_name}: section '{s}' must be a mapping")
-    preset = preset or overrides.pop("preset", None) or yaml_data.pop("preset", None) or "paper"
-    yaml_data.pop("preset", None)
-    overrides.pop("preset", None)
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
-    values: dict[str, Any] = {}
-    _apply(values, STAGES[stage].defaults, "stage defaults")
-    _apply(values, PRESETS[preset].for_stage(stage), f"preset {preset}")
-    _apply(values, yaml_data, yaml_name)
-    _apply(values, stage_sections.get(stage, {}), f"{yaml_name} [{stage}]")
-    _apply(values, overrides, "command line")
-    return Config(stage=stage, preset=preset, **values)
-
-
 def load_config(path: Path) -> Config:
     """The :class:`Config` of a run folder's ``config.yaml`` (options added since it was written take their
     defaults)."""
@@ -432,21 +412,21 @@ def load_config(path: Path) -> Config:
     if stage not in STAGES:
         raise UserError(f"{path} names no stage; it is not a run folder's config.yaml")
     values: dict[str, Any] = {}
-    _apply(values, data, str(path))
+    apply_values(values, data, str(path))
     return Config(stage=stage, preset=preset, **values)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = None,
+def add_config_arguments(parser: argparse.ArgumentParser, stage_values: Mapping[str, Any] | None = None,
                          listed: Collection[str] | None = None) -> dict[str, Any]:
     """One flag per option, plus ``--config`` and ``--preset``; flag defaults are None (= not given).
 
-    With ``stage``, the flags sit in :data:`HELP_GROUPS` and each help text ends with the value that stage
-    runs when neither YAML nor flags set it (its stage defaults and the ``paper`` preset applied): what
-    ``--print-config`` prints. ``--help`` lists only the options in ``listed`` (None: all); the flags of the
-    others are still accepted, so that one YAML file or command line serves every stage. Returns the
-    argument groups by name (empty without ``stage``)."""
+    With ``stage_values`` (a stage's resolved config as a dict), the flags sit in :data:`HELP_GROUPS` and
+    each help text ends with the value that stage runs when neither YAML nor flags set it (its stage
+    defaults and the ``paper`` preset applied): what ``--print-config`` prints. ``--help`` lists only the
+    options in ``listed`` (None: all); the flags of the others are still accepted, so that one YAML file or
+    command line serves every stage. Returns the argument groups by name (empty without ``stage_values``)."""
+    stage = stage_values is not None
     groups = {name: parser.add_argument_group(name) for name in HELP_GROUPS} if stage else {}
-    stage_values = resolve_config(stage).to_dict() if stage else {}
     first = groups.get("presets and legacy switches", parser)
     first.add_argument("--config", metavar="YAML", help="YAML file with option: value pairs (see configs/)")
     first.add_argument("--preset", choices=sorted(PRESETS), help="; ".join(f"{name}: {p.help}"
@@ -470,15 +450,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = No
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The options (and ``preset``) that the flags of :func:`add_config_arguments` set: the ``overrides``
-    of :func:`resolve_config`."""
+    of :func:`engine.config.resolve_config`."""
     overrides = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
     return {**overrides, "preset": args.preset} if args.preset else overrides
-
-
-def config_from_args(stage: str, args: argparse.Namespace) -> Config:
-    yaml_data = load_yaml(args.config) if args.config else {}
-    return resolve_config(stage, yaml_data, overrides_from_args(args),
-                          yaml_name=str(args.config) if args.config else "config")
 
 
 def dump_config(cfg: Config, path: Path) -> None:
