@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.benchmarks import benchmark_of
+from data.benchmarks import Benchmark, benchmark_of
 from data.checks import SplitUse, check_data
 from data.dataset import SegmentationFolder
 from data.domains import data_benchmark, domain_bands, resolve_domain
@@ -169,7 +169,7 @@ class CheckpointScores:
     checkpoint: Path
     mode: str  # "patch", or the sliding-window settings
     bn: str  # the BatchNorm statistics used, in words
-    classes: tuple[str, ...]  # of the checkpoint's benchmark, by train id
+    benchmark: Benchmark  # the checkpoint's: its classes by train id, and which means it reports
     recalibrated_bn: dict[str, Any] | None = None  # {"split": "train", "images": n} after re-estimation
 
 
@@ -230,7 +230,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, domain: s
     results = evaluate(loaded.model, loader, protos, loaded.device, meta["num_classes"], protocol=protocol,
                        domain=loaded.bn_domain)
     mode = f"patch (resized to {resize})" if resize else "patch"
-    return CheckpointScores(results, loaded.path, mode, bn, benchmark_of(meta).classes, recalibrated)
+    return CheckpointScores(results, loaded.path, mode, bn, benchmark_of(meta), recalibrated)
 
 
 def check_benchmark(meta: dict, folder: Path) -> None:

@@ -367,7 +367,7 @@ def _finish(run_dir: Path, method: Method, protos: RefreshResult, data: dict[str
                       benchmark)
         if results:
             print(f"{cfg.stage} target-{cfg.target_eval_split} (classifier):")
-            print(format_table(results["classifier"], benchmark.classes))
+            print(format_table(results["classifier"], benchmark.classes, benchmark.mean_without is not None))
         source_miou = all_results["source_val"]["classifier"]["miou"]
         print(f"{cfg.stage} source-val mIoU (classifier): {100 * source_miou:.2f}")
     dist.barrier()

@@ -188,4 +188,7 @@ def test_format_table():
     assert len(lines) == 6
     assert lines[1].split() == ["a", "50.00", "66.67", "66.67", "66.67"]
     assert lines[3].split() == ["c", "-", "-", "-", "-"]
-    assert "OA 60.00" in lines[-1] and f"mIoU {100 / 3:.2f}" in lines[-1] and "mIoU-5 50.00" in lines[-1]
+    assert "OA 60.00" in lines[-1] and f"mIoU {100 / 3:.2f}" in lines[-1] and "mIoU-3 50.00" in lines[-1]
+    # A benchmark that leaves no class out of its means (LoveDA) gets no "-N" means.
+    plain = format_table(cm.compute(), ["a", "b", "c", "clutter"], without_last=False).splitlines()[-1]
+    assert "mIoU-" not in plain and "mF1-" not in plain and f"mIoU {100 / 3:.2f}" in plain

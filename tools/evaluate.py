@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for branch, metrics in scores.results.items():
         print(f"{branch} branch, {args.domain}/{args.split}, {scores.mode}, protocol {args.metric_protocol}, "
               f"data protocol {data}, {scores.bn}:")
-        print(format_table(metrics, scores.classes))
+        print(format_table(metrics, scores.benchmark.classes, scores.benchmark.mean_without is not None))
     if args.json:
         write_json(Path(args.json), {"checkpoint": str(scores.checkpoint), "domain": args.domain, "split": args.split,
                                      "mode": scores.mode, "protocol": args.metric_protocol, "data_protocol": data,
@@ -148,7 +148,7 @@ def _evaluate_slide(args: argparse.Namespace) -> CheckpointScores:
     results = evaluate_tiles(loaded.model, tqdm(_slide_tiles(args), desc="tiles", unit="tile"), cfg, loaded.device,
                              meta["num_classes"])
     mode = f"slide (crop {cfg.crop}, stride {cfg.stride}, scale {cfg.scale:g})"
-    return CheckpointScores(results, loaded.path, mode, loaded.bn, benchmark_of(meta).classes)
+    return CheckpointScores(results, loaded.path, mode, loaded.bn, benchmark_of(meta))
 
 
 def _slide_tiles(args: argparse.Namespace):

@@ -170,8 +170,10 @@ class ConfusionMatrix:
         }
 
 
-def format_table(results: dict[str, Any], class_names: Sequence[str]) -> str:
-    """Per-class IoU/F1/precision/recall table and a summary line, in percent with 2 decimals."""
+def format_table(results: dict[str, Any], class_names: Sequence[str], without_last: bool = True) -> str:
+    """Per-class IoU/F1/precision/recall table and a summary line, in percent with 2 decimals; with
+    ``without_last`` (a benchmark whose last class is left out of its reported means, as ISPRS's clutter)
+    the summary adds the means without it, named by the classes they average (mIoU-5 for ISPRS)."""
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f}"
@@ -181,8 +183,8 @@ def format_table(results: dict[str, Any], class_names: Sequence[str]) -> str:
     for i, name in enumerate(class_names):
         cells = (results[k][i] for k in ("iou", "f1", "precision", "recall"))
         lines.append(f"{name:<{width}}  " + "  ".join(f"{pct(v):>6}" for v in cells))
-    lines.append(
-        f"OA {pct(results['oa'])} | mIoU {pct(results['miou'])} | mF1 {pct(results['mf1'])} | "
-        f"mIoU-5 {pct(results['miou_5'])} | mF1-5 {pct(results['mf1_5'])} ({results['protocol']})"
-    )
+    n = len(class_names) - 1
+    without = f" | mIoU-{n} {pct(results['miou_5'])} | mF1-{n} {pct(results['mf1_5'])}" if without_last else ""
+    lines.append(f"OA {pct(results['oa'])} | mIoU {pct(results['miou'])} | mF1 {pct(results['mf1'])}{without} "
+                 f"({results['protocol']})")
     return "\n".join(lines)
