@@ -76,6 +76,7 @@ def test_validity_study_end_to_end(tmp_path):
         diffs = [100 * (r["napg"]["target_val"]["miou"] - r[ref]["target_val"]["miou"])
                  for r in result["runs"].values()]
         assert f"{sum(diffs) / 2:+.2f}" in napg_line
+    assert (out / "validity.md").read_text().count("\n| ") == 1 + len(validity.METHODS)  # header and a row each
     for picture in ("validity.png", "curves.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("warm_start/seed0/step0", "seed0/source_only/step0", "seed0/napg/step2", "seed1/napg/step3",

@@ -46,6 +46,11 @@ def test_studies_of_other_seeds_join_into_the_study_of_all_seeds(tmp_path, capsy
     # The table: NAPG (method 2) scores 2, 12 and 22 % on seeds 0, 1, 2; source only 0, 10, 20: +2 each seed.
     napg = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("NAPG step 2"))
     assert "12.00 ± 10.00" in napg and "2.0 12.0 22.0" in napg and "+2.00 ± 0.00" in napg
+    # validity.md: the same row as a Markdown table (recalibrated: 3, 13, 23 %; AdaBN is method 1)
+    row = next(line for line in (tmp_path / "all" / "validity.md").read_text().splitlines()
+               if line.startswith("| NAPG step 2"))
+    assert row.split(" | ")[1:] == ["12.00 ± 10.00", "13.00 ± 10.00", "2.0 12.0 22.0", "+2.00 ± 0.00",
+                                    "+1.00 ± 0.00", "50.00 ± 0.00 |"]
 
 
 def test_only_other_seeds_of_one_study_are_joined(tmp_path):

@@ -22,12 +22,13 @@ Every method is scored at its last iterate (never the best point of a curve) on 
 val, with the BatchNorm statistics it trained with (``target_val``) and after one recalibration pass over
 the target's train images at the evaluation size (``target_val_recalibrated``, the same pass for all);
 every stage also evaluates both val splits every ``--eval-every`` iterations (``curve``). The study prints
-the table, and writes ``validity.json``, ``validity.png`` (bars), ``curves.png`` (mean +- std over seeds)
-and every run folder under ``--out``; finished runs are kept, so rerunning a command continues it and
-adding methods adds runs. The training seeds are independent (each has its own warm start), so they can
-run as separate jobs, each with its own ``--out``; ``--collect`` then joins their ``validity.json`` files
-(same data, config and budget; each seed once) into one study with its table and pictures. Nothing here
-reads a label of the target's train split except the oracle, and nothing is selected by target-val labels.
+the table, and writes ``validity.json``, ``validity.md`` (the table), ``validity.png`` (bars), ``curves.png``
+(mean +- std over seeds) and every run folder under ``--out``; finished runs are kept, so rerunning a
+command continues it and adding methods adds runs. The training seeds are independent (each has its own
+warm start), so they can run as separate jobs, each with its own ``--out``; ``--collect`` then joins their
+``validity.json`` files (same data, config and budget; each seed once) into one study with its table and
+pictures. Nothing here reads a label of the target's train split except the oracle, and nothing is
+selected by target-val labels.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from engine.cli import flag_overrides, train_stage
 from engine.config import resolve_config
 from engine.evaluate import evaluate_checkpoint
 from engine.rundir import Action, RunFolder
+from utils.checkpoint import atomic_write_bytes
 from utils.config import Config, load_yaml
 from utils.errors import UserError, run_cli
 from utils.flags import FlagParser
@@ -65,6 +67,7 @@ ABLATIONS = {"no_d1": {"w_adv_d1": 0.0}, "no_d2": {"w_adv_d2": 0.0}, "no_proto":
              "no_gnce": {"w_gnce": 0.0}}
 BASELINES = ("minent", "advent", "dacs")  # each the stage of the same name (utils/stages.py)
 METHODS = ("source_only", "source_only_bn", *BASELINES, "napg_step1", "napg", "napg_step3", "oracle")
+OUTPUTS = ("validity.json", "validity.md", "validity.png", "curves.png")  # in --out
 REPORT_ORDER = (*METHODS, *(f"napg_{k}" for k in ABLATIONS))  # the methods with the ablations
 LABELS = {"source_only": "source only", "source_only_bn": "source only + AdaBN", "minent": "MinEnt",
           "advent": "AdvEnt", "dacs": "DACS (EMA self-training)", "napg_step1": "NAPG step 1 (warm-up)",
@@ -131,14 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds has repeats: {args.seeds}")
     out = check_output_folder(args.out, "--out")
-    check_output_files([out / name for name in ("validity.json", "validity.png", "curves.png")], "--out")
+    check_output_files([out / name for name in OUTPUTS], "--out")
     results = collect([read_study(d) for d in args.collect]) if args.collect else Study(args, extra).run()
     write_json(args.out / "validity.json", results)
+    atomic_write_bytes(args.out / "validity.md", markdown_table(results).encode())
     print(summary_table(results))
     if can_draw("validity.png and curves.png"):
         plot_bars(results, args.out / "validity.png")
         plot_curves(results, args.out / "curves.png")
-    print(f"wrote {args.out / 'validity.json'} and the pictures beside it")
+    print(f"wrote {args.out / 'validity.json'}, validity.md and the pictures beside them")
     return 0
 
 
@@ -369,41 +373,61 @@ def _miou(results: dict[str, Any], seed: str, method: str, split: str) -> float:
     return 100 * results["runs"][seed][method][split]["miou"]
 
 
-def summary_table(results: dict[str, Any]) -> str:
-    """mIoU (%): target val with the method's own BatchNorm statistics and after the common recalibration,
-    mean +- std over seeds, per seed, paired differences to source only and to AdaBN, and source val."""
+COLUMNS = ("method", "target val", "recalibrated", "per seed", "vs source only", "vs AdaBN", "source val")
+NOTE = ("classifier branch, 6 classes incl. clutter, last iterate, float32 evaluation, mIoU %; mean ± std over "
+        "training seeds; 'target val' with the BatchNorm statistics the method trained with, 'recalibrated' after "
+        "one BatchNorm pass over target train at the evaluation size; 'vs ...': mean ± std of the per-seed "
+        "differences of 'target val'")
+
+
+def heading(results: dict[str, Any]) -> str:
+    """What the table is of: data seed, training seeds, budget, warm starts, the colour-only classifier."""
     seeds = list(results["runs"])
     warm = [results["warm_start"][s] for s in seeds]
     colour = results["colour_classifier"]
-    lines = [f"validity study, data seed {results['data_seed']}, training seeds {', '.join(seeds)}; budget "
-             f"{results['budget']['iterations']} iterations; warm starts: source-val mIoU "
-             + " ".join(f"{100 * w['source_val']['miou']:.1f}" for w in warm) + ", target-val "
-             + " ".join(f"{100 * w['target_val']['miou']:.1f}" for w in warm)
-             + f"; colour-only classifier: source val {colour['source_val']:.1f}, "
-               f"target val {colour['target_val']:.1f}",
-             f"{'method':<28}{'target val':>15}{'recalibrated':>15}{'per seed':>18}{'vs src only':>15}"
-             f"{'vs AdaBN':>15}{'source val':>15}"]
-    methods = methods_of(results)
+    return (f"validity study, data seed {results['data_seed']}, training seeds {', '.join(seeds)}; budget "
+            f"{results['budget']['iterations']} iterations; warm starts: source-val mIoU "
+            + " ".join(f"{100 * w['source_val']['miou']:.1f}" for w in warm) + ", target-val "
+            + " ".join(f"{100 * w['target_val']['miou']:.1f}" for w in warm)
+            + f"; colour-only classifier: source val {colour['source_val']:.1f}, target val {colour['target_val']:.1f}")
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row of :data:`COLUMNS` per method: target val with the method's own BatchNorm statistics and after
+    the common recalibration, per seed, paired differences to source only and to AdaBN, and source val."""
+    seeds, methods = list(results["runs"]), methods_of(results)
+    rows = []
     for m in methods:
         tgt = [_miou(results, s, m, "target_val") for s in seeds]
         recal = [_miou(results, s, m, "target_val_recalibrated") for s in seeds]
         src = [_miou(results, s, m, "source_val") for s in seeds]
-        cells = [f"{a:.2f} ± {b:.2f}" for a, b in (_mean_std(tgt), _mean_std(recal))]
-        per_seed = " ".join(f"{v:.1f}" for v in tgt)
         paired = []
         for ref in ("source_only", "source_only_bn"):
             if ref in methods and m != ref:
-                dm, ds = _mean_std([t - _miou(results, s, ref, "target_val") for s, t in zip(seeds, tgt)])
-                paired.append(f"{dm:+.2f} ± {ds:.2f}")
+                paired.append("{:+.2f} ± {:.2f}".format(
+                    *_mean_std([t - _miou(results, s, ref, "target_val") for s, t in zip(seeds, tgt)])))
             else:
                 paired.append("")
-        source = "{:.2f} ± {:.2f}".format(*_mean_std(src))
-        lines.append(f"{LABELS[m]:<28}{cells[0]:>15}{cells[1]:>15}{per_seed:>18}{paired[0]:>15}{paired[1]:>15}"
-                     f"{source:>15}")
-    lines.append("(classifier branch, 6 classes incl. clutter, last iterate, float32 evaluation; std over seeds; "
-                 "'target val' with the statistics the method trained with, 'recalibrated' after one BatchNorm "
-                 "pass over target train; 'vs ...' are paired differences per seed of 'target val')")
-    return "\n".join(lines)
+        rows.append((LABELS[m], *("{:.2f} ± {:.2f}".format(*_mean_std(v)) for v in (tgt, recal)),
+                     " ".join(f"{v:.1f}" for v in tgt), *paired, "{:.2f} ± {:.2f}".format(*_mean_std(src))))
+    return rows
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The rows of :func:`summary_rows` as printed text."""
+    widths = (28, 15, 15, 18, 16, 15, 15)
+    lines = [heading(results), "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                                       for i, (c, w) in enumerate(zip(COLUMNS, widths)))]
+    for row in summary_rows(results):
+        lines.append("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths))))
+    return "\n".join([*lines, f"({NOTE})"])
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The rows of :func:`summary_rows` as a Markdown table (``validity.md``)."""
+    lines = [heading(results), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(results)]
+    return "\n".join([*lines, "", NOTE[0].upper() + NOTE[1:] + "."]) + "\n"
 
 
 def plot_bars(results: dict[str, Any], path: Path) -> None:
