@@ -401,16 +401,16 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         tgt = [_miou(results, s, m, "target_val") for s in seeds]
         recal = [_miou(results, s, m, "target_val_recalibrated") for s in seeds]
         src = [_miou(results, s, m, "source_val") for s in seeds]
-        paired = []
-        for ref in ("source_only", "source_only_bn"):
-            if ref in methods and m != ref:
-                paired.append("{:+.2f} ± {:.2f}".format(
-                    *_mean_std([t - _miou(results, s, ref, "target_val") for s, t in zip(seeds, tgt)])))
-            else:
-                paired.append("")
-        rows.append((LABELS[m], *("{:.2f} ± {:.2f}".format(*_mean_std(v)) for v in (tgt, recal)),
-                     " ".join(f"{v:.1f}" for v in tgt), *paired, "{:.2f} ± {:.2f}".format(*_mean_std(src))))
+        paired = [_cell([t - _miou(results, s, ref, "target_val") for s, t in zip(seeds, tgt)], "+")
+                  if ref in methods and m != ref else "" for ref in ("source_only", "source_only_bn")]
+        rows.append((LABELS[m], _cell(tgt), _cell(recal), " ".join(f"{v:.1f}" for v in tgt), *paired, _cell(src)))
     return rows
+
+
+def _cell(values: list[float], sign: str = "") -> str:
+    """Mean ± sample std of ``values``; the mean alone for one value (one seed has no spread)."""
+    mean, std = _mean_std(values)
+    return f"{mean:{sign}.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:{sign}.2f}"
 
 
 def summary_table(results: dict[str, Any]) -> str:
