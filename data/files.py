@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from data.benchmarks import benchmark_of
 from data.isprs import IGNORE_INDEX, LABEL_FORMATS
 from utils.errors import UserError
 
@@ -203,3 +205,21 @@ def resolve_label_format(root: Path, meta: dict[str, Any], label_format: str | N
             "drop the flag or fix meta.json"
         )
     return declared or label_format or scan_label_format(root / "ann_dir", num_classes)
+
+
+def read_split(root: Path, split: str, resize: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Image ``[H, W, 3]`` uint8 and train ids ``[H, W]`` uint8 (255: ignore) of every patch of the domain
+    folder ``root``'s ``split``, in stem order. ``resize`` scales both to that side as the training loaders
+    do: area for the image, nearest for the labels."""
+    meta = read_meta(root)
+    num_classes = benchmark_of(meta).num_classes
+    label_format = resolve_label_format(root, meta, None, num_classes)
+    img_dir, ann_dir = root / "img_dir" / split, root / "ann_dir" / split
+    images, labels = list_split(img_dir, IMAGE_SUFFIXES), list_split(ann_dir, LABEL_SUFFIXES)
+    for stem in pair_by_stem(images, labels, img_dir, ann_dir):
+        image = read_image(images[stem])
+        label = to_train_ids(read_label(labels[stem]), label_format, labels[stem], num_classes).astype(np.uint8)
+        if resize is not None:
+            image = cv2.resize(image, (resize, resize), interpolation=cv2.INTER_AREA)
+            label = cv2.resize(label, (resize, resize), interpolation=cv2.INTER_NEAREST)
+        yield image, label

@@ -53,6 +53,10 @@ def test_validity_study_end_to_end(tmp_path):
     assert budget["source_epochs"] == 2 and budget["iterations"] == 4  # steps 1 + 2: 2 epochs of 2 iterations
     assert set(result["warm_start"]) == {"0", "1"}
     assert 0 <= result["warm_start"]["0"]["source_val"]["miou"] <= 1
+    ceiling = result["resolution_ceiling"]  # the study's data at its size and the network's output stride
+    assert {ceiling[split]["stride"] for split in ("source_val", "target_val")} == {16}
+    assert all(0 < ceiling[split]["miou"] <= 100 for split in ("source_val", "target_val"))
+    assert f"resolution ceiling: source val {ceiling['source_val']['miou']:.1f}" in first.stdout
     for run in result["runs"].values():
         assert tuple(run) == validity.METHODS
         for method, scores in run.items():

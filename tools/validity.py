@@ -47,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.ceiling import resolution_ceiling_scores
 from data.domains import resolve_domain
 from data.synthetic import SIZES, make_synthetic
 from data.synthetic.colour_baseline import colour_classifier_scores
@@ -54,6 +55,7 @@ from engine.cli import flag_overrides, train_stage
 from engine.config import resolve_config
 from engine.evaluate import evaluate_checkpoint
 from engine.rundir import Action, RunFolder
+from models.napg import FEATURE_STRIDE
 from utils.checkpoint import atomic_write_bytes
 from utils.config import Config, load_yaml
 from utils.errors import UserError, run_cli
@@ -180,11 +182,13 @@ class Study:
         oracle_epochs = max(1, round(budget / n_tgt))
         results: dict[str, Any] = {
             "data_seed": self.args.data_seed, "size": self.args.size, "config": str(self.args.config),
-            "extra_flags": self.extra, "methods": list(self.methods), "warm_start": {}, "runs": {}, "seconds": {},
+            "extra_flags": self.extra, "resize": self.resize, "methods": list(self.methods), "warm_start": {},
+            "runs": {}, "seconds": {},
             "budget": {"iterations": budget, "source_epochs": self.napg_epochs, "oracle_epochs": oracle_epochs,
                        "eval_every": self.eval_every, "warm_start_epochs": self.args.warm_epochs,
                        "warm_start_lr": self.args.warm_lr}}
         results["colour_classifier"] = self._colour_classifier()
+        results["resolution_ceiling"] = self._resolution_ceiling()
         for seed in self.args.seeds:
             warm = self._warm_start(seed)
             results["warm_start"][str(seed)] = {"run": str(warm), **self._scores(warm, recalibrate=False)}
@@ -207,6 +211,18 @@ class Study:
                   for split, domain in (("source_val", self.source), ("target_val", self.target))}
         print(f"colour-only classifier (fit on source train), mIoU %: source val {scores['source_val']:.1f}, "
               f"target val {scores['target_val']:.1f}", flush=True)
+        return scores
+
+    def _resolution_ceiling(self) -> dict[str, dict[str, Any]]:
+        """mIoU (%) and per-class IoU of the cell-averaged ground truth at the classifier's output stride
+        (data/ceiling.py), on source val and target val at the study's size: about the best any method can
+        score here."""
+        scores = {split: resolution_ceiling_scores(resolve_domain(self.data_root, domain), "val", FEATURE_STRIDE,
+                                                   self.resize)
+                  for split, domain in (("source_val", self.source), ("target_val", self.target))}
+        print(f"resolution ceiling (output stride {FEATURE_STRIDE} at {self.resize or 'full'} px), mIoU %: "
+              f"source val {scores['source_val']['miou']:.1f}, target val {scores['target_val']['miou']:.1f}",
+              flush=True)
         return scores
 
     def _warm_start(self, seed: int) -> Path:
@@ -324,7 +340,9 @@ def stage_curve(work_dir: Path, stages: Sequence[str], source_val: bool = True) 
 
 # ---------------------------------------------------------------------------------------------- collect
 # What must agree for studies of other seeds to be one study (the data, what was trained, how long).
-SAME_STUDY = ("data_seed", "size", "config", "extra_flags", "budget", "colour_classifier")
+# What must agree for studies to be seeds of one study (keys an older validity.json lacks compare as None).
+SAME_STUDY = ("data_seed", "size", "config", "extra_flags", "resize", "budget", "colour_classifier",
+              "resolution_ceiling")
 
 
 def read_study(folder: Path) -> dict[str, Any]:
@@ -339,9 +357,10 @@ def collect(studies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One study from studies of other training seeds: their runs, warm starts and times side by side, the
     methods in report order."""
     first = studies[0]
-    joined = {**{key: first[key] for key in SAME_STUDY}, "methods": [], "warm_start": {}, "runs": {}, "seconds": {}}
+    joined = {**{key: first[key] for key in SAME_STUDY if key in first}, "methods": [], "warm_start": {}, "runs": {},
+              "seconds": {}}
     for study in studies:
-        differ = [key for key in SAME_STUDY if study[key] != first[key]]
+        differ = [key for key in SAME_STUDY if study.get(key) != first.get(key)]
         if differ:
             raise UserError(f"--collect: the studies differ in {', '.join(differ)}; only other seeds of one study "
                             f"can be joined")
@@ -381,15 +400,18 @@ NOTE = ("classifier branch, 6 classes incl. clutter, last iterate, float32 evalu
 
 
 def heading(results: dict[str, Any]) -> str:
-    """What the table is of: data seed, training seeds, budget, warm starts, the colour-only classifier."""
+    """What the table is of: data seed, training seeds, budget, warm starts, the colour-only classifier and
+    the resolution ceiling."""
     seeds = list(results["runs"])
     warm = [results["warm_start"][s] for s in seeds]
-    colour = results["colour_classifier"]
+    colour, ceiling = results["colour_classifier"], results.get("resolution_ceiling")
     return (f"validity study, data seed {results['data_seed']}, training seeds {', '.join(seeds)}; budget "
             f"{results['budget']['iterations']} iterations; warm starts: source-val mIoU "
             + " ".join(f"{100 * w['source_val']['miou']:.1f}" for w in warm) + ", target-val "
             + " ".join(f"{100 * w['target_val']['miou']:.1f}" for w in warm)
-            + f"; colour-only classifier: source val {colour['source_val']:.1f}, target val {colour['target_val']:.1f}")
+            + f"; colour-only classifier: source val {colour['source_val']:.1f}, target val {colour['target_val']:.1f}"
+            + (f"; resolution ceiling: source val {ceiling['source_val']['miou']:.1f}, target val "
+               f"{ceiling['target_val']['miou']:.1f}" if ceiling else ""))
 
 
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:

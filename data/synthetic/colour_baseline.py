@@ -12,21 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from data.benchmarks import benchmark_of
-from data.files import (
-    IMAGE_SUFFIXES,
-    LABEL_SUFFIXES,
-    list_split,
-    pair_by_stem,
-    read_image,
-    read_label,
-    read_meta,
-    resolve_label_format,
-    to_train_ids,
-)
+from data.files import read_split
 from data.isprs import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
 
@@ -38,21 +26,9 @@ def colour_cells(image: np.ndarray, bins: int) -> np.ndarray:
 
 def _split_pixels(root: Path, split: str, resize: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Colours ``[N, 3]`` uint8 and train ids ``[N]`` (255 kept) of every patch of ``root``'s ``split``."""
-    num_classes = benchmark_of(read_meta(root)).num_classes
-    label_format = resolve_label_format(root, read_meta(root), None, num_classes)
-    img_dir, ann_dir = root / "img_dir" / split, root / "ann_dir" / split
-    images, labels = list_split(img_dir, IMAGE_SUFFIXES), list_split(ann_dir, LABEL_SUFFIXES)
-    colours, ids = [], []
-    for stem in pair_by_stem(images, labels, img_dir, ann_dir):
-        image, label = read_image(images[stem]), to_train_ids(read_label(labels[stem]), label_format, labels[stem],
-                                                                  num_classes)
-        if resize is not None:
-            # As the training loaders resize: area for the image, nearest for the labels.
-            image = cv2.resize(image, (resize, resize), interpolation=cv2.INTER_AREA)
-            label = cv2.resize(label.astype(np.uint8), (resize, resize), interpolation=cv2.INTER_NEAREST)
-        colours.append(image.reshape(-1, 3))
-        ids.append(label.ravel().astype(np.uint8))
-    return np.concatenate(colours), np.concatenate(ids)
+    patches = list(read_split(root, split, resize))
+    return (np.concatenate([image.reshape(-1, 3) for image, _ in patches]),
+            np.concatenate([label.ravel() for _, label in patches]))
 
 
 def fit_colour_table(colours: np.ndarray, labels: np.ndarray, bins: int = 32,

@@ -34,6 +34,13 @@ DISCRIMINATOR_OPTIONS: dict[str, tuple[str, ...]] = {"d1": ("lr_d", "betas_d", "
                                                      "d2": ("lr_d", "betas_d", "w_adv_d2", "legacy_d2_gen")}
 
 
+def adam(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float],
+         weight_decay: float = 0.0) -> torch.optim.Adam:
+    """torch's Adam with its fused kernel: the per-parameter loop's update up to float rounding (a test checks
+    it), and on a CPU, where torch's default is that loop, the optimiser step about 8x faster."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
 def set_requires_grad(module: nn.Module | None, flag: bool) -> None:
     if module is not None:
         for p in module.parameters():
@@ -75,8 +82,7 @@ class Method:
         # --- the segmenter: Adam at a constant learning rate (docs/method.md §5)
         self.model = model
         self.device = next(model.parameters()).device
-        self.opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay)
+        self.opt_g = adam(model.parameters(), cfg.lr, tuple(cfg.betas), cfg.weight_decay)
         self.normalize = cfg.normalize
         self.channels_last = cfg.channels_last
         self.amp_dtype = amp_dtype(cfg.amp)
@@ -84,8 +90,8 @@ class Method:
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
         # --- the discriminators and the adversarial weights (§4.3-4.4)
         self.d1, self.d2 = d1, d2
-        self.opt_d1, self.opt_d2 = (torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d))
-                                    if d is not None else None for d in (d1, d2))
+        self.opt_d1, self.opt_d2 = (adam(d.parameters(), cfg.lr_d, tuple(cfg.betas_d)) if d is not None else None
+                                    for d in (d1, d2))
         # A discriminator's options are read only where the method has it (DISCRIMINATOR_OPTIONS).
         self.w_adv_d1 = cfg.w_adv_d1 if d1 is not None else 0.0
         self.w_adv_d2 = cfg.w_adv_d2 if d2 is not None else 0.0
@@ -204,12 +210,16 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
-        self.opt_g.load_state_dict(state["opt_g"])
+        optimisers = [(self.opt_g, state["opt_g"])]
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         for name, d, opt in self._discriminators():
             unwrap(d).load_state_dict(state[name])
-            opt.load_state_dict(state[f"opt_{name}"])
+            optimisers.append((opt, state[f"opt_{name}"]))
+        for opt, saved in optimisers:
+            opt.load_state_dict(saved)
+            for group in opt.param_groups:  # a last.pt written before the fused kernel saved the loop's flags
+                group.update(fused=True, foreach=None)
 
 
 class TeacherMethod(Method):
