@@ -57,9 +57,9 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], prototypes: tor
                 out = model(x, prototypes)
             if protocol == "standard":
                 full = y.shape[-2:]
-                cm_cls.update(_upsampled_argmax(out["logits_up"], full), y)
+                cm_cls.update(upsampled_argmax(out["logits_up"], full), y)
                 if cm_proto is not None:
-                    cm_proto.update(_upsampled_argmax(out["proto_prob"], full), y)
+                    cm_proto.update(upsampled_argmax(out["proto_prob"], full), y)
             else:
                 logits_up = out["logits_up"].float()
                 cm_cls.update(logits_up.argmax(1), resize_labels(y, logits_up.shape[-2:]))
@@ -106,7 +106,7 @@ def list_batches(loader: Iterable[dict[str, Any]], protocol: str, max_batches: i
         yield batch
 
 
-def _upsampled_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsampled_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """argmax over classes of ``scores`` [B, C, h, w] bilinearly resized to ``size``: [B, H, W]."""
     if scores.shape[-2:] != size:
         scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)

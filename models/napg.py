@@ -49,6 +49,7 @@ BACKBONE_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer
 FEATURE_CHANNELS = 128
 # Image px per feature-map px: the backbone's output stride 32, halved by the transposed conv.
 FEATURE_STRIDE = 16
+LOGITS_UP_STRIDE = 4  # image px per px of ``logits_up``, the classifier's output (the original's H/4)
 ASPP_CHANNELS = 256
 ASPP_RATES = (6, 12, 18)  # the dilations of ASPP's 3x3 branches (engine/coverage.py: which taps a map size uses)
 BN_STATS = ("shared", "domain")
@@ -111,6 +112,12 @@ def load_backbone_weights(backbone: nn.Sequential, path: str | Path, name: str) 
         raise UserError(f"pretrained weights {path} do not fit a {name} backbone: {', '.join(problems)}; "
                         f"pass a torchvision {name} state dict with --pretrained PATH or change --backbone")
     backbone.load_state_dict(state)
+
+
+def upsample_logits(logits: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """The classifier's scores [B, C, h, w] -> ``logits_up`` [B, C, *out_size]: bilinear with corners aligned,
+    as the original (so the corner cells land on the corner pixels)."""
+    return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=True)
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
@@ -289,7 +296,7 @@ class NAPGNet(nn.Module):
         logits = self.classifier(features)
         out = {
             "logits": logits,
-            "logits_up": F.interpolate(logits, size=out_size, mode="bilinear", align_corners=True),
+            "logits_up": upsample_logits(logits, out_size),
             "features": features,
         }
         if prototypes is not None:
@@ -302,4 +309,4 @@ class NAPGNet(nn.Module):
     def forward(self, x: torch.Tensor, prototypes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """x [B, 3, H, W] in [0, 1], prototypes [C*K, 128] or None -> dict (see ``decode``)."""
         features = self.extract_features(x)
-        return self.decode(features, (x.shape[-2] // 4, x.shape[-1] // 4), prototypes)
+        return self.decode(features, (x.shape[-2] // LOGITS_UP_STRIDE, x.shape[-1] // LOGITS_UP_STRIDE), prototypes)

@@ -38,3 +38,5 @@ def test_every_optimiser_of_a_method_is_fused_also_after_an_old_checkpoint():
             group.update(fused=None, foreach=None)
     method.load_state_dict(state)
     assert all(group["fused"] for opt in optimisers for group in opt.param_groups)
+    assert all(opt.state[p]["step"].device == p.device for opt in optimisers for group in opt.param_groups
+               for p in group["params"] if p in opt.state)

@@ -58,7 +58,7 @@ def test_only_other_seeds_of_one_study_are_joined(tmp_path):
     longer = _write(tmp_path / "longer", _study([1], budget=80))
     with pytest.raises(UserError, match="differ in budget"):
         validity.main(["--collect", base, longer, "--out", str(tmp_path / "x")])
-    other_size = _write(tmp_path / "other_size", {**_study([1]), "resize": 128})  # one written before 'resize'
+    other_size = _write(tmp_path / "other_size", {**_study([1]), "resize": 128})  # base: written before 'resize'
     with pytest.raises(UserError, match="differ in resize"):
         validity.main(["--collect", base, other_size, "--out", str(tmp_path / "x")])
     same_seed = _write(tmp_path / "same", _study([0]))

@@ -47,10 +47,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.ceiling import resolution_ceiling_scores
 from data.domains import resolve_domain
 from data.synthetic import SIZES, make_synthetic
 from data.synthetic.colour_baseline import colour_classifier_scores
+from engine.ceiling import resolution_ceiling_scores
 from engine.cli import flag_overrides, train_stage
 from engine.config import resolve_config
 from engine.evaluate import evaluate_checkpoint
@@ -215,7 +215,7 @@ class Study:
 
     def _resolution_ceiling(self) -> dict[str, dict[str, Any]]:
         """mIoU (%) and per-class IoU of the cell-averaged ground truth at the classifier's output stride
-        (data/ceiling.py), on source val and target val at the study's size: about the best any method can
+        (engine/ceiling.py), on source val and target val at the study's size: about the best a method can
         score here."""
         scores = {split: resolution_ceiling_scores(resolve_domain(self.data_root, domain), "val", FEATURE_STRIDE,
                                                    self.resize)
@@ -339,8 +339,8 @@ def stage_curve(work_dir: Path, stages: Sequence[str], source_val: bool = True) 
 
 
 # ---------------------------------------------------------------------------------------------- collect
-# What must agree for studies of other seeds to be one study (the data, what was trained, how long).
-# What must agree for studies to be seeds of one study (keys an older validity.json lacks compare as None).
+# What must agree for studies of other seeds to be one study (the data, what was trained, how long); a key
+# that an older validity.json lacks counts as None.
 SAME_STUDY = ("data_seed", "size", "config", "extra_flags", "resize", "budget", "colour_classifier",
               "resolution_ceiling")
 

@@ -217,9 +217,10 @@ class Method:
             unwrap(d).load_state_dict(state[name])
             optimisers.append((opt, state[f"opt_{name}"]))
         for opt, saved in optimisers:
-            opt.load_state_dict(saved)
-            for group in opt.param_groups:  # a last.pt written before the fused kernel saved the loop's flags
-                group.update(fused=True, foreach=None)
+            # A last.pt written before the fused kernel holds the loop's flags; set them before loading, so that
+            # torch places each restored step counter where the fused kernel reads it (on the parameter's device).
+            groups = [{**group, "fused": True, "foreach": None} for group in saved["param_groups"]]
+            opt.load_state_dict({**saved, "param_groups": groups})
 
 
 class TeacherMethod(Method):
