@@ -33,7 +33,7 @@ def build_method(cfg: Config, device: torch.device, init_state: dict[str, Any] |
     model = NAPGNet(num_classes=cfg.num_classes,
                     backbone=cfg.backbone, pretrained=cfg.pretrained if init_state is None else None,
                     shared_similarity=cfg.shared_similarity, head_impl=cfg.head_impl,
-                    bn_stats=bn_stats_of(cfg)).to(device)
+                    bn_stats=bn_stats_of(cfg), window=cfg.window).to(device)
     d1, d2 = (FCDiscriminatorHighMask(cfg.num_classes).to(device) if name in cls.discriminators else None
               for name in ("d1", "d2"))
     if init_state is not None:

@@ -30,9 +30,10 @@ from utils.stages import ORIGINAL, STAGES
 # meta fields that older checkpoints may lack, with the value they were written under.
 # ``input_scale``: image px -> network px the weights were trained at (patches resized by --resize);
 # ``resize``: that --resize (None: patches as they are); ``bands``: {"source": [...], "target": [...]}, the
-# bands of the run's domains in the network's three input channels, e.g. ["NIR", "R", "G"] (None: not recorded).
+# bands of the run's domains in the network's three input channels, e.g. ["NIR", "R", "G"] (None: not recorded);
+# ``window``: the network's --window (None: inputs whole).
 META_DEFAULTS = {"shared_similarity": True, "bn_stats": "shared", "normalize": "unit", "input_scale": 1.0,
-                 "resize": None, "bands": None}
+                 "resize": None, "bands": None, "window": None}
 
 
 def handoff_meta(*, stage: str, source: str | None, target: str | None, num_classes: int, backbone: str,
@@ -43,8 +44,8 @@ def handoff_meta(*, stage: str, source: str | None, target: str | None, num_clas
     ``source``/``target`` name the domain pair (None when unknown, as for a converted original),
     ``clusters`` the K_c per class of the stored prototypes (None without prototypes), ``bn_stats``
     the BatchNorm statistics mode, ``normalize`` the input normalisation the weights were trained with.
-    ``extra`` adds ``input_scale``, ``resize`` and ``bands`` (see ``META_DEFAULTS``) and free-form provenance
-    (oracle selection, conversion report).
+    ``extra`` adds ``input_scale``, ``resize``, ``bands`` and ``window`` (see ``META_DEFAULTS``) and
+    free-form provenance (oracle selection, conversion report).
     """
     return {"stage": stage, "source": source, "target": target, "num_classes": num_classes, "backbone": backbone,
             "shared_similarity": shared_similarity, "clusters": clusters,
@@ -156,6 +157,6 @@ def handoff_network(state: dict[str, Any], device: torch.device) -> NAPGNet:
     """The network of a hand-off checkpoint, rebuilt from its meta and loaded, on ``device``."""
     meta = state["meta"]
     model = NAPGNet(num_classes=meta["num_classes"], backbone=meta["backbone"],
-                    shared_similarity=meta["shared_similarity"], bn_stats=meta["bn_stats"])
+                    shared_similarity=meta["shared_similarity"], bn_stats=meta["bn_stats"], window=meta["window"])
     model.load_state_dict(state["model"])
     return model.to(device)

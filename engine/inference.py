@@ -8,7 +8,8 @@ few window rows of float32 logits, not the whole image times the classes.
 
 ``scale`` resizes each window before the network (a window is ``crop / scale`` image px, the network
 sees ``crop`` px) and its logits back: the resolution the checkpoint was trained at, without resizing
-the whole tile. Windows whose network size is not a multiple of 32 are zero-padded (bottom, right).
+the whole tile. Windows whose network size is not a multiple of 32 (of the network's own ``window``, if it
+has one) are zero-padded (bottom, right).
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ def _window_logits(model: nn.Module, windows: torch.Tensor, cfg: SlideConfig, de
     x = to_model_input(windows, device, cfg.normalize, size=net_size)
     if cfg.hflip:
         x = torch.cat([x, x.flip(-1)])
-    # The network takes sides that are multiples of 32: pad bottom and right with zeros (as mmseg pads a
-    # short window), then cut the padding off the logits at network resolution.
+    # The network takes sides that are multiples of 32 (of its window, if it has one): pad bottom and right
+    # with zeros (as mmseg pads a short window), then cut the padding off the logits at network resolution.
     net_h, net_w = x.shape[-2:]
-    x = F.pad(x, (0, -net_w % 32, 0, -net_h % 32))
+    multiple = getattr(model, "window", None) or 32
+    x = F.pad(x, (0, -net_w % multiple, 0, -net_h % multiple))
     with model.evaluating(cfg.domain), autocast(device, amp_dtype(cfg.amp)):
         logits = model(x)["logits_up"].float()
     if x.shape[-2:] != (net_h, net_w):

@@ -219,7 +219,8 @@ def save_stage_handoff(path: Path, napg: Method, protos: RefreshResult, cfg: Con
                         num_classes=cfg.num_classes, backbone=cfg.backbone,
                         shared_similarity=cfg.shared_similarity, clusters=protos.clusters,
                         bn_stats=bn_stats_of(cfg), normalize=cfg.normalize, epoch=epoch,
-                        input_scale=_input_scale(cfg), resize=cfg.resize, bands=_bands(cfg), **extra)
+                        input_scale=_input_scale(cfg), resize=cfg.resize, bands=_bands(cfg),
+                        window=cfg.window, **extra)
     d1, d2 = (None if d is None else unwrap(d) for d in (napg.d1, napg.d2))
     save_handoff(path, unwrap(napg.model), d1, d2, protos.state_dict(), meta)
 

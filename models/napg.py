@@ -181,14 +181,20 @@ class NAPGNet(nn.Module):
         head_impl: ``"fast"`` or ``"reference"`` (see ``models.head``).
         bn_stats: ``"shared"`` (one set of BatchNorm running statistics, the original) or ``"domain"``
             (a second set for the target domain; affine weights stay shared, see ``domain``).
+        window: None (every input whole) or a side in px (multiple of 32): inputs larger than
+            ``window`` x ``window`` are cut into non-overlapping windows of that side, each segmented as
+            an image of its own, and the outputs put back together (see ``forward``).
     """
 
     def __init__(self, num_classes: int = 6, backbone: str = "resnet50",
                  pretrained: str | Path | None = None, shared_similarity: bool = True,
-                 head_impl: str = "fast", bn_stats: str = "shared"):
+                 head_impl: str = "fast", bn_stats: str = "shared", window: int | None = None):
         super().__init__()
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        if window is not None and (window < 32 or window % 32):
+            raise ValueError(f"window must be a multiple of 32, got {window}")
+        self.window = window
         self.num_classes = num_classes
         self.backbone_name = backbone
         self.backbone = build_backbone(backbone)
@@ -307,6 +313,44 @@ class NAPGNet(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, prototypes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x [B, 3, H, W] in [0, 1], prototypes [C*K, 128] or None -> dict (see ``decode``)."""
+        """x [B, 3, H, W] in [0, 1], prototypes [C*K, 128] or None -> dict (see ``decode``).
+
+        With ``window`` set and x larger than a window, H and W must be multiples of it: the network
+        segments each window on its own (its BatchNorm, in training mode, sees the windows as a batch)
+        and every output map is the windows' maps side by side, so a model trained on ``window``-px
+        crops is evaluated on larger patches with the receptive field and context it was trained with.
+        """
+        grid = self._window_grid(x)
+        if grid is not None:
+            out = self._forward(to_windows(x, self.window), prototypes)
+            return {name: from_windows(maps, grid) for name, maps in out.items()}
+        return self._forward(x, prototypes)
+
+    def _forward(self, x: torch.Tensor, prototypes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         features = self.extract_features(x)
         return self.decode(features, (x.shape[-2] // LOGITS_UP_STRIDE, x.shape[-1] // LOGITS_UP_STRIDE), prototypes)
+
+    def _window_grid(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """Windows per column and row of x [B, 3, H, W] (None: x is segmented whole)."""
+        if self.window is None or tuple(x.shape[-2:]) == (self.window, self.window):
+            return None
+        height, width = x.shape[-2:]
+        if height % self.window or width % self.window:
+            raise ValueError(f"input sides {height} x {width} must be multiples of the window ({self.window} px)")
+        return height // self.window, width // self.window
+
+
+def to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B * (H / window) * (W / window), C, window, window], windows in row-major order."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // window, window, w // window, window)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, c, window, window)
+
+
+def from_windows(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`to_windows` for maps of any resolution: [B * rows * cols, C, h, w] ->
+    [B, C, rows * h, cols * w] with ``grid`` = (rows, cols)."""
+    rows, cols = grid
+    n, c, h, w = maps.shape
+    maps = maps.reshape(n // (rows * cols), rows, cols, c, h, w)
+    return maps.permute(0, 3, 1, 4, 2, 5).reshape(-1, c, rows * h, cols * w)

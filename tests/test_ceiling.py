@@ -76,3 +76,27 @@ def test_scores_of_a_folder(tmp_path):
     assert coarse["miou"] < 50 and all(v is None or 0 <= v <= 100 for v in coarse["iou"])
     one_cell = resolution_ceiling_scores(tmp_path, "val", stride=16, resize=16)  # one cell a patch: one class
     assert sum(v is not None and v > 0 for v in one_cell["iou"]) <= 2 < sum(v is not None for v in one_cell["iou"])
+
+
+def test_a_windowed_ceiling_is_each_window_ceiling_side_by_side():
+    torch.manual_seed(1)
+    label = torch.randint(0, 6, (8, 12)).repeat_interleave(8, 0).repeat_interleave(8, 1)  # 64 x 96
+    windowed = ceiling_prediction(label, 16, 6, window=32)
+    # Plain reference: the per-window upsampled scores put side by side, then one arg-max at full size.
+    pieces = []
+    for y in range(0, 64, 32):
+        row = []
+        for x in range(0, 96, 32):
+            win = label[y:y + 32, x:x + 32]
+            cells = torch.zeros(6, 2, 2, dtype=torch.float64)
+            near = nearest_cell(32, 2)
+            for i in range(32):
+                for j in range(32):
+                    cells[win[i, j], near[i], near[j]] += 1
+            row.append(upsample_logits((cells / cells.sum(0)).float()[None], (8, 8)))
+        pieces.append(torch.cat(row, -1))
+    reference = upsampled_argmax(torch.cat(pieces, -2), (64, 96))[0]
+    assert torch.equal(windowed, reference)
+    assert not torch.equal(windowed, ceiling_prediction(label, 16, 6))  # the windows' borders matter
+    with pytest.raises(ValueError, match="windows"):
+        ceiling_prediction(label, 16, 6, window=48)

@@ -50,6 +50,16 @@ def test_the_rate_6_branch_is_untrained_at_twice_the_training_size_and_only_ther
     assert off_centre / 2 < larger["aspp.convs.0.0.weight"] <= off_centre
 
 
+def test_a_network_with_the_training_window_has_nothing_untrained_on_larger_patches():
+    torch.manual_seed(0)
+    model = NAPGNet(num_classes=6, backbone="resnet18", window=128)
+    coverage = GradientCoverage(model)
+    _train_once(model, coverage, 128)
+    coverage.seen["up.0.bias"][:] = True  # see the test above
+    assert untrained_at_evaluation(coverage, torch.randn(1, 3, 256, 256), torch.randn(6, FEATURE_CHANNELS),
+                                   "target") == {}
+
+
 def test_record_takes_every_nonzero_gradient_element_and_survives_a_state_round_trip():
     layer = nn.Linear(3, 2)
     coverage = GradientCoverage(layer)
@@ -77,7 +87,8 @@ def test_training_crops_and_evaluation_patches_switch_on_the_same_aspp_taps(conf
     """The training crop and the evaluated patch give layer 4 maps on which each ASPP rate uses the same taps."""
     for stage in STAGE_NAMES:
         cfg = resolve_config(stage, load_yaml(REPO / "configs" / config))
-        evaluated = cfg.resize or 512  # the patches as prepared (512 px) unless --resize sets them
+        # The patches as prepared (512 px) unless --resize sets them; a network with a window sees windows.
+        evaluated = cfg.window or cfg.resize or 512
         for rate in ASPP_RATES:
             train_taps = _active_taps(rate, _layer4_side(cfg.img_size))
             eval_taps = _active_taps(rate, _layer4_side(evaluated))
@@ -94,3 +105,13 @@ def test_a_stage_writes_the_untrained_weights_it_finds_into_eval_json(synthetic_
     off_centre = 512 * 256 * 8  # resnet18's layer 4 has 512 channels, each ASPP branch 256
     assert untrained["aspp.convs.0.0.weight"] > off_centre / 2
     assert "act at evaluation that had no gradient" in capsys.readouterr().out
+
+
+def test_a_stage_with_a_window_of_its_crop_size_leaves_nothing_untrained(synthetic_root, tmp_path):
+    # The same 64-px crops and 256-px patches, evaluated in 64-px windows: the taps evaluation uses are trained.
+    args = tiny_args(synthetic_root, tmp_path, "--epochs", "1", "--iters-per-epoch", "6", "--eval-max-batches", "1",
+                     "--window", "64")
+    args[args.index("--resize") + 1] = "256"
+    assert stage_main("step0", args) == 0
+    untrained = json.loads(Path(tmp_path / "step0" / "eval.json").read_text())["untrained_at_evaluation"]
+    assert not any(name.startswith("aspp.convs.") for name in untrained), untrained

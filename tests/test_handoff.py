@@ -62,7 +62,7 @@ def test_old_checkpoints_get_meta_defaults_and_stageless_ones_are_refused(tmp_pa
     old = load_handoff(_write(tmp_path / "old.pt", "step1", num_classes=6))
     assert {k: old["meta"][k] for k in META_DEFAULTS} == {"shared_similarity": True, "bn_stats": "shared",
                                                           "normalize": "unit", "input_scale": 1.0,
-                                                          "resize": None, "bands": None}
+                                                          "resize": None, "bands": None, "window": None}
     with pytest.raises(UserError, match="names no stage.*convert_original_checkpoint"):
         load_handoff(_write(tmp_path / "stageless.pt", None, num_classes=6), "step2")
     torch.save({"network": {}}, tmp_path / "foreign.pt")

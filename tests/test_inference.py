@@ -79,6 +79,18 @@ def test_short_window_equals_inference_on_the_zero_padded_image(model):
     assert_close(slide_logits(model, image, SlideConfig(crop=128, stride=64), torch.device("cpu")), want, "padded")
 
 
+def test_a_windowed_network_pads_a_short_window_to_its_own_window(model):
+    windowed = NAPGNet(num_classes=6, backbone="resnet18", window=64).eval()
+    windowed.load_state_dict(model.state_dict())
+    image = torch.rand(3, 50, 70)  # padded to 64 x 128 (two of the network's windows), not to 64 x 96
+    padded = F.pad(image, (0, 58, 0, 14))
+    with torch.no_grad():
+        logits = windowed(padded[None])["logits_up"]
+    want = F.interpolate(logits, (64, 128), mode="bilinear", align_corners=False)[0, :, :50, :70]
+    assert_close(slide_logits(windowed, image, SlideConfig(crop=128, stride=64), torch.device("cpu")), want,
+                 "window-padded")
+
+
 def test_uint8_input_equals_unit_float_input(model):
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     cfg = SlideConfig(crop=64, stride=64)

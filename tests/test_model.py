@@ -153,3 +153,31 @@ def test_bad_pretrained_files_give_one_line_user_errors(tmp_path: Path) -> None:
         with pytest.raises(UserError, match="--pretrained PATH") as err:
             NAPGNet(backbone="resnet18", pretrained=path)
         assert "\n" not in str(err.value)
+
+
+def test_a_windowed_network_segments_each_window_as_its_own_image() -> None:
+    torch.manual_seed(0)
+    net = NAPGNet(num_classes=6, backbone="resnet18", window=64)
+    x, prototypes = torch.rand(2, 3, 128, 192), torch.randn(12, 128)
+    with torch.no_grad():
+        net.eval()
+        out = net(x, prototypes)
+        for y0 in range(0, 128, 64):  # plain loop: each window through the network, compared in place
+            for x0 in range(0, 192, 64):
+                alone = net(x[:, :, y0:y0 + 64, x0:x0 + 64], prototypes)
+                for name, maps in alone.items():
+                    scale = maps.shape[-1] / 64
+                    rows = slice(round(y0 * scale), round((y0 + 64) * scale))
+                    cols = slice(round(x0 * scale), round((x0 + 64) * scale))
+                    torch.testing.assert_close(out[name][:, :, rows, cols], maps, rtol=1e-4, atol=1e-5)
+        # In training mode BatchNorm sees the windows as one batch, as a batch of window-sized crops.
+        net.train()
+        whole = net(x)["logits_up"]
+        windows = net(torch.cat([x[:, :, y:y + 64, c:c + 64] for y in (0, 64) for c in (0, 64, 128)]))["logits_up"]
+        n = len(x)
+        torch.testing.assert_close(whole[:, :, :16, :16], windows[:n], rtol=1e-4, atol=1e-5)
+    assert net(torch.rand(2, 3, 64, 64))["logits_up"].shape == (2, 6, 16, 16)  # one window: as is
+    with pytest.raises(ValueError, match="multiples of the window"):
+        net(torch.rand(2, 3, 96, 64))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        NAPGNet(num_classes=6, backbone="resnet18", window=48)

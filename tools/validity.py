@@ -168,6 +168,7 @@ class Study:
         step1, step2 = (self._config(stage, self.out, {}) for stage in ("step1", "step2"))
         self.source, self.target = step1.source, step1.target
         self.batch_size, self.resize, self.iters_cap = step1.batch_size, step1.resize, step1.iters_per_epoch
+        self.window = step1.window
         self.eval_batch_size, self.eval_every = step1.eval_batch_size, step1.eval_every
         # Equal budgets: every method trains as many iterations as steps 1 + 2 together.
         self.napg_epochs = step1.epochs + step2.epochs
@@ -182,8 +183,8 @@ class Study:
         oracle_epochs = max(1, round(budget / n_tgt))
         results: dict[str, Any] = {
             "data_seed": self.args.data_seed, "size": self.args.size, "config": str(self.args.config),
-            "extra_flags": self.extra, "resize": self.resize, "methods": list(self.methods), "warm_start": {},
-            "runs": {}, "seconds": {},
+            "extra_flags": self.extra, "resize": self.resize, "window": self.window, "methods": list(self.methods),
+            "warm_start": {}, "runs": {}, "seconds": {},
             "budget": {"iterations": budget, "source_epochs": self.napg_epochs, "oracle_epochs": oracle_epochs,
                        "eval_every": self.eval_every, "warm_start_epochs": self.args.warm_epochs,
                        "warm_start_lr": self.args.warm_lr}}
@@ -215,12 +216,13 @@ class Study:
 
     def _resolution_ceiling(self) -> dict[str, dict[str, Any]]:
         """mIoU (%) and per-class IoU of the cell-averaged ground truth at the classifier's output stride
-        (engine/ceiling.py), on source val and target val at the study's size: about the best a method can
-        score here."""
+        (engine/ceiling.py), on source val and target val at the study's size and window: about the best a
+        method can score here."""
         scores = {split: resolution_ceiling_scores(resolve_domain(self.data_root, domain), "val", FEATURE_STRIDE,
-                                                   self.resize)
+                                                   self.resize, self.window)
                   for split, domain in (("source_val", self.source), ("target_val", self.target))}
-        print(f"resolution ceiling (output stride {FEATURE_STRIDE} at {self.resize or 'full'} px), mIoU %: "
+        windows = f" in {self.window}-px windows" if self.window else ""
+        print(f"resolution ceiling (output stride {FEATURE_STRIDE} at {self.resize or 'full'} px{windows}), mIoU %: "
               f"source val {scores['source_val']['miou']:.1f}, target val {scores['target_val']['miou']:.1f}",
               flush=True)
         return scores
@@ -341,7 +343,7 @@ def stage_curve(work_dir: Path, stages: Sequence[str], source_val: bool = True) 
 # ---------------------------------------------------------------------------------------------- collect
 # What must agree for studies of other seeds to be one study (the data, what was trained, how long); a key
 # that an older validity.json lacks counts as None.
-SAME_STUDY = ("data_seed", "size", "config", "extra_flags", "resize", "budget", "colour_classifier",
+SAME_STUDY = ("data_seed", "size", "config", "extra_flags", "resize", "window", "budget", "colour_classifier",
               "resolution_ceiling")
 
 

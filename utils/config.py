@@ -85,6 +85,10 @@ class Config:
     bn_stats: Literal["domain", "shared"] = option(
         "domain", "BatchNorm running statistics of the stages that see the target: one per domain, or one "
         "shared mixture (the released code)")
+    window: int | None = option(
+        None, "segment inputs larger than WINDOW px in non-overlapping WINDOW-px windows (evaluation, refresh, "
+        "BatchNorm re-estimation); set it to img_size to evaluate larger patches as the network was trained "
+        "(none: inputs whole)", range=(32, INF))
     # --- optimisation ---
     lr: float = option(1e-4, "segmenter learning rate (Adam, constant)", range=(1e-12, INF))
     lr_d: float = option(1e-4, "discriminator learning rate (Adam, constant)", range=(1e-12, INF))
@@ -375,6 +379,9 @@ def _validate(cfg: Config) -> None:
     side = cfg.resize or cfg.img_size
     if cfg.img_size % 32 or side % 32:
         raise UserError(f"image sides must be multiples of 32, got img_size={cfg.img_size}, resize={cfg.resize}")
+    if cfg.window is not None and (cfg.img_size % cfg.window or side % cfg.window or cfg.window % 32):
+        raise UserError(f"'window' must be a multiple of 32 that divides img_size and resize, got window="
+                        f"{cfg.window}, img_size={cfg.img_size}, resize={cfg.resize}")
     if cfg.batch_size < 2:
         raise UserError("'batch_size' must be >= 2 per process: the ASPP image-pooling branch's BatchNorm "
                         "needs two samples in training mode")
