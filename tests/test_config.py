@@ -7,7 +7,8 @@ import pytest
 from data.benchmarks import ISPRS, LOVEDA
 from engine.cli import build_parser
 from engine.config import config_from_args, resolve_config
-from utils.config import OPTIONS, PRESETS
+from tests.helpers import REPO
+from utils.config import OPTIONS, PRESETS, load_yaml
 from utils.errors import UserError
 from utils.stages import STAGES
 
@@ -119,3 +120,12 @@ def test_every_option_is_a_flag(tmp_path):
     assert unset.pretrained is None and unset.iters_per_epoch is None
     flags = {a.dest for a in build_parser("step1")._actions}
     assert set(OPTIONS) <= flags
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_keeps_the_papers_step3_to_step2_learning_rate_ratio(config):
+    """A top-level lr applies to every stage; step 3's own must then keep the paper's fifth of step 2's."""
+    yaml = load_yaml(REPO / "configs" / config)
+    paper = STAGES["step3"].defaults["lr"] / resolve_config("step2", {}).lr
+    ratio = resolve_config("step3", yaml).lr / resolve_config("step2", yaml).lr
+    assert ratio == pytest.approx(paper), (config, ratio)
