@@ -34,7 +34,7 @@ data-demo: $(STAMP)
 demo: data-demo
 	$(PY) tools/run_pipeline.py --config configs/demo.yaml --work-dir $(DEMO_RUN) --overwrite --warm-start
 	@echo "Where these numbers come from: one training seed (1240) of ResNet-18 without ImageNet weights on the"
-	@echo "demo-size synthetic pair (data seed 0; 54 source-train, 24 target-train, 16 target-val patches at 192 px)."
+	@echo "demo-size synthetic pair (data seed 0; 54 source-train, 24 target-train, 16 target-val patches at 256 px)."
 	@echo "16 patches move a stage's mIoU by several points from one evaluation to the next, so read the table as"
 	@echo "the pipeline at work; the methods are compared over seeds in docs/validity/README.md (make validate)."
 

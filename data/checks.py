@@ -151,12 +151,13 @@ def _suggested_side(size: tuple[int, int]) -> int:
 
 
 def check_data(uses: Sequence[SplitUse], *, label_format: str | None, resize: int | None, batch_size: int,
-               batch_flag: str, crop: int | None = None) -> None:
+               batch_flag: str, crop: int | None = None, window: int | None = None) -> None:
     """Check every split a run reads before it starts (see the module docstring); one UserError each.
 
     Without ``resize`` the splits read whole are batched ``batch_size`` patches at a time, so each needs
     one patch size (``batch_flag`` names the option that sets that batch size); the ``cropped`` splits
-    must hold patches no smaller than ``crop`` (after ``resize``).
+    must hold patches no smaller than ``crop`` (after ``resize``); a network with a ``window`` needs patch
+    sides (after ``resize``) that are multiples of it.
     """
     wanted: dict[tuple[Path, str], SplitUse] = {}
     for use in uses:  # a split read for several roles is scanned once, with labels if any role reads them
@@ -171,6 +172,15 @@ def check_data(uses: Sequence[SplitUse], *, label_format: str | None, resize: in
             most = Counter(sizes.values()).most_common(1)[0][0]
             common_size(sizes, folder, f"batches of {batch_size} need one size: pass --resize "
                                        f"{_suggested_side(most)} to resize every patch (or {batch_flag} 1)")
+        if window is not None:
+            odd = [(name, size) for name, size in sizes.items()
+                   if (resize or size[0]) % window or (resize or size[1]) % window]
+            if odd:
+                path, (height, width) = odd[0]
+                raise UserError(f"{folder} holds {len(odd)} patch(es) whose sides are no multiple of the network's "
+                                f"--window {window} (e.g. {Path(path).name}: {resize or width}x{resize or height} "
+                                f"px): pass "
+                                f"--resize {max(window, round((resize or width) / window) * window)}")
         if use.cropped and crop is not None:
             smallest = min(sizes.items(), key=lambda kv: min(kv[1]))
             side = resize or min(smallest[1])

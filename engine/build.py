@@ -100,7 +100,7 @@ def check_stage_data(cfg: Config, src_dir: Path, tgt_dir: Path | None) -> None:
     if tgt_dir is not None:  # the target's train labels are never read
         uses += [SplitUse(tgt_dir, "train", labels=False, cropped=True), SplitUse(tgt_dir, cfg.target_eval_split)]
     check_data(uses, label_format=cfg.label_format, resize=cfg.resize, batch_size=cfg.eval_batch_size,
-               batch_flag="--eval-batch-size", crop=cfg.img_size)
+               batch_flag="--eval-batch-size", crop=cfg.img_size, window=cfg.window)
 
 
 def iters_per_epoch(cfg: Config, data: dict[str, Any]) -> int:

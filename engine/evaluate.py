@@ -212,7 +212,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, domain: s
     check_bands(meta, domain_bands(folder), f"{domain}", allow_band_mismatch)
     resize = resize or meta["resize"]
     uses = [SplitUse(folder, split)] + ([SplitUse(folder, "train", labels=False)] if recalibrate else [])
-    check_data(uses, label_format=label_format, resize=resize, batch_size=batch_size, batch_flag="--batch-size")
+    check_data(uses, label_format=label_format, resize=resize, batch_size=batch_size, batch_flag="--batch-size",
+               window=meta["window"])
     protos = _pick_prototypes(loaded.state.get("prototypes"), prototypes)
     if protos is not None:
         protos = protos.to(loaded.device)

@@ -16,9 +16,9 @@ from utils.errors import UserError
 
 
 def _check(root: Path, *uses: SplitUse, resize: int | None = None, batch_size: int = 4, crop: int | None = None,
-           label_format: str | None = "mmseg_raw") -> None:
+           label_format: str | None = "mmseg_raw", window: int | None = None) -> None:
     check_data(uses or (SplitUse(root, "train"),), label_format=label_format, resize=resize, batch_size=batch_size,
-               batch_flag="--eval-batch-size", crop=crop)
+               batch_flag="--eval-batch-size", crop=crop, window=window)
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -44,6 +44,16 @@ def test_mixed_sizes_name_the_folder_two_files_and_the_flag(tmp_path):
     # What the message offers works: a resize, or batches of one patch.
     _check(tmp_path, resize=64)
     _check(tmp_path, batch_size=1)
+
+
+def test_patches_must_be_whole_windows_of_a_windowed_network(tmp_path):
+    write_domain(tmp_path, size=(96, 96))
+    _check(tmp_path, window=32)
+    with pytest.raises(UserError, match=r"3 patch\(es\) whose sides are no multiple of the network's --window 64 "
+                                        r"\(e.g. q0.png: 96x96 px\): pass --resize 128") as err:
+        _check(tmp_path, window=64)
+    _one_line(err)
+    _check(tmp_path, window=64, resize=128)  # what the message offers works
 
 
 def test_a_meta_json_patch_size_must_match_every_file(tmp_path):

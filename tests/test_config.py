@@ -129,3 +129,12 @@ def test_every_config_keeps_the_papers_step3_to_step2_learning_rate_ratio(config
     paper = STAGES["step3"].defaults["lr"] / resolve_config("step2", {}).lr
     ratio = resolve_config("step3", yaml).lr / resolve_config("step2", yaml).lr
     assert ratio == pytest.approx(paper), (config, ratio)
+
+
+@pytest.mark.parametrize("values", [{"window": 48, "img_size": 96, "resize": 96},
+                                    {"window": 64, "img_size": 128, "resize": 96},
+                                    {"window": 128, "img_size": 64, "resize": 128}])
+def test_a_window_must_divide_the_crop_and_the_resized_patch(values):
+    with pytest.raises(UserError, match="'window' must be a multiple of 32 that divides img_size and resize"):
+        resolve_config("step0", values)
+    resolve_config("step0", {"window": 64, "img_size": 128, "resize": 256})
