@@ -87,12 +87,18 @@ def test_validity_study_end_to_end(tmp_path):
                  "seed1/oracle/step0", "seed1/dacs/dacs"):
         assert (out / name / "manifest.json").is_file(), name
 
-    # Rerunning continues: finished runs (the warm start included) are kept, the ablations are added.
+    # Rerunning continues: finished runs (the warm start included) are kept, the ablations are added, and
+    # validity.json keeps what the earlier invocation ran (seed 1, the other methods) beside them.
     again = _study(tmp_path, "--seeds", "0", "--methods", "source_only,napg", "--ablate")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{out / 'warm_start' / 'seed0' / 'step0'}: finished, kept" in again.stdout
-    run = json.loads((out / "validity.json").read_text())["runs"]["0"]
-    assert set(run) == {"source_only", "napg", "napg_no_d1", "napg_no_d2", "napg_no_proto", "napg_no_gnce"}
+    gathered = json.loads((out / "validity.json").read_text())
+    run = gathered["runs"]["0"]
+    ablations = {"napg_no_d1", "napg_no_d2", "napg_no_proto", "napg_no_gnce"}
+    assert set(run) == set(validity.METHODS) | ablations and gathered["methods"] == list(validity.REPORT_ORDER)
+    assert run["minent"] == result["runs"]["0"]["minent"]
+    assert gathered["runs"]["1"] == result["runs"]["1"]
+    assert gathered["seconds"]["1"] == result["seconds"]["1"] and set(gathered["seconds"]["0"]) == set(run)
     config = (out / "seed0" / "napg_no_d1" / "step2" / "config.yaml").read_text()
     assert "w_adv_d1: 0.0" in config
 

@@ -190,19 +190,38 @@ class Study:
                        "warm_start_lr": self.args.warm_lr}}
         results["colour_classifier"] = self._colour_classifier()
         results["resolution_ceiling"] = self._resolution_ceiling()
+        self._keep_earlier(results)
         for seed in self.args.seeds:
             warm = self._warm_start(seed)
             results["warm_start"][str(seed)] = {"run": str(warm), **self._scores(warm, recalibrate=False)}
-            folder, run, seconds = self.out / f"seed{seed}", {}, {}
+            folder = self.out / f"seed{seed}"
+            run, seconds = results["runs"].setdefault(str(seed), {}), results["seconds"].setdefault(str(seed), {})
             for method in self.methods:
                 how = recipe(method, self.napg_epochs, oracle_epochs)
                 scored = self._train(how, folder / how.folder, seed, warm)
                 run[method] = self._method_scores(method, how, folder / how.folder, scored)
                 seconds[method] = self._train_seconds(folder / how.folder, how)
-            results["runs"][str(seed)] = run
-            results["seconds"][str(seed)] = seconds
-            write_json(self.out / "validity.json", results)  # partial results survive an interruption
+                write_json(self.out / "validity.json", results)  # partial results survive an interruption
         return results
+
+    def _keep_earlier(self, results: dict[str, Any]) -> None:
+        """Add the methods and seeds of the folder's earlier ``validity.json`` that this invocation does not
+        run, if it is of the same study (``SAME_STUDY``): a study folder gathers what its invocations ran."""
+        path = self.out / "validity.json"
+        if not path.is_file():
+            return
+        earlier = read_json(path)
+        if any(earlier.get(key) != results.get(key) for key in SAME_STUDY):
+            print(f"{path} is of another study (config, flags, data or budget differ): replaced", flush=True)
+            return
+        rerun = {str(seed) for seed in self.args.seeds}
+        for seed, runs in earlier["runs"].items():
+            redone = self.methods if seed in rerun else ()
+            results["runs"][seed] = {m: v for m, v in runs.items() if m not in redone}
+            results["seconds"][seed] = {m: v for m, v in earlier["seconds"].get(seed, {}).items() if m not in redone}
+            results["warm_start"][seed] = earlier["warm_start"][seed]
+        kept = set(self.methods) | set(earlier["methods"])
+        results["methods"] = [m for m in REPORT_ORDER if m in kept]
 
     def _colour_classifier(self) -> dict[str, float]:
         """mIoU (%) of the per-pixel colour classifier fit on source train, on source val and on target val:
