@@ -222,7 +222,7 @@ def save_stage_handoff(path: Path, napg: Method, protos: RefreshResult, cfg: Con
                         input_scale=_input_scale(cfg), resize=cfg.resize, bands=_bands(cfg),
                         window=cfg.window, **extra)
     d1, d2 = (None if d is None else unwrap(d) for d in (napg.d1, napg.d2))
-    save_handoff(path, unwrap(napg.model), d1, d2, protos.state_dict(), meta)
+    save_handoff(path, napg.scored_model, d1, d2, protos.state_dict(), meta)
 
 
 def _bands(cfg: Config) -> dict[str, list[str] | None]:

@@ -294,7 +294,7 @@ def evaluate_stage(method: Method, data: dict[str, Any], protos: RefreshResult,
     for role, domain, prototypes in (("target_val", "target", protos.for_target),
                                      ("source_val", "source", protos.source_target)):
         if data[role] is not None:
-            results[role] = evaluate(unwrap(method.model), data[role], prototypes, device, cfg.num_classes,
+            results[role] = evaluate(method.scored_model, data[role], prototypes, device, cfg.num_classes,
                                      max_batches=cfg.eval_max_batches, amp=cfg.amp, domain=domain,
                                      normalize=cfg.normalize)
     return results
@@ -324,7 +324,7 @@ def _print_eval(cfg: Config, epoch: int, all_results: dict[str, dict[str, Any]])
 def _log_panels(method: Method, data: dict[str, Any], protos: RefreshResult, logger: RunLogger, iteration: int,
                 normalize: str, palette: np.ndarray) -> None:
     """Input, ground truth, prediction and entropy of the first source and target-val patches."""
-    model = unwrap(method.model)
+    model = method.scored_model
     for tag, dataset in (("source", data["source_refresh"].dataset),
                          ("target", data["target_val"].dataset if data["target_val"] is not None else None)):
         if dataset is None:
@@ -387,7 +387,7 @@ def _untrained_weights(method: Method, data: dict[str, Any], protos: RefreshResu
 def _write_pictures(run_dir: Path, method: Method, data: dict[str, Any], protos: RefreshResult, cfg: Config,
                     confusion: list[list[int]], logger: RunLogger, global_step: int) -> None:
     """confusion.png and panels.png of the final target evaluation, also logged to TensorBoard (``final/``)."""
-    pictures = write_stage_pictures(run_dir, unwrap(method.model), data["target_val"].dataset, protos.for_target,
+    pictures = write_stage_pictures(run_dir, method.scored_model, data["target_val"].dataset, protos.for_target,
                                     protos.source_target.device, cfg.normalize, confusion,
                                     f"{cfg.stage} target-{cfg.target_eval_split} (rows sum to 1)")
     for name, rgb in pictures.items():

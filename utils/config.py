@@ -95,6 +95,10 @@ class Config:
     betas: tuple[float, ...] = option((0.5, 0.999), "segmenter Adam betas", range=(0.0, 0.999999), length=2)
     betas_d: tuple[float, ...] = option((0.9, 0.99), "discriminator Adam betas", range=(0.0, 0.999999), length=2)
     weight_decay: float = option(0.0, "segmenter weight decay", range=(0.0, INF))
+    weight_ema: float | None = option(
+        None, "momentum of an exponential moving average of the segmenter's weights that evaluation, the "
+        "pictures and the hand-off use (a stabiliser, e.g. 0.99; none: the weights as trained, as the paper)",
+        range=(0.0, 0.999999))
     epochs: int = option(30, "epochs of this stage", range=(1, INF))
     iters_per_epoch: int | None = option(None, "cap on iterations per epoch (smoke runs)", range=(1, INF))
     legacy_epoch_length: bool = option(False, "an epoch is one batch short of a pass over the data (released code)")

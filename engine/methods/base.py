@@ -96,6 +96,12 @@ class Method:
         self.w_adv_d1 = cfg.w_adv_d1 if d1 is not None else 0.0
         self.w_adv_d2 = cfg.w_adv_d2 if d2 is not None else 0.0
         self.legacy_d2_gen = d2 is not None and cfg.legacy_d2_gen
+        # --- an optional stabiliser: the weights' EMA (Polyak averaging; the mean teacher of Tarvainen &
+        #     Valpola, NeurIPS 2017), which evaluation and the hand-off use while training goes on undisturbed
+        self.weight_ema = cfg.weight_ema
+        self.averaged = None if cfg.weight_ema is None else copy.deepcopy(unwrap(model)).eval()
+        if self.averaged is not None:
+            set_requires_grad(self.averaged, False)
 
     def train_step(self, src: Batch, tgt: Batch | None, protos: RefreshResult, epoch: int) -> Logs:
         """One iteration on a source batch and (``uses_target``) a target batch at 1-based ``epoch`` of the
@@ -151,6 +157,14 @@ class Method:
     def step_segmenter(self) -> None:
         self.scaler.step(self.opt_g)
         self.scaler.update()
+        if self.averaged is not None:
+            ema_update(self.averaged, unwrap(self.model), self.weight_ema)
+
+    @property
+    def scored_model(self) -> nn.Module:
+        """The bare network that evaluation, the pictures and the hand-off use: the weights' EMA with
+        ``--weight-ema``, else the network being trained."""
+        return unwrap(self.model) if self.averaged is None else self.averaged
 
     # ------------------------------------------------------------------ adversarial pieces (§4.3-4.4)
     def freeze_discriminators(self) -> None:
@@ -206,10 +220,14 @@ class Method:
         discs = self._discriminators()
         state.update({name: unwrap(d).state_dict() for name, d, _ in discs})
         state.update({f"opt_{name}": opt.state_dict() for name, _, opt in discs})
+        if self.averaged is not None:
+            state["averaged"] = self.averaged.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
+        if self.averaged is not None:  # a last.pt without it (the option turned on at resume): start it here
+            self.averaged.load_state_dict(state.get("averaged", state["model"]))
         optimisers = [(self.opt_g, state["opt_g"])]
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
