@@ -426,7 +426,7 @@ DATA_FAULTS: list[tuple[str, Callable, Callable[[dict], list[str]], str]] = [
     ("evaluate-recalibrate-on-one-band-images", evaluate_tool.main,
      lambda w: [*_eval_args(w, "--data-root", str(w["grey-target"])), "--recalibrate-bn"], "mode L"),
     ("pipeline-mixed-sizes", run_pipeline.main,
-     lambda w: ["--config", DEMO, "--stages", "step0", *_data(w, "mixed", "--resize", "none")],
+     lambda w: ["--config", DEMO, "--stages", "step0", *_data(w, "mixed", "--resize", "none", "--window", "none")],
      "holds patches of different sizes"),
     ("benchmark-stage-mixed-sizes", benchmark.main,
      lambda w: ["--what", "stage", "--stages", "step0", "--data-root", str(w["mixed"]), "--source", P, "--target", V,
