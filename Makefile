@@ -38,7 +38,7 @@ demo: data-demo
 	@echo "16 patches move a stage's mIoU by several points from one evaluation to the next, so read the table as"
 	@echo "the pipeline at work; the methods are compared over seeds in docs/validity/README.md (make validate)."
 
-# The validity study on the data seeds nothing was tuned on (about 3.5 hours per data seed on 2 cores).
+# The validity study on the data seeds nothing was tuned on (about 2.4 hours per data seed on 2 cores).
 VALIDATE_DATA_SEEDS ?= 1 2
 validate: $(STAMP)
 	for d in $(VALIDATE_DATA_SEEDS); do \
